@@ -1,0 +1,1 @@
+"""The `relaybox` admin CLI (presentation only; the rules live in relay/)."""

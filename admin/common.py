@@ -1,0 +1,121 @@
+"""What every admin command shares: config loading, the store, errors, output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from relay import config as config_mod
+from relay.config import Config, ConfigError
+from relay.db import MAIN_MIGRATIONS, Database, StoreError
+from relay.errors import RelayboxError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run one store coroutine to completion from a synchronous Click command."""
+
+    async def _main() -> T:
+        return await coro
+
+    return asyncio.run(_main())
+
+
+def get_config(ctx: click.Context) -> Config:
+    """The config named by the group's --config (or the default lookup), loaded once."""
+    root = ctx.find_root()
+    obj = root.ensure_object(dict)
+    if "config" not in obj:
+        try:
+            obj["config"] = config_mod.load(obj.get("config_path"))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    cfg: Config = obj["config"]
+    return cfg
+
+
+def user_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn the errors a person can act on into one line on stderr and exit 1 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (RelayboxError, ConfigError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except StoreError as exc:
+            raise click.ClickException(f"store error: {exc}") from None
+
+    return wrapper
+
+
+def drop_privileges_for(state_dir: Path) -> None:
+    """As root on a state dir owned by the service user, become that user first.
+
+    Otherwise SQLite would create root-owned WAL/SHM files (or a root-owned database) that the
+    service then cannot open. Only switches when the dir exists and belongs to someone else.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = state_dir.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0:
+        return
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+        groups = os.getgrouplist(name, st.st_gid)
+        os.setgroups(groups)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+
+
+@asynccontextmanager
+async def main_db(cfg: Config) -> AsyncIterator[Database]:
+    """The shared database (users, domains, events), opened as the state dir's owner."""
+    drop_privileges_for(cfg.state_dir)
+    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table for people (scripts use --json)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def confirm_or_abort(prompt: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{prompt} Refusing without --yes (no terminal to ask on).")
+    if not click.confirm(prompt, default=False):
+        raise click.ClickException("aborted")
+
+
+json_option = click.option("--json", "json_", is_flag=True, help="Machine-readable output.")

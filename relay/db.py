@@ -1,0 +1,218 @@
+"""SQLite connections, pragmas and migrations.
+
+Two databases live in the state dir: ``relaybox.db`` (users, domains, audit events; written rarely,
+shared by every worker and the CLI) and ``spool-<worker>.db`` (the queue of one worker). Both run in
+WAL mode with ``synchronous=FULL`` so a COMMIT that returned is on disk, and ``busy_timeout`` so the
+CLI and the server can write at the same time: every write transaction starts with
+``BEGIN IMMEDIATE`` (take the write lock up front; no deadlock-prone lock upgrade).
+
+Each :class:`Database` has one writer connection (its transactions serialised by an asyncio lock)
+and one reader connection, each running in aiosqlite's own thread so SQL never blocks the loop.
+Only the store modules (``users``, ``domains``, ``spool``, ``events``) use it to run SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(Exception):
+    """The store failed for a reason that is not the caller's fault (busy, I/O, full disk).
+
+    Callers answer it with a temporary failure (451 4.3.0 / 454 4.7.0) and never show its text to a
+    client: the text may name files.
+    """
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    sql: str
+
+
+def ensure_state_dir(path: Path) -> None:
+    """Create the state dir 0700 (it holds password hashes and DKIM keys)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except PermissionError:
+        pass
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would honour the umask)."""
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await conn.execute("PRAGMA journal_mode = WAL")
+    await conn.execute("PRAGMA synchronous = FULL")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+class Database:
+    """One SQLite file: a serialised writer and a reader, both off the event loop."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, migrations: Sequence[Migration]) -> Database:
+        ensure_state_dir(path.parent)
+        _create_private(path)
+        try:
+            writer = await _connect(path)
+            await _migrate(writer, migrations)
+            reader = await _connect(path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        # aiosqlite's thread would otherwise keep the process from exiting.
+        await self._writer.close()
+        await self._reader.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` on the writer; rolled back if the body raises."""
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot begin a write: {exc}") from exc
+            try:
+                yield self._writer
+            except BaseException:
+                try:
+                    await self._writer.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+            try:
+                await self._writer.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    await self._writer.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise StoreError(f"commit failed: {exc}") from exc
+
+    async def fetchall(
+        self, sql: str, params: Sequence[object] | dict[str, object] = ()
+    ) -> list[sqlite3.Row]:
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        return list(rows)
+
+    async def fetchone(
+        self, sql: str, params: Sequence[object] | dict[str, object] = ()
+    ) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        return self._reader
+
+
+async def _migrate(conn: aiosqlite.Connection, migrations: Sequence[Migration]) -> None:
+    """Apply migrations newer than ``PRAGMA user_version``, each in its own transaction.
+
+    Migrations only add (tables, columns, indexes): an upgrade never destroys data.
+    """
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    latest = max((m.version for m in migrations), default=0)
+    if current > latest:
+        raise StoreError(
+            f"database schema version {current} is newer than this relaybox ({latest}): "
+            "refusing to run an older release on it"
+        )
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version <= current:
+            continue
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _split_sql(m.sql):
+                await conn.execute(stmt)
+            await conn.execute(f"PRAGMA user_version = {int(m.version)}")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# --- schema of the shared database ----------------------------------------------------------------
+
+MAIN_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        """
+        CREATE TABLE domains (
+            name TEXT PRIMARY KEY,
+            token TEXT NOT NULL,
+            dkim_selector TEXT NOT NULL,
+            dkim_algorithm TEXT NOT NULL,
+            dkim_private_key TEXT NOT NULL,
+            dkim_public_key TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'verified', 'failing', 'suspended')),
+            checks TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            last_checked_at REAL,
+            verified_at REAL,
+            failing_since REAL
+        );
+        CREATE TABLE users (
+            login TEXT PRIMARY KEY,
+            domain TEXT NOT NULL REFERENCES domains(name),
+            password_hash TEXT NOT NULL,
+            previous_hash TEXT,
+            previous_valid_until REAL,
+            created_at REAL NOT NULL,
+            password_changed_at REAL NOT NULL,
+            last_login_at REAL,
+            disabled INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX users_domain ON users(domain);
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX events_at ON events(at)
+        """,
+    ),
+)

@@ -1,0 +1,69 @@
+"""Every SMTP reply relaybox sends, in one catalogue (used by the server and by the tests).
+
+Enhanced status codes per RFC 3463 / RFC 5248; AUTH replies per RFC 4954 section 6; submission
+policy per RFC 6409. Faults are temporary (4xx) and never carry exception text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+    @property
+    def prefix(self) -> str:
+        """What tests match on: code and enhanced code."""
+        return f"{self.code} {self.enhanced}"
+
+
+# --- AUTH (RFC 4954) ---
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
+AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_UNKNOWN_MECH = Reply(504, "5.5.4", "Unrecognized authentication type")
+
+# --- envelope and policy ---
+OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
+QUEUED = Reply(250, "2.0.0", "queued as {id}")
+SENDER_NOT_OWNED = Reply(550, "5.7.1", "Sender address not owned by authenticated user")
+SENDER_DOMAIN_UNVERIFIED = Reply(550, "5.7.1", "Sender domain is not verified for relaying")
+NULL_SENDER_REFUSED = Reply(550, "5.7.1", "Null sender not allowed for submission")
+HEADER_FROM_MISMATCH = Reply(550, "5.7.1", "Header From must be in the sender's domain")
+HEADER_FROM_MISSING = Reply(550, "5.6.0", "Message has no valid From header")
+BAD_SENDER_SYNTAX = Reply(553, "5.1.7", "Sender address syntax invalid")
+BAD_RCPT_SYNTAX = Reply(553, "5.1.3", "Recipient address syntax invalid")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message not allowed")
+NUL_IN_MESSAGE = Reply(554, "5.6.0", "NUL byte in message not allowed")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+USER_REVOKED = Reply(535, "5.7.8", "Authentication credentials no longer valid")
+
+# --- connection and faults ---
+TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+MEMORY_BUSY = Reply(451, "4.3.1", "Server busy, try again later")
