@@ -1,0 +1,51 @@
+"""The mail log: one line per event, key=value, stable (operators' tools and fail2ban read it).
+
+Logged to the ``relaybox.mail`` logger. Values that come from clients are made safe: no spaces,
+quotes, control characters or newlines survive (a login cannot forge a second log line or field).
+Never pass a password or an AUTH payload here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+log = logging.getLogger("relaybox.mail")
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]|[\"'=\\]")
+
+
+def safe(value: object, limit: int = 200) -> str:
+    """A client-supplied value as one token: unsafe characters become '?', long ones are cut."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    text = _UNSAFE.sub("?", text)
+    return text or "-"
+
+
+def event(name: str, **fields: object) -> None:
+    """``<name> k=v k=v``; field order as given."""
+    parts = [name] + [f"{k}={safe(v)}" for k, v in fields.items()]
+    log.info(" ".join(parts))
+
+
+def auth_ok(user: str, ip: str, mech: str, which: str = "current") -> None:
+    event("auth ok", user=user, ip=ip, mech=mech, password=which)
+
+
+def auth_failed(user: str, ip: str, mech: str, reason: str) -> None:
+    # fail2ban: ^auth failed user=\S+ ip=<HOST> (see conf/fail2ban/)
+    event("auth failed", user=user, ip=ip, mech=mech, reason=reason)
+
+
+def auth_throttled(ip: str, user: str = "-") -> None:
+    event("auth throttled", user=user, ip=ip)
+
+
+def queued(msg_id: str, sender: str, rcpt: int, size: int, user: str, ip: str) -> None:
+    event("queued", id=msg_id, **{"from": sender}, rcpt=rcpt, size=size, user=user, ip=ip)
+
+
+def rejected(stage: str, reason: str, ip: str, user: str = "-", **fields: object) -> None:
+    event("rejected", stage=stage, reason=reason, user=user, ip=ip, **fields)
