@@ -1,0 +1,143 @@
+"""Passwords: generation, policy, Argon2id hashing in a bounded pool, rehash detection."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+
+import pytest
+
+from relay import passwords
+from relay.config import Argon2Params, Config
+from relay.errors import Invalid
+from relay.passwords import Hasher
+from tests import leaks
+
+
+def _auth(cfg: Config, **argon2: int) -> Config:
+    params = dataclasses.replace(cfg.auth.argon2, **argon2)
+    return dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, argon2=params))
+
+
+def test_generated_passwords_are_strong_and_distinct() -> None:
+    seen = {passwords.generate_password() for _ in range(200)}
+    assert len(seen) == 200
+    for pw in seen:
+        assert len(pw) == passwords.GENERATED_LENGTH
+        assert set(pw) <= set(passwords.ALPHABET)
+    assert passwords.entropy_bits() >= 128
+    assert not set("0O1lI") & set(passwords.ALPHABET)  # nothing to misread when copying by eye
+    assert len(passwords.generate_password(40)) == 40
+    with pytest.raises(ValueError):
+        passwords.generate_password(10)  # 10 characters cannot carry 128 bits
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        ("short-pw", "too short"),
+        ("x" * 12 + "\0abc", "control character"),
+        ("correct horse\nbattery", "control character"),
+        ("tab\tseparated-pass", "control character"),
+        ("a" * 20, "one character repeated"),
+        ("ü" * 300 + "abc" + "é" * 300, "too long"),  # 1203 bytes in UTF-8, 603 characters
+    ],
+)
+def test_policy_rejects(cfg: Config, password: str, message: str) -> None:
+    leaks.add(password)
+    with pytest.raises(Invalid, match=message) as exc:
+        passwords.check_policy(password, cfg)
+    assert password not in str(exc.value)
+
+
+def test_policy_accepts_long_unicode_and_spaces(cfg: Config) -> None:
+    for pw in ("correct horse battery staple", "pässwörd-mit-ümlaut", "x" * 1000 + "y"):
+        passwords.check_policy(pw, cfg)
+    strict = dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, min_password_length=30))
+    with pytest.raises(Invalid, match="at least 30"):
+        passwords.check_policy("correct horse battery", strict)
+
+
+async def test_hash_and_verify(hasher: Hasher) -> None:
+    pw = leaks.add(passwords.generate_password())
+    h = await hasher.hash(pw)
+    assert h.startswith("$argon2id$v=19$m=1024,t=1,p=1$")
+    assert pw not in h
+    assert await hasher.verify(h, pw)
+    assert not await hasher.verify(h, pw + "x")
+    assert not await hasher.verify("not a hash", pw)  # corrupt hash: a mismatch, not a crash
+    assert not await hasher.verify(h.replace("$argon2id$", "$argon2xx$"), pw)
+    assert await hasher.hash(pw) != h  # salted
+
+
+async def test_needs_rehash_when_parameters_change(cfg: Config) -> None:
+    cheap = Hasher(cfg.auth)
+    dearer = Hasher(_auth(cfg, time_cost=2, memory_kib=2048).auth)
+    try:
+        pw = leaks.add("rehash-me-please-123")
+        old = await cheap.hash(pw)
+        assert not cheap.needs_rehash(old)
+        assert dearer.needs_rehash(old)
+        assert await dearer.verify(old, pw)  # the parameters are read from the hash itself
+        new = await dearer.hash(pw)
+        assert not dearer.needs_rehash(new)
+        assert "m=2048,t=2" in new
+        assert not dearer.needs_rehash("garbage")
+    finally:
+        cheap.close()
+        dearer.close()
+
+
+async def test_dummy_verify_counts_as_one_verification(hasher: Hasher) -> None:
+    before = hasher.verifications
+    await hasher.verify_dummy("whatever-the-client-sent")
+    assert hasher.verifications == before + 1
+    dummy = await hasher.dummy_hash()
+    assert dummy == await hasher.dummy_hash()  # made once
+    assert not hasher.needs_rehash(dummy)  # same parameters as real hashes: same cost
+
+
+def test_pool_size_follows_config(cfg: Config) -> None:
+    default = Hasher(cfg.auth)
+    one = Hasher(dataclasses.replace(cfg.auth, verify_threads=1))
+    try:
+        assert default.workers == (os.cpu_count() or 1)
+        assert one.workers == 1
+    finally:
+        default.close()
+        one.close()
+
+
+async def test_hashing_runs_in_a_bounded_pool_off_the_loop(cfg: Config) -> None:
+    """Many verifies at once use at most verify_threads threads and leave the loop running."""
+    auth = dataclasses.replace(
+        cfg.auth, verify_threads=2, argon2=Argon2Params(time_cost=2, memory_kib=8192)
+    )
+    h = Hasher(auth)
+    try:
+        pw = leaks.add("bounded-pool-password")
+        stored = await h.hash(pw)
+        ticks = 0
+        peak_threads = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks, peak_threads
+            while not done:
+                ticks += 1
+                names = [t.name for t in threading.enumerate() if t.name.startswith("argon2")]
+                peak_threads = max(peak_threads, len(names))
+                await asyncio.sleep(0)  # sleep-ok: a yield, to count loop turns during hashing
+
+        task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(h.verify(stored, pw) for _ in range(12)))
+        done = True
+        await task
+        assert all(results)
+        assert 1 <= peak_threads <= 2  # seen at all, and never more than the bound
+        # 12 verifies of ~10 ms each on 2 threads: a loop blocked by argon2 would barely turn.
+        assert ticks > 12
+    finally:
+        h.close()

@@ -1,0 +1,86 @@
+"""Fixtures for SMTP-user tests: a hasher, verified domains, a CLI config file.
+
+Loaded through ``pytest_plugins`` in conftest.py. A verified domain is made through the real
+domains store (add, then record passing results for every required check), the same path
+``relaybox domain verify`` takes, minus the DNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import Config
+from relay.db import MAIN_MIGRATIONS, Database
+from relay.passwords import Hasher
+
+DOMAIN = "example.com"
+
+
+async def make_domain(
+    db: Database, cfg: Config, name: str = DOMAIN, *, now: float, verified: bool = True
+) -> str:
+    """Add ``name`` (pending); with ``verified``, record a pass for every required check."""
+    # Imported here so loading this plugin never depends on the domains module being importable.
+    from relay import domains
+
+    await domains.add(db, name, cfg=cfg, now=now, actor="test")
+    if verified:
+        passing = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
+        await domains.record_results(db, name, passing, cfg=cfg, now=now)
+    return domains.normalize(name)
+
+
+def make_domain_sync(cfg: Config, name: str = DOMAIN, *, now: float, verified: bool = True) -> str:
+    """The same, from a synchronous (CLI) test: opens and closes its own connection."""
+
+    async def _main() -> str:
+        db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        try:
+            return await make_domain(db, cfg, name, now=now, verified=verified)
+        finally:
+            await db.close()
+
+    return asyncio.run(_main())
+
+
+@pytest.fixture
+def hasher(cfg: Config) -> Iterator[Hasher]:
+    h = Hasher(cfg.auth)
+    yield h
+    h.close()
+
+
+CLI_CONFIG = """\
+state_dir = "{state_dir}"
+public_hostname = "smtp.relay.test"
+
+[[listen]]
+address = "127.0.0.1"
+port = 587
+mode = "starttls"
+
+[[listen]]
+address = "127.0.0.1"
+port = 465
+mode = "tls"
+
+[auth]
+reset_grace = "2h"
+min_password_length = 14
+argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
+
+[dns]
+dkim_key_type = "ed25519"
+"""
+
+
+@pytest.fixture
+def cli_config(tmp_path: Path) -> Path:
+    """A config file for CLI tests: state in tmp, cheap argon2, a 2h default grace."""
+    path = tmp_path / "relaybox.toml"
+    path.write_text(CLI_CONFIG.format(state_dir=tmp_path / "cli-state"))
+    return path
