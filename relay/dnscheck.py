@@ -1,0 +1,478 @@
+"""Every DNS lookup relaybox makes: domain verification checks, and MX routing for delivery.
+
+Lookups go through a ``dns.asyncresolver.Resolver`` built from ``[dns]`` (nameservers, port,
+timeout) so tests point it at a loopback server. Each answer is one of three kinds, and callers must
+keep them apart: records; a definite "no such record" (NXDOMAIN or NODATA); or a temperror (timeout,
+SERVFAIL, no nameserver answered), which says nothing about the domain and must change no state.
+
+SPF is evaluated by pyspf, the reference RFC 7208 implementation (include, redirect, a, mx, ptr,
+exists, macros, the 10-lookup and void-lookup limits). pyspf is synchronous and resolves through
+the module-level ``spf.DNSLookup``; we replace it once, process-wide, with :func:`_spf_dns_lookup`,
+which uses the resolver placed in a context variable by the worker thread running the check. Each
+``asyncio.to_thread`` call runs in its own copy of the context, so concurrent checks against
+different resolvers never see each other's (tests/test_dnscheck.py checks this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import spf
+
+from relay import dkimkeys
+from relay.config import Config
+
+if TYPE_CHECKING:
+    from relay.domains import Domain
+
+OWNERSHIP_LABEL = "_relaybox"
+OWNERSHIP_PREFIX = "relaybox-verification="
+DMARC_SUGGESTION = "v=DMARC1; p=none"  # RFC 7489 6.7: start by monitoring, then tighten
+SPF_QUERYTIME = 20.0  # RFC 7208 4.6.4: an SPF evaluation may be bounded at 20 s in all
+_PROBE_IP = "192.0.2.1"  # RFC 5737 TEST-NET-1: evaluates a record without claiming an address
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check: str  # "ownership" | "spf" | "dkim" | "dmarc"
+    result: str  # "pass" | "fail" | "temperror"
+    reason: str  # empty on pass
+    expected: str
+    found: str
+
+
+@dataclass(frozen=True)
+class TxtAnswer:
+    records: tuple[str, ...] = ()  # one string per TXT record, its strings joined (RFC 7208 3.3)
+    temperror: str = ""  # non-empty: no definite answer, and why
+    nxdomain: bool = False  # the name does not exist (else empty records mean NODATA)
+
+
+@dataclass(frozen=True)
+class MxResult:
+    hosts: tuple[str, ...] = ()  # in the order to try (RFC 5321 5.1), no final dot
+    implicit: bool = False  # no MX: the domain's own address records (RFC 5321 5.1)
+    null_mx: bool = False  # RFC 7505: the domain accepts no mail at all
+    temperror: bool = False  # no definite answer: defer, never bounce
+    reason: str = ""  # why hosts is empty
+
+
+@dataclass(frozen=True)
+class AddressResult:
+    addresses: tuple[str, ...] = ()  # A records first, then AAAA
+    temperror: bool = False
+
+
+# --- the resolver -------------------------------------------------------------------------------
+
+
+def make_resolver(cfg: Config) -> dns.asyncresolver.Resolver:
+    """A resolver using ``dns.nameservers`` (or /etc/resolv.conf when empty) and ``dns.timeout``."""
+    if cfg.dns.nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.port = cfg.dns.port
+        resolver.nameservers = list(cfg.dns.nameservers)
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            # No resolv.conf: every lookup is then a temperror ("no nameservers"), not a crash.
+            resolver = dns.asyncresolver.Resolver(configure=False)
+        if cfg.dns.port != 53:
+            resolver.port = cfg.dns.port
+    # A lookup slower than this, retries included, is a temperror.
+    resolver.timeout = float(cfg.dns.timeout)
+    resolver.lifetime = float(cfg.dns.timeout)
+    # EDNS0 with the DNS-flag-day buffer size: a 2048-bit DKIM record fits one UDP answer.
+    resolver.use_edns(0, 0, 1232)
+    return resolver
+
+
+def _temperror_reason(exc: BaseException) -> str:
+    if isinstance(exc, dns.exception.Timeout):
+        return "DNS timeout"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return (
+            "DNS server failure (SERVFAIL)" if "SERVFAIL" in str(exc) else "no nameserver answered"
+        )
+    return f"DNS error ({type(exc).__name__})"
+
+
+async def _resolve(
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> tuple[dns.resolver.Answer | None, bool, str]:
+    """(answer or None, nxdomain, temperror reason) for one query, no exception escaping."""
+    try:
+        answer = await resolver.resolve(name, rdtype, search=False)
+    except dns.resolver.NXDOMAIN:
+        return None, True, ""
+    except dns.resolver.NoAnswer:
+        return None, False, ""
+    except (dns.name.NameTooLong, dns.name.EmptyLabel, dns.name.LabelTooLong):
+        return None, True, ""  # a name that cannot exist has no records
+    except (dns.exception.DNSException, OSError) as exc:
+        return None, False, _temperror_reason(exc)
+    return answer, False, ""
+
+
+async def lookup_txt(resolver: dns.asyncresolver.Resolver, name: str) -> TxtAnswer:
+    """TXT records at ``name``, each record's character-strings joined without separators
+    (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+    answer, nxdomain, temperror = await _resolve(resolver, name, "TXT")
+    if answer is None:
+        return TxtAnswer(temperror=temperror, nxdomain=nxdomain)
+    return TxtAnswer(
+        records=tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in answer)
+    )
+
+
+# --- SPF through pyspf --------------------------------------------------------------------------
+
+_spf_resolver: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
+    "relaybox_spf_resolver", default=None
+)
+
+
+def _spf_dns_lookup(
+    name: str, qtype: str, strict: object = True, timeout: float = SPF_QUERYTIME
+) -> list[tuple[tuple[str, str], Any]]:
+    """pyspf's DNS hook: its original shape, our resolver, and no DeprecationWarning."""
+    resolver = _spf_resolver.get()
+    try:
+        if resolver is None:  # a caller outside this module: the system resolver
+            resolver = dns.resolver.get_default_resolver()
+        lifetime = max(0.01, min(float(timeout), float(resolver.lifetime)))
+        answer = resolver.resolve(name, qtype, lifetime=lifetime, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except (dns.exception.DNSException, OSError) as exc:
+        raise spf.TempError(_temperror_reason(exc)) from None
+    out: list[tuple[tuple[str, str], Any]] = []
+    for rd in answer:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rd.address))
+        elif qtype == "MX":
+            out.append(((name, qtype), (rd.preference, rd.exchange.to_text(omit_final_dot=True))))
+        elif qtype == "PTR":
+            out.append(((name, qtype), rd.target.to_text(omit_final_dot=True)))
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), rd.strings))
+    return out
+
+
+spf.DNSLookup = _spf_dns_lookup  # process-wide, once: see the module docstring
+
+
+def _sync_twin(resolver: dns.asyncresolver.Resolver) -> dns.resolver.Resolver:
+    """A blocking resolver with the same servers and limits, for pyspf's worker thread."""
+    twin = dns.resolver.Resolver(configure=False)
+    twin.port = resolver.port
+    twin.nameserver_ports = dict(resolver.nameserver_ports)
+    twin.nameservers = list(resolver.nameservers)
+    twin.timeout = resolver.timeout
+    twin.lifetime = resolver.lifetime
+    twin.use_edns(0, 0, 1232)
+    return twin
+
+
+def _spf_in_thread(resolver: dns.resolver.Resolver, ip: str, domain: str) -> tuple[str, str]:
+    _spf_resolver.set(resolver)  # this thread's own context copy (asyncio.to_thread)
+    result, explanation = spf.check2(
+        i=ip, s=f"postmaster@{domain}", h=domain, querytime=SPF_QUERYTIME
+    )
+    return str(result), str(explanation)
+
+
+async def spf_result(resolver: dns.asyncresolver.Resolver, ip: str, domain: str) -> tuple[str, str]:
+    """RFC 7208 ``check_host()`` for a sender at ``domain`` connecting from ``ip``:
+    (result, explanation), result in pass/fail/softfail/neutral/none/permerror/temperror."""
+    return await asyncio.to_thread(_spf_in_thread, _sync_twin(resolver), ip, domain)
+
+
+def _is_spf(record: str) -> bool:
+    return re.match(r"^v=spf1( |$)", record, re.IGNORECASE) is not None  # RFC 7208 4.5
+
+
+def spf_suggestion(cfg: Config) -> str:
+    """The SPF record we ask the domain to publish (to merge with an existing one)."""
+    terms = ["v=spf1"]
+    for ip in cfg.dns.outbound_ips:
+        terms.append(f"ip6:{ip}" if ":" in ip else f"ip4:{ip}")
+    if cfg.dns.spf_include:
+        terms.append(f"include:{cfg.dns.spf_include}")
+    if len(terms) == 1:
+        terms.append("mx")
+    terms.append("~all")
+    return " ".join(terms)
+
+
+async def _reaches(
+    resolver: dns.asyncresolver.Resolver, record: str, target: str
+) -> tuple[bool, str]:
+    """Whether ``record`` reaches ``include:target`` through includes and redirects.
+
+    Only terms that can take effect count: a "+" (or unqualified) include before any "all", and a
+    redirect only in a record without "all" (RFC 7208 5.1, 6.1). Names with macros are skipped.
+    At most 10 records are fetched (the lookup limit of RFC 7208 4.6.4). Returns (found, temperror).
+    """
+    target = target.lower().rstrip(".")
+    queue, seen = [record], set[str]()
+    while queue and len(seen) <= 10:
+        terms = queue.pop(0).split()[1:]
+        names: list[str] = []
+        redirect = ""
+        for term in terms:
+            low = term.lower()
+            if re.match(r"^[+?~-]?all$", low):
+                redirect = ""
+                break
+            if low.startswith("redirect="):
+                redirect = low.split("=", 1)[1]
+            elif re.match(r"^\+?include:", low):
+                names.append(low.split(":", 1)[1])
+        names += [redirect] if redirect else []
+        for name in (n.rstrip(".") for n in names):
+            if name == target:
+                return True, ""
+            if "%" in name or name in seen:
+                continue
+            seen.add(name)
+            ans = await lookup_txt(resolver, name)
+            if ans.temperror:
+                return False, ans.temperror
+            queue += [r for r in ans.records if _is_spf(r)][:1]
+    return False, ""
+
+
+async def check_spf(resolver: dns.asyncresolver.Resolver, domain: str, cfg: Config) -> CheckResult:
+    """Pass when each ``dns.outbound_ips`` address gets "pass" and the record reaches
+    ``dns.spf_include``; with neither configured, one valid v=spf1 record is enough."""
+    expected = spf_suggestion(cfg)
+
+    def result(res: str, reason: str = "", found: str = "") -> CheckResult:
+        return CheckResult("spf", res, reason, expected, found)
+
+    ans = await lookup_txt(resolver, domain)
+    if ans.temperror:
+        return result("temperror", ans.temperror)
+    records = [r for r in ans.records if _is_spf(r)]
+    if not ans.records:
+        return result("fail", "no TXT record")
+    if not records:
+        return result("fail", "no SPF record", " | ".join(ans.records))
+    if len(records) > 1:  # RFC 7208 4.5: permerror
+        return result("fail", "multiple SPF records", " | ".join(records))
+    found = records[0]
+    include = cfg.dns.spf_include
+    probes = list(cfg.dns.outbound_ips) or [_PROBE_IP]
+    outcomes = await asyncio.gather(*(spf_result(resolver, ip, domain) for ip in probes))
+    for ip, (res, explanation) in zip(probes, outcomes, strict=True):
+        if res == "temperror":
+            return result("temperror", f"SPF temperror: {explanation}", found)
+        if res == "permerror":
+            return result("fail", f"SPF permerror: {explanation}", found)
+        if cfg.dns.outbound_ips and res != "pass":
+            return result("fail", f"SPF does not authorize {ip} (result {res})", found)
+    if include:
+        reached, temperror = await _reaches(resolver, found, include)
+        if temperror:
+            return result("temperror", temperror, found)
+        if not reached:
+            return result("fail", f"SPF does not include {include}", found)
+    return result("pass", "", found)
+
+
+# --- ownership, DKIM, DMARC ---------------------------------------------------------------------
+
+
+def ownership_name(domain: str) -> str:
+    return f"{OWNERSHIP_LABEL}.{domain}"
+
+
+def ownership_value(token: str) -> str:
+    return f"{OWNERSHIP_PREFIX}{token}"
+
+
+def dkim_name(selector: str, domain: str) -> str:
+    return f"{selector}._domainkey.{domain}"  # RFC 6376 3.6.2.1
+
+
+def dmarc_name(domain: str) -> str:
+    return f"_dmarc.{domain}"  # RFC 7489 6.1
+
+
+async def check_ownership(
+    resolver: dns.asyncresolver.Resolver, domain: str, token: str
+) -> CheckResult:
+    expected = ownership_value(token)
+    ans = await lookup_txt(resolver, ownership_name(domain))
+    found = " | ".join(ans.records)
+    if ans.temperror:
+        return CheckResult("ownership", "temperror", ans.temperror, expected, found)
+    if not ans.records:
+        return CheckResult("ownership", "fail", "no TXT record", expected, found)
+    if any(r.strip() == expected for r in ans.records):
+        return CheckResult("ownership", "pass", "", expected, expected)
+    return CheckResult("ownership", "fail", "token mismatch", expected, found)
+
+
+def _tags(record: str) -> dict[str, str] | None:
+    """RFC 6376 3.2 tag-list: ``name=value`` separated by ";", whitespace around each ignored."""
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or name.strip() in tags:
+            return None
+        tags[name.strip()] = value.strip()
+    return tags
+
+
+async def check_dkim(
+    resolver: dns.asyncresolver.Resolver,
+    domain: str,
+    selector: str,
+    algorithm: str,
+    public_key: str,
+) -> CheckResult:
+    expected = dkimkeys.txt_value(algorithm, public_key)
+
+    def result(res: str, reason: str = "", found: str = "") -> CheckResult:
+        return CheckResult("dkim", res, reason, expected, found)
+
+    ans = await lookup_txt(resolver, dkim_name(selector, domain))
+    if ans.temperror:
+        return result("temperror", ans.temperror)
+    if not ans.records:
+        return result("fail", "no TXT record")
+    keys = [
+        (r, t)
+        for r in ans.records
+        if (t := _tags(r)) is not None and t.get("v", "DKIM1") == "DKIM1" and "p" in t
+    ]
+    if not keys:
+        return result("fail", "no DKIM record", " | ".join(ans.records))
+    if len(keys) > 1:
+        return result("fail", "multiple DKIM records", " | ".join(r for r, _ in keys))
+    found, tags = keys[0]
+    published = re.sub(r"\s+", "", tags["p"])  # base64 may be folded (RFC 6376 3.6.1)
+    if not published:
+        return result("fail", "DKIM key revoked (empty p=)", found)
+    if tags.get("k", "rsa").lower() != algorithm:
+        return result("fail", f"DKIM key type is {tags.get('k', 'rsa')}, not {algorithm}", found)
+    if published != public_key:
+        return result("fail", "DKIM key does not match", found)
+    return result("pass", "", found)
+
+
+async def check_dmarc(resolver: dns.asyncresolver.Resolver, domain: str) -> CheckResult:
+    """One ``v=DMARC1`` record with a valid ``p=`` at ``_dmarc.<domain>`` (RFC 7489 6.6.3).
+
+    The organizational-domain fallback is not applied: we ask for a record at the domain itself.
+    """
+
+    def result(res: str, reason: str = "", found: str = "") -> CheckResult:
+        return CheckResult("dmarc", res, reason, DMARC_SUGGESTION, found)
+
+    ans = await lookup_txt(resolver, dmarc_name(domain))
+    if ans.temperror:
+        return result("temperror", ans.temperror)
+    if not ans.records:
+        return result("fail", "no TXT record")
+    records = [r for r in ans.records if re.match(r"^v\s*=\s*DMARC1\s*(;|$)", r)]
+    if not records:
+        return result("fail", "no DMARC record", " | ".join(ans.records))
+    if len(records) > 1:
+        return result("fail", "multiple DMARC records", " | ".join(records))
+    tags = _tags(records[0]) or {}
+    if tags.get("p", "").lower() not in ("none", "quarantine", "reject"):
+        return result("fail", "DMARC record has no valid p= tag", records[0])
+    return result("pass", "", records[0])
+
+
+async def run_checks(
+    resolver: dns.asyncresolver.Resolver, domain: Domain, cfg: Config
+) -> list[CheckResult]:
+    """Every check in ``config.CHECKS`` (required or not), concurrently, in that order."""
+    results = await asyncio.gather(
+        check_ownership(resolver, domain.name, domain.token),
+        check_spf(resolver, domain.name, cfg),
+        check_dkim(
+            resolver,
+            domain.name,
+            domain.dkim_selector,
+            domain.dkim_algorithm,
+            domain.dkim_public_key,
+        ),
+        check_dmarc(resolver, domain.name),
+    )
+    return list(results)
+
+
+# --- MX routing for delivery --------------------------------------------------------------------
+
+
+async def lookup_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> AddressResult:
+    """A then AAAA records of ``host`` (queried concurrently); temperror only when nothing was
+    found and a lookup had no definite answer."""
+    (a, _, err_a), (aaaa, _, err_aaaa) = await asyncio.gather(
+        _resolve(resolver, host, "A"), _resolve(resolver, host, "AAAA")
+    )
+    addrs = [rd.address for ans in (a, aaaa) if ans is not None for rd in ans]
+    return AddressResult(tuple(addrs), temperror=not addrs and bool(err_a or err_aaaa))
+
+
+async def resolve_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
+    """A then AAAA addresses of ``host``; empty when there are none or DNS did not answer (use
+    :func:`lookup_addresses` to tell those apart)."""
+    return list((await lookup_addresses(resolver, host)).addresses)
+
+
+def _order(mx: Sequence[tuple[int, str]], rng: random.Random | None) -> tuple[str, ...]:
+    """Lowest preference first; equal preferences shuffled to spread load (RFC 5321 5.1)."""
+    shuffle = (rng or random).shuffle
+    by_pref: dict[int, list[str]] = {}
+    for pref, host in mx:
+        by_pref.setdefault(pref, []).append(host)
+    hosts: list[str] = []
+    for pref in sorted(by_pref):
+        group = list(dict.fromkeys(by_pref[pref]))
+        shuffle(group)
+        hosts += [h for h in group if h not in hosts]
+    return tuple(hosts)
+
+
+async def resolve_mx(
+    resolver: dns.asyncresolver.Resolver, domain: str, *, rng: random.Random | None = None
+) -> MxResult:
+    """Where to deliver mail for ``domain`` (RFC 5321 5.1, RFC 7505)."""
+    answer, nxdomain, temperror = await _resolve(resolver, domain, "MX")
+    if temperror:
+        return MxResult(temperror=True, reason=temperror)
+    if nxdomain:
+        return MxResult(reason="domain does not exist")
+    if answer is not None:
+        mx = [(rd.preference, rd.exchange.to_text(omit_final_dot=True).lower()) for rd in answer]
+        real = [(p, h) for p, h in mx if h not in ("", ".")]
+        if not real:  # only "." exchanges: RFC 7505 null MX, "this domain accepts no mail"
+            return MxResult(null_mx=True, reason="domain accepts no mail (null MX)")
+        return MxResult(hosts=_order(real, rng))
+    # No MX records: the domain itself is the implicit MX, if it has an address.
+    addrs = await lookup_addresses(resolver, domain)
+    if addrs.addresses:
+        return MxResult(hosts=(domain.lower().rstrip("."),), implicit=True)
+    if addrs.temperror:
+        return MxResult(temperror=True, reason="address lookup failed")
+    return MxResult(reason="no MX and no address records")
