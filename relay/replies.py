@@ -56,6 +56,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message not allowed")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "NUL byte in message not allowed")
+LINE_TOO_LONG = Reply(554, "5.6.0", "Message line too long (RFC 5321 4.5.3.1.6: 998 octets)")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 USER_REVOKED = Reply(535, "5.7.8", "Authentication credentials no longer valid")
 

@@ -1,0 +1,261 @@
+"""SMTP authentication: throttle -> cache -> users.verify (argon2 in a thread pool).
+
+The SMTP session talks to :class:`Authenticator` only, never to the user store (chasquid's shape).
+
+- Throttle: failures are counted per client IP and per login within ``auth.failure_window``; an IP
+  with ``auth.max_failures`` failures is locked out for ``auth.lockout``: its AUTH gets 454 4.7.0
+  without any argon2 work.
+- Cache: a successful verify is remembered for ``auth.cache_ttl`` under a keyed digest of the
+  password (HMAC with a per-process random key; never the password). A hit still reads the stored
+  credentials (one cheap SQL read) so a reset, disable or delete takes effect on the next AUTH.
+- Single flight: simultaneous logins with the same credentials share one argon2 verify.
+- Every failure takes at least ``auth.failure_delay``, so timing says nothing about why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+import secrets
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from relay import clock as clock_mod
+from relay import users
+from relay.clock import Clock
+from relay.config import Config
+from relay.db import Database, StoreError
+from relay.passwords import Hasher
+
+
+class Outcome(Enum):
+    OK = "ok"
+    FAILED = "failed"
+    THROTTLED = "throttled"
+    TEMPFAIL = "tempfail"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a session authenticated as, and with which stored hash (to re-check revocation)."""
+
+    login: str
+    domain: str
+    which: str  # "current" | "previous"
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AuthAnswer:
+    outcome: Outcome
+    identity: Identity | None = None
+    reason: str = ""
+
+
+@dataclass
+class _CacheEntry:
+    password_hash: str
+    domain: str
+    expires_at: float
+
+
+class Throttle:
+    """Failure counts per key (IP or login) in a sliding window, with a lockout per IP."""
+
+    def __init__(self, max_failures: int, window: float, lockout: float) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._locked_until: dict[str, float] = {}
+
+    def locked(self, key: str, now: float) -> bool:
+        until = self._locked_until.get(key)
+        if until is None:
+            return False
+        if now >= until:
+            del self._locked_until[key]
+            self._failures.pop(key, None)
+            return False
+        return True
+
+    def fail(self, key: str, now: float) -> bool:
+        """Count a failure; True if the key is now locked out."""
+        q = self._failures[key]
+        q.append(now)
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if len(q) >= self.max_failures:
+            self._locked_until[key] = now + self.lockout
+            return True
+        return False
+
+    def failures(self, key: str, now: float) -> int:
+        q = self._failures.get(key)
+        if not q:
+            return 0
+        return sum(1 for t in q if t > now - self.window)
+
+    def prune(self, now: float) -> None:
+        """Forget stale keys (called periodically; bounds memory under a spray of IPs)."""
+        for key in [k for k, q in self._failures.items() if not q or q[-1] <= now - self.window]:
+            del self._failures[key]
+        for key in [k for k, t in self._locked_until.items() if t <= now]:
+            del self._locked_until[key]
+
+
+class Authenticator:
+    def __init__(
+        self, db: Database, hasher: Hasher, cfg: Config, *, clock: Clock = clock_mod.system
+    ) -> None:
+        self.db = db
+        self.hasher = hasher
+        self.cfg = cfg
+        self.clock = clock
+        self.throttle = Throttle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
+        self.login_failures = Throttle(
+            cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout
+        )
+        self._cache: dict[tuple[str, bytes], _CacheEntry] = {}
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[users.VerifyResult]] = {}
+        self._key = secrets.token_bytes(32)
+        self.logins: dict[str, float] = {}  # last successful login per user, flushed in batches
+
+    def configure(self, cfg: Config) -> None:
+        """Apply a reloaded config (limits and TTLs; counts are kept)."""
+        self.cfg = cfg
+        for t in (self.throttle, self.login_failures):
+            t.max_failures = cfg.auth.max_failures
+            t.window = cfg.auth.failure_window
+            t.lockout = cfg.auth.lockout
+        if float(cfg.auth.cache_ttl) <= 0:
+            self._cache.clear()
+
+    def is_throttled(self, ip: str) -> bool:
+        return self.throttle.locked(ip, self.clock())
+
+    def _digest(self, login: str, password: str) -> tuple[str, bytes]:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        mac.update(login.encode("utf-8", "surrogateescape"))
+        mac.update(b"\0")
+        mac.update(password.encode("utf-8", "surrogateescape"))
+        return (login, mac.digest())
+
+    async def authenticate(self, login: str, password: str, ip: str) -> AuthAnswer:
+        started = asyncio.get_running_loop().time()
+        now = self.clock()
+        if self.throttle.locked(ip, now):
+            return AuthAnswer(Outcome.THROTTLED, reason="ip locked out")
+        try:
+            answer = await self._check(login, password)
+        except StoreError:
+            return AuthAnswer(Outcome.TEMPFAIL, reason="store error")
+        if answer.outcome is Outcome.OK:
+            assert answer.identity is not None
+            self.logins[answer.identity.login] = self.clock()
+            return answer
+        self.login_failures.fail(login.lower()[:320], now)
+        if self.throttle.fail(ip, now):
+            answer = AuthAnswer(Outcome.FAILED, reason=answer.reason + "; ip now locked out")
+        await self._pad(started)
+        return answer
+
+    async def _pad(self, started: float) -> None:
+        """Make every failure take at least failure_delay (plus jitter), whatever its cause."""
+        delay = self.cfg.auth.failure_delay
+        if delay <= 0:
+            return
+        elapsed = asyncio.get_running_loop().time() - started
+        remaining = delay - elapsed + random.uniform(0, delay / 5)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    async def _check(self, login: str, password: str) -> AuthAnswer:
+        key = self._digest(login, password)
+        now = self.clock()
+        entry = self._cache.get(key)
+        if entry is not None:
+            if now >= entry.expires_at:
+                del self._cache[key]
+            else:
+                which = await self._still_matches(login, entry.password_hash, now)
+                if which is not None:
+                    return AuthAnswer(
+                        Outcome.OK, Identity(login, entry.domain, which, entry.password_hash)
+                    )
+                del self._cache[key]
+        result = await self._verify_single_flight(key, login, password)
+        if result.matched is None or result.user is None or result.password_hash is None:
+            return AuthAnswer(Outcome.FAILED, reason="bad credentials")
+        user = result.user
+        if self.cfg.auth.cache_ttl > 0:
+            self._cache[key] = _CacheEntry(
+                result.password_hash, user.domain, now + self.cfg.auth.cache_ttl
+            )
+        return AuthAnswer(
+            Outcome.OK, Identity(user.login, user.domain, result.matched, result.password_hash)
+        )
+
+    async def _verify_single_flight(
+        self, key: tuple[str, bytes], login: str, password: str
+    ) -> users.VerifyResult:
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await users.verify(
+                self.db, login, password, hasher=self.hasher, now=self.clock()
+            )
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    async def _still_matches(self, login: str, password_hash: str, now: float) -> str | None:
+        """Which stored password ``password_hash`` still is ("current"/"previous"), or None."""
+        creds = await users.credentials(self.db, login)
+        if creds is None or creds.disabled:
+            return None
+        if hmac.compare_digest(creds.current_hash, password_hash):
+            return "current"
+        if (
+            creds.previous_hash is not None
+            and creds.previous_valid_until is not None
+            and now < creds.previous_valid_until
+            and hmac.compare_digest(creds.previous_hash, password_hash)
+        ):
+            return "previous"
+        return None
+
+    async def still_valid(self, identity: Identity) -> bool:
+        """Re-check an authenticated session (at MAIL FROM): revocation is immediate."""
+        which = await self._still_matches(identity.login, identity.password_hash, self.clock())
+        return which is not None
+
+    async def flush_logins(self) -> None:
+        """Write the batched last-login times (one transaction for all)."""
+        if not self.logins:
+            return
+        batch, self.logins = self.logins, {}
+        try:
+            await users.record_logins(self.db, batch)
+        except StoreError:
+            for k, v in batch.items():
+                self.logins.setdefault(k, v)
+
+    def prune(self) -> None:
+        now = self.clock()
+        self.throttle.prune(now)
+        self.login_failures.prune(now)
+        for key in [k for k, e in self._cache.items() if e.expires_at <= now]:
+            del self._cache[key]

@@ -1,0 +1,242 @@
+"""aiosmtpd hooks: AUTH PLAIN/LOGIN, MAIL, RCPT, DATA. Thin: decisions live in auth and policy.
+
+AUTH is implemented as coroutine mechanisms on the handler, never as aiosmtpd's ``authenticator=``
+callback: that callback is synchronous, and an async one is an AUTH bypass (its coroutine object
+is truthy, so any password succeeds). A failure pushes its own reply and returns
+``AuthResult(success=False, handled=True)``; a bare ``AuthResult(success=False)`` sends nothing.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import AuthResult, Envelope, Session
+
+from relay import maillog, policy, replies
+from relay.auth import Outcome
+from relay.db import StoreError
+from relay.session import RelaySMTP
+
+if TYPE_CHECKING:
+    from relay.server import Server
+
+log = logging.getLogger("relaybox.handler")
+
+MAX_AUTH_FAILURES_PER_SESSION = 3
+
+
+class Handler:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    # --- AUTH (RFC 4954; PLAIN is RFC 4616) ------------------------------------------------------
+
+    async def auth_PLAIN(self, smtp: RelaySMTP, args: list[str]) -> AuthResult:
+        if self._throttled(smtp):
+            await smtp.push(str(replies.AUTH_THROTTLED))
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            blob = await smtp.auth_response(b"")
+        else:
+            blob = await smtp.decode_b64(args[1].encode("ascii", "replace"))
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await smtp.push(str(replies.AUTH_MALFORMED))
+            return AuthResult(success=False, handled=True)
+        authzid, authcid, password = parts
+        return await self._authenticate(smtp, "PLAIN", authcid, password, authzid)
+
+    async def auth_LOGIN(self, smtp: RelaySMTP, args: list[str]) -> AuthResult:
+        if self._throttled(smtp):
+            await smtp.push(str(replies.AUTH_THROTTLED))
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            login = await smtp.auth_response(b"Username:")
+        else:
+            login = await smtp.decode_b64(args[1].encode("ascii", "replace"))
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await smtp.auth_response(b"Password:")
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(smtp, "LOGIN", login, password, b"")
+
+    def _throttled(self, smtp: RelaySMTP) -> bool:
+        assert smtp.state is not None
+        if self.server.auth.is_throttled(smtp.state.ip):
+            maillog.auth_throttled(smtp.state.ip)
+            self.server.metrics_event("auth_throttled")
+            return True
+        return False
+
+    async def _authenticate(
+        self, smtp: RelaySMTP, mech: str, login_b: bytes, password_b: bytes, authzid: bytes
+    ) -> AuthResult:
+        st = smtp.state
+        assert st is not None and smtp.session is not None
+        try:
+            login = login_b.decode("utf-8")
+            password = password_b.decode("utf-8")
+        except UnicodeDecodeError:
+            await smtp.push(str(replies.AUTH_MALFORMED))
+            return AuthResult(success=False, handled=True)
+        shown = login if len(login) <= 320 else login[:64] + "..."
+        if authzid and authzid != login_b:
+            # No proxy authorization: authzid, if given, must be the login itself (RFC 4616 2).
+            # Checked like any wrong password (same cost, same counting, same reply).
+            login, password = "", ""
+        answer = await self.server.auth.authenticate(login, password, st.ip)
+        answer_outcome, reason, identity = answer.outcome, answer.reason, answer.identity
+        if answer_outcome is Outcome.OK:
+            assert identity is not None
+            st.identity = identity
+            smtp.session.authenticated = True
+            maillog.auth_ok(identity.login, st.ip, mech, identity.which)
+            self.server.metrics_event("auth_ok")
+            await smtp.push(str(replies.AUTH_OK))
+            # We sent the reply ourselves; "handled" keeps aiosmtpd from sending another one
+            # (and from touching its deprecated Session.login_data).
+            return AuthResult(success=False, handled=True)
+        if answer_outcome is Outcome.TEMPFAIL:
+            maillog.auth_failed(shown, st.ip, mech, "tempfail")
+            await smtp.push(str(replies.AUTH_TEMPFAIL))
+            return AuthResult(success=False, handled=True)
+        if answer_outcome is Outcome.THROTTLED:
+            maillog.auth_throttled(st.ip, shown)
+            self.server.metrics_event("auth_throttled")
+            await smtp.push(str(replies.AUTH_THROTTLED))
+            return AuthResult(success=False, handled=True)
+        st.auth_failures += 1
+        maillog.auth_failed(shown, st.ip, mech, reason or "bad credentials")
+        self.server.metrics_event("auth_failed")
+        if st.auth_failures >= MAX_AUTH_FAILURES_PER_SESSION:
+            await smtp.push(str(replies.AUTH_TOO_MANY))
+            smtp.close()
+            return AuthResult(success=False, handled=True)
+        await smtp.push(str(replies.AUTH_FAILED))
+        return AuthResult(success=False, handled=True)
+
+    # --- envelope ----------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        smtp: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        st = smtp.state
+        assert st is not None
+        identity = st.identity
+        if identity is None:
+            return str(replies.AUTH_REQUIRED)
+        try:
+            valid = await self.server.auth.still_valid(identity)
+            state = await self.server.domain_state(identity.domain)
+        except StoreError:
+            return str(replies.TEMP_FAILURE)
+        if not valid:
+            # Deleted, disabled, or its password revoked since AUTH: immediate, per session.
+            st.identity = None
+            session.authenticated = False
+            maillog.rejected("mail", "credentials revoked", st.ip, identity.login)
+            return str(replies.USER_REVOKED)
+        refusal = policy.check_sender(identity.domain, address, state)
+        if refusal is not None:
+            maillog.rejected("mail", refusal.text, st.ip, identity.login, **{"from": address})
+            self.server.metrics_event("rejected", refusal.text)
+            return str(refusal)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self,
+        smtp: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        st = smtp.state
+        assert st is not None
+        if st.identity is None:
+            return str(replies.AUTH_REQUIRED)
+        refusal = policy.check_recipient(
+            address, len(envelope.rcpt_tos), self.server.cfg.limits.max_recipients
+        )
+        if refusal is not None:
+            self.server.metrics_event("rejected", refusal.text)
+            return str(refusal)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RCPT_OK)
+
+    async def handle_DATA(self, smtp: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        st = smtp.state
+        assert st is not None and st.identity is not None
+        identity = st.identity
+        content = envelope.original_content
+        assert isinstance(content, bytes) and envelope.mail_from is not None
+        refusal = policy.check_line_endings(content)
+        if refusal is None:
+            refusal = policy.check_header_from(
+                identity.domain, policy.header_from_addresses(content)
+            )
+        if refusal is not None:
+            maillog.rejected("data", refusal.text, st.ip, identity.login)
+            self.server.metrics_event("rejected", refusal.text)
+            return str(refusal)
+        message = self._complete(content, smtp, identity.login)
+        try:
+            msg_id = await self.server.accept(
+                identity.domain,
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                message,
+                identity.login,
+            )
+        except StoreError:
+            log.exception("could not queue a message from %s", maillog.safe(identity.login))
+            self.server.metrics_event("rejected", "store error")
+            return str(replies.TEMP_FAILURE)
+        st.messages += 1
+        maillog.queued(
+            msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
+        )
+        self.server.metrics_event("accepted")
+        return str(replies.QUEUED.with_text(f"queued as {msg_id}"))
+
+    def _complete(self, content: bytes, smtp: RelaySMTP, login: str) -> bytes:
+        """Add Received (always), and Message-ID and Date if missing (RFC 6409 8.2, 8.3)."""
+        head_end = content.find(b"\r\n\r\n")
+        head = content if head_end < 0 else content[: head_end + 2]
+        lower = head.lower()
+        added: list[bytes] = []
+        st = smtp.state
+        assert st is not None and smtp.session is not None
+        helo = maillog.safe(smtp.session.host_name or "unknown", 100)
+        proto = "ESMTPSA" if smtp.session.ssl is not None or st.listener_mode == "tls" else "ESMTPA"
+        now = email.utils.formatdate(time.time(), localtime=False)
+        hostname = self.server.cfg.public_hostname
+        received = (
+            f"Received: from {helo} ([{st.ip}])\r\n\tby {hostname} (relaybox) with {proto};\r\n"
+            f"\t{now}\r\n"
+        )
+        added.append(received.encode("ascii", "replace"))
+        if not lower.startswith(b"message-id:") and b"\nmessage-id:" not in lower:
+            added.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}\r\n".encode())
+        if not lower.startswith(b"date:") and b"\ndate:" not in lower:
+            added.append(f"Date: {now}\r\n".encode())
+        return b"".join(added) + content
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Never send exception text to a client: log it, answer a temporary failure."""
+        log.error("session error: %s", type(error).__name__, exc_info=error)
+        return str(replies.TEMP_FAILURE)

@@ -1,0 +1,102 @@
+"""Relay policy: pure decisions, no I/O. Each check returns a Reply to refuse with, or None.
+
+Submission (RFC 6409 section 8) lets the server enforce that an authenticated user sends only as
+addresses it owns: here, addresses in the user's own domain, and only while that domain passes DNS
+verification (``verified``, or ``failing`` within its grace period).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Iterable
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from relay import replies
+from relay.replies import Reply
+
+SENDING_STATES = frozenset({"verified", "failing"})
+
+# RFC 5321 4.1.2 Mailbox, restricted to what we relay: dot-atom local part (or quoted string),
+# and a domain of LDH labels. Lengths per RFC 5321 4.5.3.1.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})+"
+_MAILBOX = re.compile(rf"^({_LOCAL})@({_DOMAIN})$")
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """(local, domain lowercased) of a mailbox, or None if it is not one we can relay."""
+    if len(address) > 254:
+        return None
+    m = _MAILBOX.match(address)
+    if not m:
+        return None
+    local, domain = m.group(1), m.group(2)
+    if len(local) > 64 or len(domain) > 253:
+        return None
+    return local, domain.lower()
+
+
+def domain_of(address: str) -> str | None:
+    parts = split_address(address)
+    return parts[1] if parts else None
+
+
+def check_sender(user_domain: str, mail_from: str, domain_state: str | None) -> Reply | None:
+    """MAIL FROM: the envelope sender must be in the user's domain, and that domain may send."""
+    if mail_from == "":
+        return replies.NULL_SENDER_REFUSED
+    sender_domain = domain_of(mail_from)
+    if sender_domain is None:
+        return replies.BAD_SENDER_SYNTAX
+    if sender_domain != user_domain.lower():
+        return replies.SENDER_NOT_OWNED
+    if domain_state not in SENDING_STATES:
+        return replies.SENDER_DOMAIN_UNVERIFIED
+    return None
+
+
+def check_recipient(address: str, count_so_far: int, max_recipients: int) -> Reply | None:
+    """RCPT TO: syntax, and the per-message limit (RFC 5321 4.5.3.1.8: 452 4.5.3)."""
+    if split_address(address) is None:
+        return replies.BAD_RCPT_SYNTAX
+    if count_so_far >= max_recipients:
+        return replies.TOO_MANY_RECIPIENTS
+    return None
+
+
+def header_from_addresses(message: bytes) -> list[str] | None:
+    """The addresses in the From header(s), or None if there is no parseable From."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(message)
+    values = headers.get_all("From") or []
+    if len(values) != 1:  # RFC 5322 3.6: exactly one From field
+        return None
+    pairs = email.utils.getaddresses([str(v) for v in values])
+    addrs = [addr for _name, addr in pairs if addr]
+    return addrs or None
+
+
+def check_header_from(user_domain: str, addresses: Iterable[str] | None) -> Reply | None:
+    """DATA: every header From address must be in the sender's domain (DMARC alignment)."""
+    if addresses is None:
+        return replies.HEADER_FROM_MISSING
+    for addr in addresses:
+        dom = domain_of(addr)
+        if dom is None:
+            return replies.HEADER_FROM_MISSING
+        if dom != user_domain.lower():
+            return replies.HEADER_FROM_MISMATCH
+    return None
+
+
+def check_line_endings(message: bytes) -> Reply | None:
+    """Only CRLF line endings and no NUL (SMTP smuggling defence; RFC 5321 2.3.8)."""
+    if b"\0" in message:
+        return replies.NUL_IN_MESSAGE
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        return replies.BARE_LINE_ENDING
+    return None

@@ -1,0 +1,336 @@
+"""The service: listeners, lifecycle, signals, and the periodic jobs.
+
+The lifecycle reads like a script (uvicorn's shape): :meth:`Server.startup` opens the store, binds
+every listener and starts delivery; :meth:`Server.run` waits for a stop; :meth:`Server.shutdown`
+stops accepting, lets sessions finish within ``limits.drain_timeout``, cuts what is left, then
+stops delivery and closes the store. Signal handlers only set flags or schedule work.
+
+aiosmtpd's ``SMTP`` is served with ``loop.create_server`` on this loop (not ``Controller``, which
+runs a second loop in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from relay import clock as clock_mod
+from relay import config as config_mod
+from relay import dnscheck, domains, replies, sdnotify, tlsutil
+from relay.auth import Authenticator
+from relay.clock import Clock
+from relay.config import Config, Listener
+from relay.db import MAIN_MIGRATIONS, Database, StoreError
+from relay.dkim import Signer
+from relay.handler import Handler
+from relay.metrics import Metrics
+from relay.passwords import Hasher
+from relay.replies import Reply
+from relay.session import MemoryBudget, RelaySMTP
+from relay.spool import Spool
+
+log = logging.getLogger("relaybox.server")
+
+DOMAIN_CACHE_TTL = 10.0  # seconds a domain's state/key is trusted before it is read again
+LOGIN_FLUSH_INTERVAL = 30.0
+
+
+@dataclass(frozen=True)
+class Bound:
+    listener: Listener
+    address: str
+    port: int
+
+
+class Server:
+    def __init__(self, cfg: Config, *, clock: Clock = clock_mod.system, worker: int = 0) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.worker = worker
+        self.memory = MemoryBudget(cfg.limits.data_memory_budget)
+        self.metrics = Metrics()
+        self.draining = False
+        self.bound: list[Bound] = []
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[RelaySMTP] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._domain_cache: dict[str, tuple[float, str | None, Any]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self.db: Database | None = None
+        self.spool: Spool | None = None
+        self.deliverer: Any = None
+        self._hasher: Hasher | None = None
+        self._auth: Authenticator | None = None
+        self.signer = Signer()
+        self.handler = Handler(self)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        from relay.delivery import Deliverer  # delivery pulls in aiosmtplib: only when serving
+
+        cfg = self.cfg
+        self._ssl = tlsutil.server_context(cfg)
+        self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        self._hasher = Hasher(cfg.auth)
+        self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
+        self.resolver = dnscheck.make_resolver(cfg)
+        self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
+        self.deliverer = Deliverer(self.spool, cfg, clock=self.clock, resolver=self.resolver)
+        loop = asyncio.get_running_loop()
+        for listener in cfg.listen:
+            srv = await loop.create_server(
+                lambda lst=listener: self._protocol(lst),
+                host=listener.address,
+                port=listener.port,
+                ssl=self._ssl if listener.mode == "tls" else None,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                bound = Bound(listener, str(addr[0]), int(addr[1]))
+                self.bound.append(bound)
+                log.info(
+                    "listening address=%s port=%d mode=%s", bound.address, bound.port, listener.mode
+                )
+        if not cfg.delivery.paused:
+            self.deliverer.start()
+        if cfg.metrics.listen:
+            _, port = await self.metrics.start_http(cfg.metrics.listen)
+            log.info("metrics listening on %s port=%d", cfg.metrics.listen, port)
+        self._tasks.append(asyncio.create_task(self._periodic(), name="relaybox-periodic"))
+        self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
+
+    def _protocol(self, listener: Listener) -> RelaySMTP:
+        cfg = self.cfg
+        tls = listener.mode == "tls"
+        return RelaySMTP(
+            self,
+            self.handler,
+            listener.mode,
+            hostname=cfg.public_hostname,
+            ident="ESMTP relaybox",
+            data_size_limit=int(cfg.limits.max_message_size),
+            tls_context=None if tls else self._ssl,
+            # RFC 6409 4.3 / RFC 3207: on the STARTTLS listener nothing but EHLO/NOOP/QUIT before
+            # TLS. On the implicit-TLS listener aiosmtpd cannot see the TLS (it came from
+            # create_server), so its TLS requirement must be off there, and only there.
+            require_starttls=not tls and not cfg.auth.allow_plaintext,
+            auth_require_tls=not tls and not cfg.auth.allow_plaintext,
+            timeout=float(cfg.limits.idle_timeout),
+            auth_exclude_mechanism=["CRAM-MD5"],
+        )
+
+    async def run(self, *, install_signals: bool = True, notify: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
+        await self.startup()
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if notify:
+            sdnotify.ready(f"listening on {len(self.bound)} sockets")
+        try:
+            await self._stop.wait()
+        finally:
+            if notify:
+                sdnotify.stopping()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        log.info("stop requested: draining")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self, cfg: Config | None = None, *, notify: bool = True) -> None:
+        """SIGHUP: re-read the config file and reload TLS certificates into the same context.
+
+        Live: TLS files, auth limits and cache TTL, limits (new sessions), delivery pause.
+        Listeners, state_dir and databases need a restart (logged if they changed).
+        """
+        if notify:
+            sdnotify.reloading()
+        try:
+            new = cfg or config_mod.load(
+                None if self.cfg.source.startswith("(") else self.cfg.source
+            )
+            if new.listen != self.cfg.listen or new.state_dir != self.cfg.state_dir:
+                log.warning("reload: listeners and state_dir change only on restart")
+            assert self._ssl is not None
+            tlsutil.reload(self._ssl, new)
+            self.cfg = new
+            if self._auth is not None:
+                self._auth.configure(new)
+            self.memory.total = new.limits.data_memory_budget
+            log.info("reloaded config from %s and TLS certificate", new.source)
+        except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+        finally:
+            if notify:
+                sdnotify.ready()
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        for srv in self._servers:
+            srv.close()
+        # Idle sessions go at once; sessions mid-transaction may finish within the drain window.
+        for smtp in list(self._sessions):
+            if smtp.is_idle():
+                await _push_quietly(smtp, replies.SHUTTING_DOWN)
+                smtp.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_sessions.wait(), self.cfg.limits.drain_timeout)
+        for smtp in list(self._sessions):
+            await _push_quietly(smtp, replies.SHUTTING_DOWN)
+            smtp.close()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.deliverer is not None:
+            await self.deliverer.stop()
+        if self._auth is not None:
+            await self._auth.flush_logins()
+        await self.metrics.stop_http()
+        if self.spool is not None:
+            await self.spool.close()
+        if self.db is not None:
+            await self.db.close()
+        if self._hasher is not None:
+            self._hasher.close()
+        log.info("stopped")
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def session_opened(self, smtp: RelaySMTP, ip: str) -> None:
+        self._sessions.add(smtp)
+        self._no_sessions.clear()
+        self._per_ip[ip] += 1
+        self.metrics.connection_opened(smtp.listener_mode)
+
+    def session_closed(self, smtp: RelaySMTP, ip: str) -> None:
+        self._sessions.discard(smtp)
+        if not self._sessions:
+            self._no_sessions.set()
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+        self.metrics.connection_closed(smtp.listener_mode)
+
+    def admission(self, smtp: RelaySMTP) -> Reply | None:
+        """Refuse a new connection over the limits (it is already counted)."""
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if len(self._sessions) > self.cfg.limits.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        ip = smtp.state.ip if smtp.state else ""
+        if self._per_ip[ip] > self.cfg.limits.max_connections_per_ip:
+            return replies.TOO_MANY_FROM_IP
+        return None
+
+    @property
+    def auth(self) -> Authenticator:
+        assert self._auth is not None
+        return self._auth
+
+    def metrics_event(self, name: str, reason: str = "") -> None:
+        m = self.metrics
+        if name == "auth_ok":
+            m.auth_ok()
+        elif name == "auth_failed":
+            m.auth_failed()
+        elif name == "auth_throttled":
+            m.auth_throttled()
+        elif name == "rejected":
+            m.rejected(reason)
+
+    # --- acceptance --------------------------------------------------------------------------
+
+    async def _domain(self, name: str) -> tuple[str | None, Any]:
+        now = time.monotonic()
+        hit = self._domain_cache.get(name)
+        if hit is not None and now - hit[0] < DOMAIN_CACHE_TTL:
+            return hit[1], hit[2]
+        assert self.db is not None
+        d = await domains.get(self.db, name)
+        key = await domains.signing_key(self.db, name) if d is not None else None
+        state = d.state if d is not None else None
+        self._domain_cache[name] = (now, state, key)
+        return state, key
+
+    async def domain_state(self, name: str) -> str | None:
+        state, _key = await self._domain(name)
+        return state
+
+    async def accept(
+        self, domain: str, sender: str, recipients: list[str], message: bytes, user: str
+    ) -> str:
+        """Sign and queue; returns the queue id once the message is committed to disk."""
+        _state, key = await self._domain(domain)
+        if key is not None:
+            message = await self.signer.sign_async(message, key)
+        assert self.spool is not None
+        msg_id = await self.spool.enqueue(
+            sender=sender, recipients=recipients, body=message, user=user
+        )
+        self.metrics.accepted(len(recipients), len(message))
+        if self.deliverer is not None:
+            self.deliverer.wake()
+        return msg_id
+
+    # --- periodic jobs -----------------------------------------------------------------------
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(LOGIN_FLUSH_INTERVAL)  # sleep-ok: a timer
+            try:
+                await self.auth.flush_logins()
+                self.auth.prune()
+            except StoreError as exc:
+                log.warning("periodic flush failed: %s", exc)
+
+    async def _recheck_loop(self) -> None:
+        interval = float(self.cfg.dns.recheck_interval)
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)  # sleep-ok: a timer
+            await self.recheck_domains()
+
+    async def recheck_domains(self) -> None:
+        assert self.db is not None
+        try:
+            result = await domains.recheck(
+                self.db, resolver=self.resolver, cfg=self.cfg, now=self.clock()
+            )
+            self._domain_cache.clear()
+            self.metrics.set_domain_states(Counter(d.state for d in result))
+        except StoreError as exc:
+            log.warning("domain recheck failed: %s", exc)
+
+
+async def _push_quietly(smtp: RelaySMTP, reply: Reply) -> None:
+    with contextlib.suppress(Exception):
+        if smtp.transport is not None and not smtp.transport.is_closing():
+            await asyncio.wait_for(smtp.push(str(reply)), 1)

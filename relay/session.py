@@ -1,0 +1,271 @@
+"""Our aiosmtpd ``SMTP`` protocol: connection limits, draining, DATA and AUTH reading.
+
+aiosmtpd does the protocol; this subclass changes what a production relay needs changed:
+
+- DATA is read by our own loop: only ``CRLF.CRLF`` ends it (RFC 5321 4.1.1.4), a bare CR or LF or a
+  NUL anywhere is refused with 554 5.6.0 after the terminator (SMTP smuggling defence), the size
+  limit is enforced while reading, and memory is reserved from a shared budget as the message
+  grows (a message held in memory costs far more than its size; over budget -> 451 4.3.1).
+  The whole DATA transfer is bounded by ``limits.data_timeout``.
+- Connections are counted in total and per client IP; over a limit the client gets 421 at once.
+- On shutdown (drain), idle sessions get 421 and are closed; a session in the middle of a
+  transaction may finish it, then gets 421 at its next command.
+- AUTH responses are read with a bounded line length and decoded here (RFC 4954 4: "*" cancels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+from base64 import b64decode, b64encode
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP
+
+from relay import replies
+from relay.replies import Reply
+
+if TYPE_CHECKING:
+    from relay.server import Server
+
+log = logging.getLogger("relaybox.session")
+
+_AUTH_LINE_LIMIT = 12288  # RFC 4954 4: at least 12288 octets for an AUTH response line
+
+
+class MemoryBudget:
+    """Bytes of message data that may be held in memory at once, across all sessions."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.peak = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used + n > self.total:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+@dataclass
+class SessionState:
+    """What our handler keeps per connection (aiosmtpd's Session is for protocol state)."""
+
+    ip: str
+    listener_mode: str
+    identity: Any = None  # relay.auth.Identity once authenticated
+    auth_failures: int = 0
+    busy: bool = False
+    in_data: bool = False
+    messages: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CHUNK = 1024 * 1024
+# Held in memory while receiving: the bytearray (1x) plus headroom for the copy made when the
+# message is assembled, signed and stored (another 2-3x); reserved in chunks as it grows.
+_MEMORY_FACTOR = 4
+
+
+class RelaySMTP(SMTP):
+    def __init__(self, server: Server, handler: Any, listener_mode: str, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.relay = server
+        self.listener_mode = listener_mode
+        self.state: SessionState | None = None
+        self._counted_ip: str | None = None
+        # Wrap every command so draining and "busy" are known without touching aiosmtpd's loop.
+        for name, method in list(self._smtp_methods.items()):
+            self._smtp_methods[name] = self._guarded(name, method)
+
+    def _guarded(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def run(arg: str | None) -> None:
+            st = self.state
+            if st is not None and self.relay.draining and not self.in_transaction():
+                await self.push(str(replies.SHUTTING_DOWN))
+                self.close()
+                return
+            if st is not None:
+                st.busy = True
+            try:
+                await method(arg)
+            finally:
+                if st is not None:
+                    st.busy = False
+
+        return run
+
+    # --- connection accounting ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if peer else "unknown"
+            self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
+            self._counted_ip = ip
+            self.relay.session_opened(self, ip)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_ip is not None:
+            self.relay.session_closed(self, self._counted_ip)
+            self._counted_ip = None
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = self.relay.admission(self)
+        if refusal is not None:
+            await self.push(str(refusal))
+            self.close()
+            return
+        await super()._handle_client()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def in_transaction(self) -> bool:
+        st = self.state
+        return bool(
+            (st is not None and st.in_data)
+            or (self.envelope is not None and self.envelope.mail_from)
+        )
+
+    def is_idle(self) -> bool:
+        return self.state is not None and not self.state.busy and not self.in_transaction()
+
+    # --- AUTH helpers ------------------------------------------------------------------------
+
+    async def auth_response(self, challenge: bytes) -> bytes | None:
+        """Send a 334 challenge and return the decoded response, or None after replying.
+
+        None means a reply was already sent: "*" (cancelled, 501 5.7.0) or undecodable base64
+        or an overlong line (501 5.5.2).
+        """
+        await self.push(b"334 " + b64encode(challenge))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_line(exc.consumed)
+            await self.push(str(replies.AUTH_MALFORMED))
+            return None
+        blob = line.rstrip(b"\r\n").strip()
+        if blob == b"*":
+            await self.push(str(replies.AUTH_CANCELLED))
+            return None
+        return await self.decode_b64(blob)
+
+    async def decode_b64(self, blob: bytes) -> bytes | None:
+        if blob == b"=":  # RFC 4954 4: "=" is an empty initial response
+            return b""
+        try:
+            return b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push(str(replies.AUTH_MALFORMED))
+            return None
+
+    async def _discard_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    # --- DATA --------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.state is not None
+        if self.state.identity is None:
+            await self.push(str(replies.AUTH_REQUIRED))
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        budget = self.relay.memory
+        reserved = _CHUNK * _MEMORY_FACTOR
+        if not budget.try_reserve(reserved):
+            await self.push(str(replies.MEMORY_BUSY))
+            return
+        self.state.in_data = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._reset_timeout(self.relay.cfg.limits.data_timeout)
+            reply, content, reserved = await self._read_data(reserved)
+            if reply is None:
+                assert content is not None
+                self.envelope.original_content = content
+                self.envelope.content = content
+                status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+            else:
+                status = str(reply)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(status)
+        finally:
+            budget.release(reserved)
+            self.state.in_data = False
+            self._reset_timeout()
+
+    async def _read_data(self, reserved: int) -> tuple[Reply | None, bytes | None, int]:
+        """Read up to CRLF.CRLF; returns (refusal or None, content, bytes reserved)."""
+        limit = self.relay.cfg.limits.max_message_size
+        budget = self.relay.memory
+        buf = bytearray()
+        problem: Reply | None = None
+        reader = self._reader
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                # A line over 1000 octets (RFC 5321 4.5.3.1.6): keep reading to the terminator.
+                chunk = await reader.readexactly(exc.consumed)
+                problem = problem or replies.LINE_TOO_LONG
+                if b"\0" in chunk:
+                    problem = problem or replies.NUL_IN_MESSAGE
+                buf.clear()
+                continue
+            if line == b".\r\n":
+                break
+            if problem is not None:
+                continue
+            body = line[:-2]
+            if b"\r" in body or b"\n" in body:
+                problem = replies.BARE_LINE_ENDING
+            elif b"\0" in body:
+                problem = replies.NUL_IN_MESSAGE
+            elif len(buf) + len(line) > limit:
+                problem = replies.MESSAGE_TOO_BIG
+            if problem is not None:
+                buf.clear()
+                continue
+            if line.startswith(b"."):  # RFC 5321 4.5.2 transparency
+                line = line[1:]
+            buf += line
+            need = (len(buf) + _CHUNK) * _MEMORY_FACTOR
+            if need > reserved:
+                extra = need - reserved
+                if budget.try_reserve(extra):
+                    reserved += extra
+                else:
+                    problem = replies.MEMORY_BUSY
+                    buf.clear()
+        if problem is not None:
+            return problem, None, reserved
+        return None, bytes(buf), reserved
