@@ -47,7 +47,7 @@ def domain_of(address: str) -> str | None:
 
 def check_sender(user_domain: str, mail_from: str, domain_state: str | None) -> Reply | None:
     """MAIL FROM: the envelope sender must be in the user's domain, and that domain may send."""
-    if mail_from == "":
+    if mail_from in ("", "<>"):  # aiosmtpd hands the null reverse-path over as "<>"
         return replies.NULL_SENDER_REFUSED
     sender_domain = domain_of(mail_from)
     if sender_domain is None:

@@ -125,10 +125,10 @@ class Server:
             ident="ESMTP relaybox",
             data_size_limit=int(cfg.limits.max_message_size),
             tls_context=None if tls else self._ssl,
-            # RFC 6409 4.3 / RFC 3207: on the STARTTLS listener nothing but EHLO/NOOP/QUIT before
-            # TLS. On the implicit-TLS listener aiosmtpd cannot see the TLS (it came from
-            # create_server), so its TLS requirement must be off there, and only there.
-            require_starttls=not tls and not cfg.auth.allow_plaintext,
+            # RFC 3207 / RFC 4954 4: before STARTTLS, AUTH gets 538 5.7.11 and MAIL gets 530 5.7.0
+            # (AUTH comes first), so no envelope travels in the clear. On the implicit-TLS
+            # listener aiosmtpd cannot see the TLS (create_server did it), so its TLS requirement
+            # must be off there, and only there.
             auth_require_tls=not tls and not cfg.auth.allow_plaintext,
             timeout=float(cfg.limits.idle_timeout),
             auth_exclude_mechanism=["CRAM-MD5"],
