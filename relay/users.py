@@ -1,0 +1,416 @@
+"""SMTP users: the credential store (logins, Argon2id hashes, the reset grace window).
+
+A login is an address-shaped name ``local@domain`` whose domain must be verified when the user is
+created. Only hashes are stored; a reset keeps the previous hash working until ``now + grace`` so
+the apps using the old password can be moved over without an outage (only the immediately previous
+password survives a second reset). Every admin action writes an audit event in the same
+transaction; no password or hash ever goes into an event or a log line.
+
+The SMTP server uses :func:`verify` (argon2 in the hasher's thread pool), :func:`credentials` /
+:func:`current_hash` to check a cached credential cheaply, and :func:`record_logins` to batch its
+last-login updates (writes to the shared database stay rare).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+from relay import domains, events, maillog
+from relay.config import Config, format_duration
+from relay.db import Database, StoreError
+from relay.errors import Conflict, Invalid, NotFound
+from relay.passwords import Hasher
+
+# RFC 5321 section 4.1.2 Dot-string: atoms of atext (RFC 5322 section 3.2.3) joined by single dots.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*$")
+MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
+
+_COLUMNS = (
+    "login, domain, created_at, last_login_at, password_changed_at, previous_hash, "
+    "previous_valid_until, disabled"
+)
+
+
+@dataclass(frozen=True)
+class User:
+    """An SMTP user as the rest of relaybox sees it: no hashes in it."""
+
+    login: str
+    domain: str
+    created_at: float
+    last_login_at: float | None
+    password_changed_at: float
+    old_password_valid_until: float | None  # end of the grace window as stored (may be past)
+    disabled: bool
+
+    def old_password_works(self, now: float) -> bool:
+        """True while a reset's previous password is still accepted."""
+        return self.old_password_valid_until is not None and now < self.old_password_valid_until
+
+    def grace_until(self, now: float) -> float | None:
+        """End of the grace window if it is still running at ``now``, else None."""
+        return self.old_password_valid_until if self.old_password_works(now) else None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found. ``user`` and ``password_hash`` are set only when one matched."""
+
+    matched: str | None  # "current", "previous" (in its grace window) or None
+    user: User | None = None
+    password_hash: str | None = field(default=None, repr=False)  # the hash that matched
+
+    @property
+    def ok(self) -> bool:
+        return self.matched is not None
+
+
+_NO_MATCH = VerifyResult(None)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The stored hashes of one user, for the server's auth cache only (never shown or logged)."""
+
+    login: str
+    current_hash: str = field(repr=False)
+    previous_hash: str | None = field(repr=False)
+    previous_valid_until: float | None
+    disabled: bool
+
+
+def normalize_login(login: str) -> str:
+    """``local@domain`` with the domain IDNA-normalized and the local part checked.
+
+    The local part must be an RFC 5321 dot-atom of at most 64 octets (no quoted strings, ASCII
+    only). It is lower-cased: a login is a name people type into app settings, and two users that
+    differ only in case would be a trap. Raises Invalid with a message naming the problem.
+    """
+    local, sep, domain = login.strip().rpartition("@")
+    shown = login if len(login) <= 100 else login[:100] + "..."  # client input: keep errors short
+    if not sep or not local or not domain:
+        raise Invalid(f"login {shown!r} must look like name@domain")
+    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART:
+        raise Invalid(f"login {shown!r}: the part before @ is longer than {MAX_LOCAL_PART} bytes")
+    if not local.isascii() or not _DOT_ATOM.match(local):
+        raise Invalid(
+            f"login {shown!r}: the part before @ may use letters, digits and !#$%&'*+/=?^_`{{|}}~- "
+            "separated by single dots"
+        )
+    return f"{local.lower()}@{domains.normalize(domain)}"
+
+
+def _user(row: sqlite3.Row) -> User:
+    has_previous = row["previous_hash"] is not None
+    return User(
+        login=row["login"],
+        domain=row["domain"],
+        created_at=row["created_at"],
+        last_login_at=row["last_login_at"],
+        password_changed_at=row["password_changed_at"],
+        old_password_valid_until=row["previous_valid_until"] if has_previous else None,
+        disabled=bool(row["disabled"]),
+    )
+
+
+async def _fetch(conn: aiosqlite.Connection, login: str) -> sqlite3.Row | None:
+    """Read a user inside a write transaction (the writer connection sees its own changes)."""
+    async with conn.execute("SELECT * FROM users WHERE login = ?", (login,)) as cur:
+        row: sqlite3.Row | None = await cur.fetchone()
+    return row
+
+
+async def _existing(conn: aiosqlite.Connection, login: str) -> sqlite3.Row:
+    row = await _fetch(conn, login)
+    if row is None:
+        raise NotFound(f"no such user: {login}")
+    return row
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    return StoreError(f"users: {exc}")
+
+
+# --- admin actions ------------------------------------------------------------------------------
+
+
+async def create(
+    db: Database, login: str, password: str, *, hasher: Hasher, cfg: Config, now: float, actor: str
+) -> User:
+    """Create a user. The domain must exist and be ``verified`` (not merely failing/pending)."""
+    login = normalize_login(login)
+    domain = login.rpartition("@")[2]
+    hasher.check_policy(password)
+    d = await domains.get(db, domain)
+    if d is None:
+        raise Conflict(
+            f"domain {domain} is not known: run `relaybox domain add {domain}`, publish its "
+            f"records, then `relaybox domain verify {domain}`"
+        )
+    if d.state != "verified":
+        raise Conflict(
+            f"domain {domain} is not verified (state {d.state}): "
+            f"run `relaybox domain verify {domain}`"
+        )
+    if await get(db, login) is not None:  # cheap early answer before spending an argon2 hash
+        raise Conflict(f"user {login} already exists")
+    password_hash = await hasher.hash(password)
+    try:
+        async with db.transaction() as conn:
+            if await _fetch(conn, login) is not None:
+                raise Conflict(f"user {login} already exists")
+            await conn.execute(
+                "INSERT INTO users (login, domain, password_hash, created_at, password_changed_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (login, domain, password_hash, now, now),
+            )
+            await events.add(conn, now=now, actor=actor, action="user.add", target=login)
+            row = await _existing(conn, login)
+    except sqlite3.IntegrityError:
+        # The domain was removed between the check and the insert (foreign key).
+        raise Conflict(
+            f"domain {domain} is not known: run `relaybox domain add {domain}`"
+        ) from None
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc
+    return _user(row)
+
+
+async def reset_password(
+    db: Database,
+    login: str,
+    new_password: str,
+    *,
+    grace: float,
+    hasher: Hasher,
+    now: float,
+    actor: str,
+) -> User:
+    """Set a new password; the current one keeps working until ``now + grace``.
+
+    ``grace == 0`` revokes the old password at once. A reset inside a running window replaces that
+    window's password: only the immediately previous password survives.
+    """
+    login = normalize_login(login)
+    if grace < 0:
+        raise Invalid("grace cannot be negative")
+    hasher.check_policy(new_password)
+    if await get(db, login) is None:
+        raise NotFound(f"no such user: {login}")
+    new_hash = await hasher.hash(new_password)
+    try:
+        async with db.transaction() as conn:
+            row = await _existing(conn, login)
+            previous, until = (row["password_hash"], now + grace) if grace > 0 else (None, None)
+            await conn.execute(
+                "UPDATE users SET password_hash = ?, previous_hash = ?, previous_valid_until = ?,"
+                " password_changed_at = ? WHERE login = ?",
+                (new_hash, previous, until, now, login),
+            )
+            await events.add(
+                conn,
+                now=now,
+                actor=actor,
+                action="user.reset-password",
+                target=login,
+                detail=f"grace={format_duration(grace)}",
+            )
+            row = await _existing(conn, login)
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc
+    return _user(row)
+
+
+async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> User:
+    """End a running grace window: only the current password works from now on."""
+    login = normalize_login(login)
+    try:
+        async with db.transaction() as conn:
+            row = await _existing(conn, login)
+            active = _user(row).old_password_works(now)
+            await conn.execute(
+                "UPDATE users SET previous_hash = NULL, previous_valid_until = NULL"
+                " WHERE login = ?",
+                (login,),
+            )
+            await events.add(
+                conn,
+                now=now,
+                actor=actor,
+                action="user.revoke-old",
+                target=login,
+                detail="window was running" if active else "no window was running",
+            )
+            row = await _existing(conn, login)
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc
+    return _user(row)
+
+
+async def delete(db: Database, login: str, *, now: float, actor: str) -> None:
+    """Remove the user: current and previous passwords stop working at once."""
+    login = normalize_login(login)
+    try:
+        async with db.transaction() as conn:
+            await _existing(conn, login)
+            await conn.execute("DELETE FROM users WHERE login = ?", (login,))
+            await events.add(conn, now=now, actor=actor, action="user.delete", target=login)
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc
+
+
+async def set_disabled(db: Database, login: str, disabled: bool, *, now: float, actor: str) -> User:
+    """Disable (no password works, nothing is forgotten) or enable a user."""
+    login = normalize_login(login)
+    try:
+        async with db.transaction() as conn:
+            await _existing(conn, login)
+            await conn.execute(
+                "UPDATE users SET disabled = ? WHERE login = ?", (int(disabled), login)
+            )
+            action = "user.disable" if disabled else "user.enable"
+            await events.add(conn, now=now, actor=actor, action=action, target=login)
+            row = await _existing(conn, login)
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc
+    return _user(row)
+
+
+# --- reads ----------------------------------------------------------------------------------------
+
+
+async def get(db: Database, login: str) -> User | None:
+    login = normalize_login(login)
+    row = await db.fetchone(f"SELECT {_COLUMNS} FROM users WHERE login = ?", (login,))
+    return None if row is None else _user(row)
+
+
+async def list_all(db: Database, domain: str | None = None) -> list[User]:
+    if domain is None:
+        rows = await db.fetchall(f"SELECT {_COLUMNS} FROM users ORDER BY domain, login")
+    else:
+        rows = await db.fetchall(
+            f"SELECT {_COLUMNS} FROM users WHERE domain = ? ORDER BY login",
+            (domains.normalize(domain),),
+        )
+    return [_user(r) for r in rows]
+
+
+# --- the server's side --------------------------------------------------------------------------
+
+
+async def verify(
+    db: Database, login: str, password: str, *, hasher: Hasher, now: float
+) -> VerifyResult:
+    """Which password of ``login`` matches: the current one, the previous one in its window, none.
+
+    Unknown, disabled and malformed logins still pay one argon2 verify (against the dummy hash), so
+    the answer's timing does not tell whether a login exists. A success with the current password
+    whose hash was made with other parameters is re-hashed and stored (argon2's
+    ``check_needs_rehash``); the returned ``password_hash`` is then the new hash.
+    """
+    try:
+        key = normalize_login(login)
+    except Invalid:
+        await hasher.verify_dummy(password)
+        return _NO_MATCH
+    row = await db.fetchone(f"SELECT {_COLUMNS}, password_hash FROM users WHERE login = ?", (key,))
+    if row is None or row["disabled"]:
+        await hasher.verify_dummy(password)
+        return _NO_MATCH
+    user = _user(row)
+    current: str = row["password_hash"]
+    if await hasher.verify(current, password):
+        if hasher.needs_rehash(current):
+            current = await _rehash(db, key, current, password, hasher)
+        return VerifyResult("current", user, current)
+    previous: str | None = row["previous_hash"]
+    if previous is not None and user.old_password_works(now):
+        if await hasher.verify(previous, password):
+            return VerifyResult("previous", user, previous)
+    return _NO_MATCH
+
+
+async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher: Hasher) -> str:
+    """Store a hash with the configured parameters; keep the old one if anything interferes."""
+    new_hash = await hasher.hash(password)
+    try:
+        async with db.transaction() as conn:
+            # Compare-and-set: a reset that ran meanwhile wins over this upgrade.
+            cur = await conn.execute(
+                "UPDATE users SET password_hash = ? WHERE login = ? AND password_hash = ?",
+                (new_hash, login, old_hash),
+            )
+            changed = cur.rowcount
+    except (sqlite3.Error, StoreError) as exc:
+        # The login still succeeds with the old hash; the next login tries again.
+        maillog.event("rehash skipped", user=login, reason=type(exc).__name__)
+        return old_hash
+    if changed != 1:
+        return old_hash
+    maillog.event("rehashed", user=login)
+    return new_hash
+
+
+async def current_hash(db: Database, login: str) -> str | None:
+    """The current hash of an enabled user, else None: a cheap check that nothing was revoked."""
+    try:
+        key = normalize_login(login)
+    except Invalid:
+        return None
+    row = await db.fetchone(
+        "SELECT password_hash FROM users WHERE login = ? AND disabled = 0", (key,)
+    )
+    return None if row is None else str(row["password_hash"])
+
+
+async def credentials(db: Database, login: str) -> Credentials | None:
+    """The stored hashes of ``login`` (None if unknown or malformed), for the server's auth cache.
+
+    One indexed read, no argon2: the cache compares the hash a cached login matched against these
+    to see at once that a reset, revoke-old, disable or delete took its credential away.
+    """
+    try:
+        key = normalize_login(login)
+    except Invalid:
+        return None
+    row = await db.fetchone(
+        "SELECT login, password_hash, previous_hash, previous_valid_until, disabled FROM users"
+        " WHERE login = ?",
+        (key,),
+    )
+    if row is None:
+        return None
+    has_previous = row["previous_hash"] is not None
+    return Credentials(
+        login=row["login"],
+        current_hash=row["password_hash"],
+        previous_hash=row["previous_hash"],
+        previous_valid_until=row["previous_valid_until"] if has_previous else None,
+        disabled=bool(row["disabled"]),
+    )
+
+
+async def record_logins(db: Database, logins: Mapping[str, float]) -> None:
+    """Set last_login_at for many users in one transaction (the server flushes periodically).
+
+    Never moves a timestamp backwards, and silently skips users deleted meanwhile.
+    """
+    if not logins:
+        return
+    params = [(at, login, at) for login, at in logins.items()]
+    try:
+        async with db.transaction() as conn:
+            await conn.executemany(
+                "UPDATE users SET last_login_at = ? WHERE login = ?"
+                " AND (last_login_at IS NULL OR last_login_at < ?)",
+                params,
+            )
+    except sqlite3.Error as exc:
+        raise _store_error(exc) from exc

@@ -1,0 +1,375 @@
+"""The credential store: creation rules, the reset grace window, revocation, verify's cost."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import users
+from relay.clock import ManualClock
+from relay.config import Config
+from relay.db import Database
+from relay.errors import Conflict, Invalid, NotFound
+from relay.passwords import Hasher
+from tests import leaks
+from tests.userhelpers import make_domain
+
+P1 = "first-password-0001"
+P2 = "second-password-002"
+P3 = "third-password-0003"
+HOUR = 3600.0
+
+
+@pytest.fixture(autouse=True)
+def _register_secrets() -> None:
+    for pw in (P1, P2, P3):
+        leaks.add(pw)
+
+
+@pytest.fixture
+async def domain(db: Database, cfg: Config, clock: ManualClock) -> str:
+    return await make_domain(db, cfg, now=clock())
+
+
+@pytest.fixture
+async def user(db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str) -> str:
+    u = await users.create(
+        db, f"app@{domain}", P1, hasher=hasher, cfg=cfg, now=clock(), actor="test"
+    )
+    return u.login
+
+
+async def _which(db: Database, hasher: Hasher, login: str, pw: str, now: float) -> str | None:
+    return (await users.verify(db, login, pw, hasher=hasher, now=now)).matched
+
+
+async def _reset(
+    db: Database, hasher: Hasher, login: str, pw: str, grace: float, now: float
+) -> users.User:
+    return await users.reset_password(
+        db, login, pw, grace=grace, hasher=hasher, now=now, actor="test"
+    )
+
+
+# --- logins ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("app@example.com", "app@example.com"),
+        ("  App.Mailer@EXAMPLE.com ", "app.mailer@example.com"),
+        ("billing+eu@Bücher.example", "billing+eu@xn--bcher-kva.example"),
+        ("a!#$%&'*/=?^_`{|}~-z@example.com", "a!#$%&'*/=?^_`{|}~-z@example.com"),
+        ("x" * 64 + "@example.com", "x" * 64 + "@example.com"),
+    ],
+)
+def test_normalize_login(raw: str, normal: str) -> None:
+    assert users.normalize_login(raw) == normal
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "no-at-sign",
+        "@example.com",
+        "app@",
+        ".app@example.com",
+        "app.@example.com",
+        "a..b@example.com",
+        '"quoted"@example.com',
+        "sp ace@example.com",
+        "jörg@example.com",
+        "x" * 65 + "@example.com",
+        "app@exa mple.com",
+    ],
+)
+def test_normalize_login_rejects(raw: str) -> None:
+    with pytest.raises(Invalid):
+        users.normalize_login(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=120) | st.from_regex(r"[a-zA-Z0-9.+-]{0,70}@[a-zA-Z0-9.-]{0,70}"))
+def test_normalize_login_only_ever_raises_invalid(raw: str) -> None:
+    """Client input (AUTH): any string either normalizes (idempotently) or raises Invalid."""
+    try:
+        normal = users.normalize_login(raw)
+    except Invalid as exc:
+        assert len(str(exc)) < 400
+        return
+    assert users.normalize_login(normal) == normal
+    assert normal == normal.strip() and normal.count("@") == 1
+
+
+# --- creation -------------------------------------------------------------------------------------
+
+
+async def test_create_and_read(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    u = await users.create(
+        db, "App@Example.COM", P1, hasher=hasher, cfg=cfg, now=clock(), actor="test"
+    )
+    assert u == users.User(
+        login="app@example.com",
+        domain="example.com",
+        created_at=clock(),
+        last_login_at=None,
+        password_changed_at=clock(),
+        old_password_valid_until=None,
+        disabled=False,
+    )
+    assert await users.get(db, "APP@example.com") == u
+    assert await _which(db, hasher, "app@example.com", P1, clock()) == "current"
+    with pytest.raises(Conflict, match="already exists"):
+        await users.create(db, "app@example.com", P2, hasher=hasher, cfg=cfg, now=1, actor="t")
+
+
+async def test_create_needs_a_verified_domain(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock
+) -> None:
+    with pytest.raises(Conflict, match=r"relaybox domain add nowhere\.example"):
+        await users.create(
+            db, "a@nowhere.example", P1, hasher=hasher, cfg=cfg, now=clock(), actor="t"
+        )
+    await make_domain(db, cfg, "pending.example", now=clock(), verified=False)
+    with pytest.raises(Conflict) as exc:
+        await users.create(
+            db, "a@pending.example", P1, hasher=hasher, cfg=cfg, now=clock(), actor="t"
+        )
+    assert str(exc.value) == (
+        "domain pending.example is not verified (state pending): "
+        "run `relaybox domain verify pending.example`"
+    )
+    assert await users.list_all(db) == []
+
+
+async def test_create_enforces_the_password_policy(
+    db: Database, cfg: Config, hasher: Hasher, domain: str
+) -> None:
+    for weak in ("short", "a" * 30, "nul-inside\0-password"):
+        with pytest.raises(Invalid):
+            await users.create(db, f"a@{domain}", weak, hasher=hasher, cfg=cfg, now=1, actor="t")
+    assert await users.get(db, f"a@{domain}") is None
+
+
+async def test_list_all_by_domain(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    other = await make_domain(db, cfg, "other.example", now=clock())
+    for login in (f"b@{domain}", f"a@{domain}", f"c@{other}"):
+        await users.create(db, login, P1, hasher=hasher, cfg=cfg, now=clock(), actor="t")
+    assert [u.login for u in await users.list_all(db)] == [
+        "a@example.com",
+        "b@example.com",
+        "c@other.example",
+    ]
+    assert [u.login for u in await users.list_all(db, "OTHER.example")] == ["c@other.example"]
+
+
+# --- the grace window -----------------------------------------------------------------------------
+
+
+async def test_old_password_works_until_the_grace_ends(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    t0 = clock()
+    u = await _reset(db, hasher, user, P2, HOUR, t0)
+    assert u.old_password_valid_until == t0 + HOUR
+    assert u.password_changed_at == t0
+    assert await _which(db, hasher, user, P2, t0) == "current"
+    assert await _which(db, hasher, user, P1, t0) == "previous"
+    assert await _which(db, hasher, user, P1, t0 + HOUR - 1) == "previous"
+    assert await _which(db, hasher, user, P1, t0 + HOUR) is None
+    assert await _which(db, hasher, user, P2, t0 + HOUR) == "current"
+    after = await users.get(db, user)
+    assert after is not None
+    assert after.grace_until(t0 + HOUR - 1) == t0 + HOUR
+    assert after.grace_until(t0 + HOUR) is None
+
+
+async def test_grace_zero_revokes_at_once(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    u = await _reset(db, hasher, user, P2, 0, clock())
+    assert u.old_password_valid_until is None
+    assert await _which(db, hasher, user, P1, clock()) is None
+    assert await _which(db, hasher, user, P2, clock()) == "current"
+
+
+async def test_revoke_old_ends_the_window(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    await _reset(db, hasher, user, P2, HOUR, clock())
+    clock.advance(60)
+    assert await _which(db, hasher, user, P1, clock()) == "previous"
+    u = await users.revoke_old(db, user, now=clock(), actor="test")
+    assert u.old_password_valid_until is None
+    assert await _which(db, hasher, user, P1, clock()) is None
+    assert await _which(db, hasher, user, P2, clock()) == "current"
+    # Idempotent: nothing running is not an error.
+    await users.revoke_old(db, user, now=clock(), actor="test")
+
+
+async def test_second_reset_replaces_the_previous_password(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    t0 = clock()
+    await _reset(db, hasher, user, P2, HOUR, t0)
+    u = await _reset(db, hasher, user, P3, HOUR, t0 + 600)
+    assert u.old_password_valid_until == t0 + 600 + HOUR
+    now = t0 + 601
+    assert await _which(db, hasher, user, P3, now) == "current"
+    assert await _which(db, hasher, user, P2, now) == "previous"
+    assert await _which(db, hasher, user, P1, now) is None  # only the immediately previous one
+
+
+async def test_delete_revokes_everything_at_once(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    await _reset(db, hasher, user, P2, HOUR, clock())
+    await users.delete(db, user, now=clock(), actor="test")
+    for pw in (P1, P2):
+        assert await _which(db, hasher, user, pw, clock()) is None
+    assert await users.get(db, user) is None
+    assert await users.current_hash(db, user) is None
+    assert await users.credentials(db, user) is None
+    with pytest.raises(NotFound, match="no such user: app@example.com"):
+        await users.delete(db, user, now=clock(), actor="test")
+
+
+async def test_disabled_users_fail_until_enabled(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    await _reset(db, hasher, user, P2, HOUR, clock())
+    u = await users.set_disabled(db, user, True, now=clock(), actor="test")
+    assert u.disabled
+    before = hasher.verifications
+    assert await _which(db, hasher, user, P2, clock()) is None
+    assert await _which(db, hasher, user, P1, clock()) is None
+    assert hasher.verifications == before + 2  # each paid one (dummy) verify
+    assert await users.current_hash(db, user) is None
+    creds = await users.credentials(db, user)
+    assert creds is not None and creds.disabled
+    await users.set_disabled(db, user, False, now=clock(), actor="test")
+    assert await _which(db, hasher, user, P2, clock()) == "current"
+    assert await _which(db, hasher, user, P1, clock()) == "previous"
+
+
+async def test_unknown_logins_raise_not_found(db: Database, hasher: Hasher, domain: str) -> None:
+    login = f"ghost@{domain}"
+    with pytest.raises(NotFound):
+        await _reset(db, hasher, login, P2, HOUR, 1)
+    with pytest.raises(NotFound):
+        await users.revoke_old(db, login, now=1, actor="t")
+    with pytest.raises(NotFound):
+        await users.set_disabled(db, login, True, now=1, actor="t")
+
+
+# --- verify: cost, rehash, what the server sees -------------------------------------------------
+
+
+async def test_unknown_and_malformed_logins_cost_one_verify(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    """A wrong password, an unknown user and a malformed login each cost one argon2 verify."""
+    cases = [(user, "wrong-password-xyz"), ("nobody@example.com", P1), ("not a login", P1)]
+    for login, pw in cases:
+        before = hasher.verifications
+        result = await users.verify(db, login, pw, hasher=hasher, now=clock())
+        assert result == users.VerifyResult(None)
+        assert hasher.verifications == before + 1, login
+
+
+async def test_verify_result_carries_the_matched_hash(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    first = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    assert first.matched == "current" and first.user is not None
+    assert first.user.login == user
+    assert first.password_hash == await users.current_hash(db, user)
+    await _reset(db, hasher, user, P2, HOUR, clock())
+    second = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    assert second.matched == "previous"
+    creds = await users.credentials(db, user)
+    assert creds is not None
+    assert second.password_hash == creds.previous_hash == first.password_hash
+    assert creds.previous_valid_until == clock() + HOUR
+    # Hashes never show up in reprs (logs of these objects stay clean).
+    for obj in (first, second, creds, first.user):
+        assert "$argon2" not in repr(obj)
+
+
+async def test_successful_login_rehashes_with_new_parameters(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    old_hash = await users.current_hash(db, user)
+    assert old_hash is not None and ",t=1," in old_hash
+    params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
+    dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
+    try:
+        assert await _which(db, dearer, user, "wrong-password-xyz", clock()) is None
+        assert await users.current_hash(db, user) == old_hash  # no rehash on failure
+        result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        assert result.matched == "current"
+        new_hash = await users.current_hash(db, user)
+        assert new_hash is not None and new_hash != old_hash and ",t=2," in new_hash
+        assert result.password_hash == new_hash
+        assert not dearer.needs_rehash(new_hash)
+        assert await _which(db, dearer, user, P1, clock()) == "current"
+        # A password in its grace window is not upgraded: it is on its way out.
+        await _reset(db, hasher, user, P2, HOUR, clock())
+        prev = (await users.credentials(db, user)).previous_hash  # type: ignore[union-attr]
+        assert await _which(db, dearer, user, P1, clock()) == "previous"
+        assert (await users.credentials(db, user)).previous_hash == prev  # type: ignore[union-attr]
+    finally:
+        dearer.close()
+
+
+async def test_record_logins_in_a_batch(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    other = (
+        await users.create(db, "b@example.com", P2, hasher=hasher, cfg=cfg, now=1, actor="t")
+    ).login
+    t = clock()
+    await users.record_logins(db, {user: t + 10, other: t + 20, "gone@example.com": t})
+    assert (await users.get(db, user)).last_login_at == t + 10  # type: ignore[union-attr]
+    assert (await users.get(db, other)).last_login_at == t + 20  # type: ignore[union-attr]
+    await users.record_logins(db, {user: t + 5})  # a late, older flush never moves it back
+    assert (await users.get(db, user)).last_login_at == t + 10  # type: ignore[union-attr]
+    await users.record_logins(db, {})
+
+
+# --- the audit trail ------------------------------------------------------------------------------
+
+
+async def test_every_admin_action_is_audited_without_secrets(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    login = f"app@{domain}"
+    await users.create(db, login, P1, hasher=hasher, cfg=cfg, now=clock(), actor="alice")
+    await _reset(db, hasher, login, P2, HOUR, clock())
+    await users.revoke_old(db, login, now=clock(), actor="test")
+    await users.set_disabled(db, login, True, now=clock(), actor="test")
+    await users.set_disabled(db, login, False, now=clock(), actor="test")
+    hashes = [await users.current_hash(db, login)]
+    await users.delete(db, login, now=clock(), actor="test")
+    rows = await db.fetchall("SELECT * FROM events WHERE target = ? ORDER BY id", (login,))
+    assert [(r["action"], r["detail"]) for r in rows] == [
+        ("user.add", ""),
+        ("user.reset-password", "grace=1h"),
+        ("user.revoke-old", "window was running"),
+        ("user.disable", ""),
+        ("user.enable", ""),
+        ("user.delete", ""),
+    ]
+    assert rows[0]["actor"] == "alice"
+    everything = "\n".join(" ".join(str(v) for v in tuple(r)) for r in rows)
+    for secret in (P1, P2, *hashes):
+        assert secret is not None and secret not in everything
+    assert "$argon2" not in everything
