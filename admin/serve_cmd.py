@@ -27,6 +27,8 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
     # aiosmtpd logs every command line at INFO; our mail log says what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG (hashes, DKIM keys): never.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 def register(cli: click.Group) -> None:

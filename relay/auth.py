@@ -57,6 +57,7 @@ class AuthAnswer:
 
 @dataclass
 class _CacheEntry:
+    login: str  # as stored (normalized), whatever case the client typed
     password_hash: str
     domain: str
     expires_at: float
@@ -184,7 +185,7 @@ class Authenticator:
                 which = await self._still_matches(login, entry.password_hash, now)
                 if which is not None:
                     return AuthAnswer(
-                        Outcome.OK, Identity(login, entry.domain, which, entry.password_hash)
+                        Outcome.OK, Identity(entry.login, entry.domain, which, entry.password_hash)
                     )
                 del self._cache[key]
         result = await self._verify_single_flight(key, login, password)
@@ -193,7 +194,7 @@ class Authenticator:
         user = result.user
         if self.cfg.auth.cache_ttl > 0:
             self._cache[key] = _CacheEntry(
-                result.password_hash, user.domain, now + self.cfg.auth.cache_ttl
+                user.login, result.password_hash, user.domain, now + self.cfg.auth.cache_ttl
             )
         return AuthAnswer(
             Outcome.OK, Identity(user.login, user.domain, result.matched, result.password_hash)

@@ -1,0 +1,124 @@
+"""The authenticator: cache, single flight, revocation, throttle (real store, real argon2)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from relay import users
+from relay.auth import Authenticator, Outcome
+from relay.clock import ManualClock
+from relay.config import Config
+from relay.db import Database
+from relay.passwords import Hasher
+from tests import leaks
+from tests.userhelpers import make_domain
+
+LOGIN = "app@example.com"
+PASSWORD = "Correct-horse-battery-1"
+
+
+@pytest.fixture
+async def authn(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock
+) -> AsyncIterator[Authenticator]:
+    leaks.add(PASSWORD)
+    await make_domain(db, cfg, now=clock())
+    await users.create(db, LOGIN, PASSWORD, hasher=hasher, cfg=cfg, now=clock(), actor="t")
+    yield Authenticator(db, hasher, cfg, clock=clock)
+
+
+async def test_cache_spares_argon2_on_reconnect(authn: Authenticator, hasher: Hasher) -> None:
+    first = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert first.outcome is Outcome.OK
+    before = hasher.verifications
+    for _ in range(5):
+        again = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+        assert again.outcome is Outcome.OK
+    assert hasher.verifications == before
+    wrong = await authn.authenticate(LOGIN, PASSWORD + "x", "127.0.0.1")
+    assert wrong.outcome is Outcome.FAILED
+    assert hasher.verifications == before + 1
+
+
+async def test_single_flight(authn: Authenticator, hasher: Hasher) -> None:
+    before = hasher.verifications
+    answers = await asyncio.gather(
+        *(authn.authenticate(LOGIN, PASSWORD, "127.0.0.1") for _ in range(32))
+    )
+    assert all(a.outcome is Outcome.OK for a in answers)
+    assert hasher.verifications == before + 1
+
+
+async def test_cache_expires(authn: Authenticator, hasher: Hasher, clock: ManualClock) -> None:
+    await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    before = hasher.verifications
+    clock.advance(authn.cfg.auth.cache_ttl + 1)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before + 1
+
+
+async def test_cached_credentials_are_revoked_at_once(
+    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+) -> None:
+    ok = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert ok.identity is not None
+    new = leaks.add("Another-password-22")
+    # Reset with a grace window: the old password (cached) keeps working, as "previous".
+    await users.reset_password(db, LOGIN, new, grace=600, hasher=hasher, now=clock(), actor="t")
+    again = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert again.outcome is Outcome.OK and again.identity is not None
+    assert again.identity.which == "previous"
+    assert await authn.still_valid(ok.identity)
+    clock.advance(601)
+    assert not await authn.still_valid(ok.identity)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.FAILED
+    assert (await authn.authenticate(LOGIN, new, "127.0.0.1")).outcome is Outcome.OK
+    await users.delete(db, LOGIN, now=clock(), actor="t")
+    assert (await authn.authenticate(LOGIN, new, "127.0.0.1")).outcome is Outcome.FAILED
+
+
+async def test_cache_off(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    nocache = Authenticator(
+        db, hasher, dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, cache_ttl=0)),
+        clock=clock,
+    )  # fmt: skip
+    before = hasher.verifications
+    for _ in range(3):
+        assert (await nocache.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before + 3
+
+
+async def test_lockout_per_ip_spends_no_argon2(
+    authn: Authenticator, hasher: Hasher, clock: ManualClock
+) -> None:
+    for _ in range(authn.cfg.auth.max_failures):
+        await authn.authenticate(LOGIN, "bad-password-xx", "192.0.2.1")
+    before = hasher.verifications
+    locked = await authn.authenticate(LOGIN, PASSWORD, "192.0.2.1")
+    assert locked.outcome is Outcome.THROTTLED
+    assert hasher.verifications == before
+    # Another address is not affected.
+    assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.2")).outcome is Outcome.OK
+    clock.advance(authn.cfg.auth.lockout + 1)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.1")).outcome is Outcome.OK
+
+
+async def test_failures_pay_a_minimum_time(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    slow = Authenticator(
+        db, hasher, dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, failure_delay=0.2)),
+        clock=clock,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for login in ("nobody@example.com", LOGIN, "not a login"):
+        t0 = loop.time()
+        answer = await slow.authenticate(login, "bad-password-xx", "192.0.2.9")
+        assert answer.outcome is Outcome.FAILED
+        assert loop.time() - t0 >= 0.2
