@@ -1,0 +1,325 @@
+"""relay/dnscheck.py against a real DNS server on loopback (tests/dnsserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from typing import Any
+
+import dns.asyncresolver
+import pytest
+
+from relay import dkimkeys, dnscheck
+from relay.config import Config, Duration
+from tests.dnsserver import TestDNSServer
+
+D = "example.com"
+
+
+@pytest.fixture
+def resolver(dns_cfg: Config) -> dns.asyncresolver.Resolver:
+    return dnscheck.make_resolver(dns_cfg)
+
+
+def with_dns(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, dns=dataclasses.replace(cfg.dns, **changes))
+
+
+# --- TXT ----------------------------------------------------------------------------------------
+
+
+async def test_txt_strings_are_joined_without_separator(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10", " -all")
+    dns_server.add_txt(D, "other")
+    ans = await dnscheck.lookup_txt(resolver, D)
+    assert sorted(ans.records) == ["other", "v=spf1 ip4:192.0.2.10 -all"]
+    assert not ans.temperror and not ans.nxdomain
+
+
+async def test_txt_nodata_nxdomain_servfail_timeout(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_a(D, "192.0.2.1")
+    nodata = await dnscheck.lookup_txt(resolver, D)
+    assert nodata == dnscheck.TxtAnswer()  # the name exists: definite "no TXT"
+    nx = await dnscheck.lookup_txt(resolver, "missing.example.com")
+    assert nx.nxdomain and not nx.records and not nx.temperror
+
+    dns_server.servfail(D)
+    failed = await dnscheck.lookup_txt(resolver, D)
+    assert failed.temperror == "DNS server failure (SERVFAIL)"
+
+    dns_server.blackhole(True)
+    started = time.monotonic()
+    timed_out = await dnscheck.lookup_txt(resolver, "missing.example.com")
+    assert timed_out.temperror == "DNS timeout"
+    assert time.monotonic() - started < 2  # dns.timeout (0.5s) bounds the whole lookup
+
+
+async def test_no_nameservers_is_a_temperror(cfg: Config) -> None:
+    resolver = dnscheck.make_resolver(cfg)
+    resolver.nameservers = []
+    ans = await dnscheck.lookup_txt(resolver, D)
+    assert ans.temperror and not ans.records
+
+
+def test_make_resolver_uses_config(dns_cfg: Config) -> None:
+    r = dnscheck.make_resolver(dns_cfg)
+    assert [str(ns) for ns in r.nameservers] == ["127.0.0.1"]
+    assert r.port == dns_cfg.dns.port
+    assert r.lifetime == pytest.approx(0.5)
+
+
+# --- SPF ----------------------------------------------------------------------------------------
+
+
+async def test_spf_pass_for_direct_ip(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.0/24 -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason, r.found) == ("pass", "", "v=spf1 ip4:192.0.2.0/24 -all")
+    assert r.expected == "v=spf1 ip4:192.0.2.10 ~all"
+
+
+async def test_spf_not_authorizing_the_ip(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_txt(D, "v=spf1 ip4:203.0.113.7 -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert r.result == "fail"
+    assert r.reason == "SPF does not authorize 192.0.2.10 (result fail)"
+
+
+async def test_spf_through_include_and_redirect_chain(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    # example.com -> redirect -> _spf.example.com -> include -> _spf.relay.test -> a:out.relay.test
+    dns_server.add_txt(D, "v=spf1 redirect=_spf.example.com")
+    dns_server.add_txt("_spf.example.com", "v=spf1 ip4:198.51.100.1 include:_spf.relay.test ~all")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 a:out.relay.test -all")
+    dns_server.add_a("out.relay.test", "192.0.2.10")
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("pass", "")
+    assert r.expected == "v=spf1 ip4:192.0.2.10 include:_spf.relay.test ~all"
+
+    # The include is reached only after the redirect; an include after "all" never counts.
+    dns_server.remove("_spf.example.com", "TXT")
+    dns_server.add_txt("_spf.example.com", "v=spf1 ip4:192.0.2.10 -all include:_spf.relay.test")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
+
+
+async def test_spf_include_only_config(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    cfg = with_dns(dns_cfg, outbound_ips=(), spf_include="_spf.relay.test")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:198.51.100.0/24 -all")
+    dns_server.add_txt(D, "v=spf1 mx -all")
+    assert (await dnscheck.check_spf(resolver, D, cfg)).reason == (
+        "SPF does not include _spf.relay.test"
+    )
+    dns_server.remove(D, "TXT")
+    dns_server.add_txt(D, "v=spf1 include:_SPF.relay.test. -all")
+    assert (await dnscheck.check_spf(resolver, D, cfg)).result == "pass"
+
+
+async def test_spf_without_requirements_needs_one_valid_record(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    cfg = with_dns(dns_cfg, outbound_ips=())
+    dns_server.add_txt(D, "v=spf1 -all")
+    assert (await dnscheck.check_spf(resolver, D, cfg)).result == "pass"
+    dns_server.remove(D)
+    dns_server.add_txt(D, "v=spf1 frobnicate:x -all")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert r.result == "fail" and r.reason.startswith("SPF permerror")
+
+
+async def test_spf_missing_and_multiple_records(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("fail", "no TXT record")
+    dns_server.add_txt(D, "google-site-verification=abc")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason, r.found) == (
+        "fail",
+        "no SPF record",
+        "google-site-verification=abc",
+    )
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
+    dns_server.add_txt(D, "v=spf1 -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("fail", "multiple SPF records")
+
+
+async def test_spf_lookup_limit_is_a_permerror(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    # 11 chained includes: more than the 10 DNS-querying terms RFC 7208 4.6.4 allows.
+    dns_server.add_txt(D, "v=spf1 include:s0.example.com -all")
+    for i in range(11):
+        dns_server.add_txt(f"s{i}.example.com", f"v=spf1 include:s{i + 1}.example.com -all")
+    dns_server.add_txt("s11.example.com", "v=spf1 ip4:192.0.2.10 -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert r.result == "fail" and "permerror" in r.reason and "lookups" in r.reason.lower()
+
+
+async def test_spf_temperror_inside_the_evaluation(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_txt(D, "v=spf1 include:_spf.relay.test -all")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 -all")
+    dns_server.servfail("_spf.relay.test")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert r.result == "temperror", r
+
+
+async def test_concurrent_spf_checks_use_their_own_resolvers(dns_cfg: Config) -> None:
+    """pyspf's DNS hook is process-wide; each check must still resolve through its own servers."""
+    a, b = TestDNSServer(), TestDNSServer()
+    a.start()
+    b.start()
+    try:
+        a.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
+        b.add_txt(D, "v=spf1 ip4:203.0.113.1 -all")
+        ra = dnscheck.make_resolver(with_dns(dns_cfg, port=a.port))
+        rb = dnscheck.make_resolver(with_dns(dns_cfg, port=b.port))
+        runs = [dnscheck.spf_result(ra if i % 2 else rb, "192.0.2.10", D) for i in range(20)]
+        results = await asyncio.gather(*runs)
+        assert [r for r, _ in results] == ["fail" if i % 2 == 0 else "pass" for i in range(20)]
+    finally:
+        a.stop()
+        b.stop()
+
+
+# --- ownership, DKIM, DMARC -----------------------------------------------------------------------
+
+
+async def test_ownership(dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver) -> None:
+    r = await dnscheck.check_ownership(resolver, D, "tok123")
+    assert (r.result, r.reason) == ("fail", "no TXT record")
+    dns_server.add_txt("_relaybox.example.com", "relaybox-verification=other")
+    r = await dnscheck.check_ownership(resolver, D, "tok123")
+    assert (r.result, r.reason) == ("fail", "token mismatch")
+    assert r.found == "relaybox-verification=other"
+    dns_server.add_txt("_relaybox.example.com", "relaybox-", "verification=tok123")
+    r = await dnscheck.check_ownership(resolver, D, "tok123")
+    assert (r.result, r.expected) == ("pass", "relaybox-verification=tok123")
+
+
+async def test_dkim_split_across_strings(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    key = dkimkeys.generate("rsa")
+    value = dkimkeys.txt_value("rsa", key.public_b64)
+    parts = dkimkeys.split_txt(value)
+    assert len(parts) == 2 and all(len(p.encode()) <= 255 for p in parts)
+    dns_server.add_txt("sel._domainkey.example.com", *parts)
+    r = await dnscheck.check_dkim(resolver, D, "sel", "rsa", key.public_b64)
+    assert (r.result, r.found) == ("pass", value)
+
+
+async def test_dkim_failures(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    name = "sel._domainkey.example.com"
+    pub = dkimkeys.generate("ed25519").public_b64
+    other = dkimkeys.generate("ed25519").public_b64
+
+    async def reason() -> str:
+        r = await dnscheck.check_dkim(resolver, D, "sel", "ed25519", pub)
+        assert r.result == "fail"
+        return r.reason
+
+    assert await reason() == "no TXT record"
+    dns_server.add_txt(name, f"v=DKIM1; k=ed25519; p={other}")
+    assert await reason() == "DKIM key does not match"
+    dns_server.remove(name, "TXT")
+    dns_server.add_txt(name, f"v=DKIM1; p={pub}")  # k= defaults to rsa
+    assert await reason() == "DKIM key type is rsa, not ed25519"
+    dns_server.remove(name, "TXT")
+    dns_server.add_txt(name, "v=DKIM1; k=ed25519; p=")
+    assert await reason() == "DKIM key revoked (empty p=)"
+    dns_server.remove(name, "TXT")
+    # Folded base64 (whitespace inside p=) is the same key (RFC 6376 3.6.1).
+    dns_server.add_txt(name, f"v=DKIM1; k=ed25519; p={pub[:20]} {pub[20:]}")
+    assert (await dnscheck.check_dkim(resolver, D, "sel", "ed25519", pub)).result == "pass"
+
+
+async def test_dmarc(dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver) -> None:
+    assert (await dnscheck.check_dmarc(resolver, D)).reason == "no TXT record"
+    dns_server.add_txt("_dmarc.example.com", "v=DMARC1; rua=mailto:x@example.com")
+    assert (await dnscheck.check_dmarc(resolver, D)).reason == "DMARC record has no valid p= tag"
+    dns_server.remove("_dmarc.example.com")
+    dns_server.add_txt("_dmarc.example.com", "v=DMARC1; p=reject")
+    assert (await dnscheck.check_dmarc(resolver, D)).result == "pass"
+
+
+# --- MX -----------------------------------------------------------------------------------------
+
+
+async def test_mx_order_by_preference(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_mx(D, 20, "backup.example.com")
+    for host in ("a.example.com", "b.example.com", "c.example.com"):
+        dns_server.add_mx(D, 10, host)
+    seen = set()
+    for seed in range(20):
+        mx = await dnscheck.resolve_mx(resolver, D, rng=random.Random(seed))
+        assert not mx.implicit and not mx.null_mx and not mx.temperror
+        assert mx.hosts[-1] == "backup.example.com"
+        assert sorted(mx.hosts[:3]) == ["a.example.com", "b.example.com", "c.example.com"]
+        seen.add(mx.hosts[:3])
+    assert len(seen) > 1  # equal preferences are shuffled
+
+
+async def test_implicit_mx_null_mx_and_errors(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_aaaa(D, "2001:db8::25")
+    mx = await dnscheck.resolve_mx(resolver, D)
+    assert (mx.hosts, mx.implicit) == (("example.com",), True)
+
+    dns_server.add_mx("null.example.com", 0, ".")
+    mx = await dnscheck.resolve_mx(resolver, "null.example.com")
+    assert mx.null_mx and not mx.hosts and not mx.temperror
+
+    mx = await dnscheck.resolve_mx(resolver, "nowhere.example.com")
+    assert (mx.hosts, mx.temperror, mx.reason) == ((), False, "domain does not exist")
+
+    dns_server.add_txt("txtonly.example.com", "hello")
+    mx = await dnscheck.resolve_mx(resolver, "txtonly.example.com")
+    assert (mx.hosts, mx.temperror) == ((), False)
+
+    dns_server.servfail(D)
+    mx = await dnscheck.resolve_mx(resolver, D)
+    assert mx.temperror and not mx.hosts
+
+
+async def test_resolve_addresses(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_aaaa("mx.example.com", "2001:db8::1")
+    dns_server.add_a("mx.example.com", "192.0.2.25")
+    dns_server.add_a("mx.example.com", "192.0.2.26")
+    addrs = await dnscheck.resolve_addresses(resolver, "mx.example.com")
+    assert sorted(addrs[:2]) == ["192.0.2.25", "192.0.2.26"] and addrs[2] == "2001:db8::1"
+    assert await dnscheck.resolve_addresses(resolver, "none.example.com") == []
+    dns_server.blackhole(True)
+    res = await dnscheck.lookup_addresses(resolver, "mx.example.com")
+    assert res.temperror and not res.addresses
+
+
+def test_dns_cfg_fixture(dns_cfg: Config, dns_server: TestDNSServer) -> None:
+    assert dns_cfg.dns.nameservers == ("127.0.0.1",)
+    assert dns_cfg.dns.port == dns_server.port
+    assert dns_cfg.dns.timeout == Duration(0.5)
+    assert dns_cfg.dns.outbound_ips == ("192.0.2.10",)

@@ -1,0 +1,380 @@
+"""relay/domains.py: the store and the verification state machine, against a real DNS server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dns.asyncresolver
+import pytest
+
+from relay import dkimkeys, dnscheck, domains, events, users
+from relay.clock import ManualClock
+from relay.config import Config, Duration
+from relay.db import Database
+from relay.errors import Conflict, Invalid, NotFound
+from relay.passwords import Hasher
+from tests import leaks
+from tests.dnsserver import TestDNSServer
+
+D = "example.com"
+HOUR = 3600.0
+
+
+@pytest.fixture
+def cfg_ed(dns_cfg: Config) -> Config:
+    """ed25519 keys: the state machine does not care, and they cost microseconds, not RSA's ms."""
+    return dataclasses.replace(
+        dns_cfg,
+        dns=dataclasses.replace(dns_cfg.dns, dkim_key_type="ed25519", failure_grace=Duration(HOUR)),
+    )
+
+
+@pytest.fixture
+def resolver(dns_cfg: Config) -> dns.asyncresolver.Resolver:
+    return dnscheck.make_resolver(dns_cfg)
+
+
+async def added(db: Database, cfg: Config, clock: ManualClock, name: str = D) -> domains.Domain:
+    d = await domains.add(db, name, cfg=cfg, now=clock(), actor="alice")
+    key = await domains.signing_key(db, d.name)
+    assert key is not None
+    leaks.add(key.private_pem)
+    return d
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Example.COM", "example.com"),
+        ("example.com.", "example.com"),
+        ("  mail.example.com ", "mail.example.com"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
+        ("例え.テスト", "xn--r8jz45g.xn--zckzah"),
+    ],
+)
+def test_normalize(raw: str, expected: str) -> None:
+    assert domains.normalize(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", ".", "localhost", "a..example", "-a.example", "a-.example", "a_b.example", "192.0.2.1",
+     "x" * 64 + ".example", "a b.example", "user@example.com", ("a." * 127) + "example"],
+)  # fmt: skip
+def test_normalize_rejects(raw: str) -> None:
+    with pytest.raises(Invalid):
+        domains.normalize(raw)
+
+
+# --- store ----------------------------------------------------------------------------------------
+
+
+async def test_add_get_list(db: Database, cfg: Config, clock: ManualClock) -> None:
+    d = await added(db, cfg, clock, "Bücher.Example")
+    assert d.name == "xn--bcher-kva.example"
+    assert (d.state, d.dkim_selector, d.dkim_algorithm) == ("pending", "relaybox", "rsa")
+    assert d.created_at == clock() and d.checks == () and d.last_checked_at is None
+    assert not d.can_send
+    assert await domains.get(db, "bücher.example") == d
+    assert await domains.get(db, "other.example") is None
+    assert await domains.get(db, "not a name") is None
+    await added(db, cfg, clock, "a.example")
+    assert [x.name for x in await domains.list_all(db)] == ["a.example", "xn--bcher-kva.example"]
+    with pytest.raises(Conflict, match="domain xn--bcher-kva.example already exists"):
+        await domains.add(db, "XN--BCHER-KVA.example.", cfg=cfg, now=clock(), actor="alice")
+
+
+async def test_domain_carries_no_private_key(db: Database, cfg: Config, clock: ManualClock) -> None:
+    d = await added(db, cfg, clock)
+    key = await domains.signing_key(db, D)
+    assert key is not None and key.private_pem.startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert key.private_pem not in repr(d) and key.private_pem not in repr(key)
+    assert "private" not in {f.name for f in dataclasses.fields(d)}
+    assert await domains.signing_key(db, "other.example") is None
+
+
+async def test_records(db: Database, cfg_ed: Config, clock: ManualClock) -> None:
+    d = await added(db, cfg_ed, clock)
+    recs = domains.records(d, cfg_ed)
+    assert [(r.purpose, r.type, r.name) for r in recs] == [
+        ("ownership", "TXT", "_relaybox.example.com"),
+        ("spf", "TXT", "example.com"),
+        ("dkim", "TXT", "relaybox._domainkey.example.com"),
+        ("dmarc", "TXT", "_dmarc.example.com"),
+    ]
+    assert recs[0].value == f"relaybox-verification={d.token}"
+    assert recs[1].value == "v=spf1 ip4:192.0.2.10 ~all"
+    assert recs[2].value == f"v=DKIM1; k=ed25519; p={d.dkim_public_key}"
+    assert recs[3].value == "v=DMARC1; p=none"
+
+
+async def test_remove_refuses_while_users_exist(
+    db: Database, cfg_ed: Config, clock: ManualClock, hasher: Hasher
+) -> None:
+    await added(db, cfg_ed, clock)
+    ok = [domains.CheckResult(c, "pass", "", "", "") for c in cfg_ed.dns.required]
+    await domains.record_results(db, D, ok, cfg=cfg_ed, now=clock())
+    pw = leaks.add("correct horse battery staple")
+    await users.create(db, f"app@{D}", pw, hasher=hasher, cfg=cfg_ed, now=clock(), actor="alice")
+    with pytest.raises(Conflict, match=r"has 1 user\(s\)"):
+        await domains.remove(db, D, with_users=False, now=clock(), actor="alice")
+    assert await domains.get(db, D) is not None
+    await domains.remove(db, D, with_users=True, now=clock(), actor="alice")
+    assert await domains.get(db, D) is None
+    assert await users.get(db, f"app@{D}") is None
+    with pytest.raises(NotFound, match="no such domain: example.com"):
+        await domains.remove(db, D, with_users=True, now=clock(), actor="alice")
+    log = await events.recent(db, target=D)
+    assert [(e.action, e.actor, e.detail) for e in log][:2] == [
+        ("domain.remove", "alice", "users_deleted=1"),
+        ("domain.state", "system", "pending -> verified (ownership=pass spf=pass dkim=pass)"),
+    ]
+
+
+# --- verification against DNS -----------------------------------------------------------------
+
+
+async def test_verify_passing_domain(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    dns_server.publish(domains.records(d, cfg_ed))
+    clock.advance(60)
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="alice")
+    assert v.state == "verified" and v.can_send
+    assert [(c.check, c.result) for c in v.checks] == [
+        ("ownership", "pass"),
+        ("spf", "pass"),
+        ("dkim", "pass"),
+        ("dmarc", "pass"),
+    ]
+    assert v.verified_at == v.last_checked_at == clock() and v.failing_since is None
+    assert await domains.get(db, D) == v
+    actions = [(e.action, e.actor) for e in await events.recent(db, target=D)]
+    assert actions == [
+        ("domain.state", "alice"),
+        ("domain.verify", "alice"),
+        ("domain.add", "alice"),
+    ]
+
+
+async def test_verify_rsa_record_split_across_strings(
+    db: Database,
+    dns_cfg: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, dns_cfg, clock)
+    recs = domains.records(d, dns_cfg)
+    assert len(dkimkeys.split_txt(recs[2].value)) == 2
+    dns_server.publish(recs)  # the DKIM value goes out as two strings
+    v = await domains.verify(db, D, resolver=resolver, cfg=dns_cfg, now=clock(), actor="a")
+    assert v.state == "verified", v.checks
+
+
+async def test_missing_txt_and_wrong_token_keep_pending(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    assert v.state == "pending"
+    assert {c.check: (c.result, c.reason) for c in v.checks} == {
+        "ownership": ("fail", "no TXT record"),
+        "spf": ("fail", "no TXT record"),
+        "dkim": ("fail", "no TXT record"),
+        "dmarc": ("fail", "no TXT record"),
+    }
+    recs = domains.records(d, cfg_ed)
+    dns_server.publish(recs[1:])
+    dns_server.add_txt("_relaybox.example.com", "relaybox-verification=0000")
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    assert v.state == "pending"
+    assert [(c.check, c.result, c.reason) for c in v.checks if c.result != "pass"] == [
+        ("ownership", "fail", "token mismatch")
+    ]
+
+
+async def test_dmarc_is_required_only_when_configured(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    dns_server.publish(domains.records(d, cfg_ed)[:3])
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    assert v.state == "verified" and v.checks[3].result == "fail"
+    strict = dataclasses.replace(
+        cfg_ed, dns=dataclasses.replace(cfg_ed.dns, required=("ownership", "dmarc"))
+    )
+    v = await domains.verify(db, D, resolver=resolver, cfg=strict, now=clock(), actor="a")
+    assert v.state == "failing"
+
+
+@pytest.mark.parametrize("fault", ["servfail", "timeout"])
+async def test_temperror_changes_no_state(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+    fault: str,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    dns_server.publish(domains.records(d, cfg_ed))
+    if fault == "servfail":
+        dns_server.servfail(None)
+    else:
+        dns_server.blackhole(True)
+    # pending stays pending
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    assert v.state == "pending"
+    assert {c.result for c in v.checks} == {"temperror"}
+    reason = "DNS server failure (SERVFAIL)" if fault == "servfail" else "DNS timeout"
+    assert v.checks[0].reason == reason
+    assert v.last_checked_at == clock()  # the results are stored as the last results
+
+    # verified stays verified, however long the outage lasts
+    dns_server.servfail(None, on=False)
+    dns_server.blackhole(False)
+    await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    if fault == "servfail":
+        dns_server.servfail("relaybox._domainkey.example.com")  # one required check only
+    else:
+        dns_server.blackhole(True)
+    for _ in range(3):
+        clock.advance(2 * HOUR)
+        [after] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+        assert (after.state, after.failing_since) == ("verified", None)
+
+
+async def test_failing_then_suspended_then_verified_again(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    recs = domains.records(d, cfg_ed)
+    dns_server.publish(recs)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert v.state == "verified"
+    verified_at = v.verified_at
+
+    dns_server.remove(recs[2].name)  # the DKIM record disappears
+    clock.advance(HOUR)
+    t_fail = clock()
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert (v.state, v.failing_since, v.verified_at) == ("failing", t_fail, verified_at)
+    assert v.can_send  # still inside the grace window
+    assert v.checks[2].reason == "no TXT record"
+
+    clock.advance(HOUR - 1)  # grace is 1h: one second short
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert (v.state, v.failing_since) == ("failing", t_fail)
+
+    dns_server.blackhole(True)  # an outage past the grace: still no decision
+    clock.advance(10)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert v.state == "failing"
+    dns_server.blackhole(False)
+
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert (v.state, v.failing_since) == ("suspended", t_fail)
+    assert not v.can_send
+    clock.advance(HOUR)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert v.state == "suspended"
+
+    dns_server.publish(recs[2:3])  # fixed
+    clock.advance(HOUR)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert (v.state, v.failing_since, v.verified_at) == ("verified", None, clock())
+    transitions = [e.detail.split(" (")[0] for e in await events.recent(db, target=D)]
+    assert [t for t in transitions if "->" in t] == [
+        "suspended -> verified",
+        "failing -> suspended",
+        "verified -> failing",
+        "pending -> verified",
+    ]
+
+
+async def test_recovery_inside_grace_clears_failing(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    d = await added(db, cfg_ed, clock)
+    recs = domains.records(d, cfg_ed)
+    dns_server.publish(recs)
+    await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    dns_server.remove(D, "TXT")
+    dns_server.add_txt(D, "v=spf1 ip4:203.0.113.7 -all")
+    clock.advance(60)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert v.state == "failing"
+    assert v.checks[1].reason == "SPF does not authorize 192.0.2.10 (result fail)"
+    dns_server.remove(D, "TXT")
+    dns_server.publish(recs[1:2])
+    clock.advance(60)
+    [v] = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert (v.state, v.failing_since) == ("verified", None)
+
+
+async def test_recheck_every_domain(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    good = await added(db, cfg_ed, clock, "good.example")
+    await added(db, cfg_ed, clock, "bad.example")
+    dns_server.publish(domains.records(good, cfg_ed))
+    out = await domains.recheck(db, resolver=resolver, cfg=cfg_ed, now=clock())
+    assert sorted((d.name, d.state) for d in out) == [
+        ("bad.example", "pending"),
+        ("good.example", "verified"),
+    ]
+
+
+async def test_grace_zero_suspends_at_once(
+    db: Database, cfg_ed: Config, clock: ManualClock
+) -> None:
+    cfg = dataclasses.replace(
+        cfg_ed, dns=dataclasses.replace(cfg_ed.dns, failure_grace=Duration(0))
+    )
+    await added(db, cfg, clock)
+    ok = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
+    bad = [dataclasses.replace(ok[0], result="fail", reason="token mismatch"), *ok[1:]]
+    assert (await domains.record_results(db, D, ok, cfg=cfg, now=1.0)).state == "verified"
+    assert (await domains.record_results(db, D, bad, cfg=cfg, now=2.0)).state == "suspended"
+    # A required check missing from the results is no definite answer either.
+    partial = await domains.record_results(db, D, ok[:1], cfg=cfg, now=3.0)
+    assert partial.state == "suspended"
+
+
+async def test_verify_unknown_domain(
+    db: Database, cfg_ed: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    with pytest.raises(NotFound, match="no such domain: xn--bcher-kva.example"):
+        await domains.verify(db, "bücher.example", resolver=resolver, cfg=cfg_ed, now=1, actor="a")
+    with pytest.raises(NotFound):
+        await domains.record_results(db, "nope.example", [], cfg=cfg_ed, now=1)
