@@ -66,12 +66,20 @@ def drop_privileges_for(state_dir: Path) -> None:
 
     Otherwise SQLite would create root-owned WAL/SHM files (or a root-owned database) that the
     service then cannot open. Only switches when the dir exists and belongs to someone else.
+    As another unprivileged user who cannot write there, refuse with the way out instead of
+    SQLite's "unable to open database file".
     """
-    if os.geteuid() != 0:
-        return
     try:
         st = state_dir.stat()
     except FileNotFoundError:
+        return
+    if os.geteuid() != 0:
+        if st.st_uid != os.geteuid() and not os.access(state_dir, os.W_OK | os.X_OK):
+            owner = _user_name(st.st_uid)
+            raise click.ClickException(
+                f"{state_dir} belongs to {owner}: run as that user "
+                f"(runuser -u {owner} -- relaybox ...) or as root"
+            )
         return
     if st.st_uid == 0:
         return
@@ -83,6 +91,15 @@ def drop_privileges_for(state_dir: Path) -> None:
         os.setgroups([])
     os.setgid(st.st_gid)
     os.setuid(st.st_uid)
+    # What we create from here on is the service's alone (as the unit's UMask=0077).
+    os.umask(0o077)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 @asynccontextmanager
