@@ -73,6 +73,10 @@ def drop_privileges_for(state_dir: Path) -> None:
         st = state_dir.stat()
     except FileNotFoundError:
         return
+    except PermissionError:
+        raise click.ClickException(
+            f"cannot reach {state_dir}: run as the service user or as root"
+        ) from None
     if os.geteuid() != 0:
         if st.st_uid != os.geteuid() and not os.access(state_dir, os.W_OK | os.X_OK):
             owner = _user_name(st.st_uid)
