@@ -230,6 +230,7 @@ class RelaySMTP(SMTP):
         buf = bytearray()
         problem: Reply | None = None
         reader = self._reader
+        in_long_line = False
         while True:
             try:
                 line = await reader.readuntil(b"\r\n")
@@ -240,6 +241,13 @@ class RelaySMTP(SMTP):
                 if b"\0" in chunk:
                     problem = problem or replies.NUL_IN_MESSAGE
                 buf.clear()
+                in_long_line = True
+                continue
+            if in_long_line:
+                # The rest of that long line, read up to its CRLF: never a line start, so a
+                # "." left over from the cut cannot end DATA (that would run what follows as
+                # commands in this session: SMTP smuggling).
+                in_long_line = False
                 continue
             if line == b".\r\n":
                 break
