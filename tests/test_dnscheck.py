@@ -323,3 +323,12 @@ def test_dns_cfg_fixture(dns_cfg: Config, dns_server: TestDNSServer) -> None:
     assert dns_cfg.dns.port == dns_server.port
     assert dns_cfg.dns.timeout == Duration(0.5)
     assert dns_cfg.dns.outbound_ips == ("192.0.2.10",)
+
+
+async def test_server_answers_over_tcp_too(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    dns_server.add_txt_value(D, "x" * 600)  # three strings, served whole over TCP
+    answer = await resolver.resolve(D, "TXT", tcp=True)
+    assert [b"".join(rd.strings) for rd in answer] == [b"x" * 600]
+    assert [len(s) for s in next(iter(answer)).strings] == [255, 255, 90]
