@@ -1,0 +1,267 @@
+"""`python -m bench`: the whole benchmark in one command (under 10 minutes on 2 cores).
+
+Starts every target on loopback (aiosmtpd-ceiling, relaybox-accept, relaybox-e2e, relaybox-nocache,
+postfix-e2e and postfix-dkim-e2e when bench/setup-peers.sh has run), runs the scenarios
+interleaved for --rounds rounds, then the big-message memory run and the 1M-recipient spool scale
+run, and prints a table, the ratios and one JSON line. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench import postfix as postfix_mod
+from bench import relaybox_target as rb_mod
+from bench.common import all_procs, log, make_cert, peak_rss_kib, python_cmd, write_file
+from bench.dnszone import Zone
+from bench.harness import Result, Scenario
+from bench.targets import REPO, Ceiling, Sink, Target
+
+CEILING = "aiosmtpd-ceiling"
+MIB = 1024 * 1024
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds of load per measurement")
+    p.add_argument("-c", "--connections", default="8,32", help="comma-separated concurrencies")
+    p.add_argument("--reconnect-connections", type=int, default=8)
+    p.add_argument("--size", type=int, default=2048, help="message size in bytes")
+    p.add_argument("--big", type=int, default=32, help="parallel 10 MiB messages (0: skip)")
+    p.add_argument("--no-postfix", action="store_true")
+    p.add_argument("--no-relaybox", action="store_true")
+    p.add_argument("--no-scale", action="store_true", help="skip the 1M-recipient spool run")
+    p.add_argument("--scale-recipients", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
+    p.add_argument("--json-out", default="", help="also write the JSON summary to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.big, args.no_scale = 1, 2.0, 0, True
+    args.connections = [int(c) for c in str(args.connections).split(",") if c]
+    return args
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = os.getloadavg()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+async def run_scale(recipients: int) -> dict[str, Any] | None:
+    proc = await asyncio.create_subprocess_exec(
+        *python_cmd("bench.spoolscale", "--recipients", str(recipients)),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    if proc.returncode != 0 or not out.strip():
+        log(f"spoolscale failed ({proc.returncode})")
+        return None
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+async def main(args: argparse.Namespace) -> int:
+    stops: list[Callable[[], Awaitable[None]]] = []
+    info: dict[str, Any] = {"machine": machine(), "skipped": {}}
+    with tempfile.TemporaryDirectory(prefix="relaybox-bench-") as tmp:
+        work = Path(tmp)
+        try:
+            return await _run(args, work, stops, info)
+        finally:
+            for stop in reversed(stops):
+                try:
+                    await stop()
+                except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                    log(f"stop failed: {exc!r}")
+
+
+async def _run(
+    args: argparse.Namespace,
+    work: Path,
+    stops: list[Callable[[], Awaitable[None]]],
+    info: dict[str, Any],
+) -> int:
+    cert, key = make_cert(work / "tls")
+    user = "app@bench.test"
+    pw = work / "ceiling-password"
+    pw.write_text(secrets.token_urlsafe(18))
+    zone = Zone()
+    zone.start()
+
+    async def stop_zone() -> None:
+        zone.stop()
+
+    stops.append(stop_zone)
+    sink = await Sink.start()
+    stops.append(sink.stop)
+    ceiling = await Ceiling.start(cert, key, user, pw)
+    stops.append(ceiling.stop)
+    targets: dict[str, Target] = {CEILING: ceiling.target}
+
+    why = "--no-relaybox" if args.no_relaybox else rb_mod.available()
+    if why is None:
+        common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
+        for name, paused, ttl in (
+            ("relaybox-accept", True, "5m"),
+            ("relaybox-e2e", False, "5m"),
+            ("relaybox-nocache", True, "0s"),
+        ):
+            rb = await rb_mod.Relaybox.start(
+                name, work / name, paused=paused, cache_ttl=ttl, **common
+            )
+            stops.append(rb.stop)
+            targets[name] = rb.target
+    else:
+        info["skipped"]["relaybox"] = why
+        log(f"relaybox targets skipped: {why}")
+
+    why = "--no-postfix" if args.no_postfix else postfix_mod.available()
+    if why is None:
+        peer = postfix_mod.PostfixPeer(work)
+        stops.append(peer.stop)
+        for t in await peer.start(sink.port):
+            targets[t.name] = t
+    else:
+        info["skipped"]["postfix"] = why
+        log(f"postfix targets skipped: {why}")
+
+    scenarios: list[Scenario] = []
+    order = [
+        CEILING,
+        "relaybox-accept",
+        "relaybox-e2e",
+        "postfix-e2e",
+        "postfix-dkim-e2e",
+    ]
+    for c in args.connections:
+        scenarios += [Scenario(targets[n], c, size=args.size) for n in order if n in targets]
+    for n in (CEILING, "relaybox-accept", "relaybox-nocache"):
+        if n in targets:
+            scenarios.append(Scenario(targets[n], args.reconnect_connections, reconnect=True))
+
+    log("warm-up: every target, 1 s at C=8")
+    for t in targets.values():
+        if t.e2e:
+            await sink.reset()
+        load = await harness.run_loadgen(t, 8, duration=1.0)
+        if t.e2e:
+            await harness.drain(sink, load["ok"])  # nothing of it may arrive during a measurement
+    results: list[Result] = []
+    argon2: list[float] = []
+    t_start = time.monotonic()
+    for rnd in range(args.rounds):
+        ordered = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
+        for sc in ordered:
+            results.append(await harness.measure(sc, rnd, sink, work, args.duration))
+        if "relaybox-nocache" in targets:
+            argon2.append(await harness.argon2_rate())
+    info["rounds_s"] = round(time.monotonic() - t_start, 1)
+
+    procs = all_procs()
+    rss = {name: peak_rss_kib(t.selector(procs)) / 1024 for name, t in targets.items()}
+    big = []
+    if args.big:
+        for name in ("relaybox-accept", CEILING):
+            if name in targets:
+                t = targets[name]
+                big.append(
+                    await harness.big_messages(t, t.selector(all_procs()), args.big, 10 * MIB)
+                )
+    scale = None
+    if not args.no_scale and "relaybox-accept" in targets:
+        log(f"spool scale run: {args.scale_recipients} recipients")
+        scale = await run_scale(args.scale_recipients)
+
+    rows = harness.summarise(results, CEILING)
+    ratios: dict[str, Any] = {}
+    for c in args.connections:
+        for num, den in (
+            ("relaybox-e2e", "postfix-dkim-e2e"),
+            ("relaybox-e2e", "postfix-e2e"),
+            ("relaybox-accept", CEILING),
+            ("relaybox-e2e", CEILING),
+        ):
+            if num in targets and den in targets:
+                ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)
+    if argon2:
+        nocache = [r.rate for r in results if r.scenario.target.name == "relaybox-nocache"]
+        a2 = harness.median(argon2)
+        ratios["argon2 pool verifies/s"] = round(a2, 1)
+        ratios["relaybox-nocache reconnect / argon2 pool"] = round(harness.median(nocache) / a2, 3)
+
+    print()
+    print(
+        f"relaybox bench: {info['machine']['cpus']} CPUs ({info['machine']['cpu']}), "
+        f"{args.rounds} rounds x {args.duration:.0f} s, {args.size} B messages, "
+        f"STARTTLS + AUTH PLAIN; medians over rounds"
+    )
+    harness.print_table(rows, rss)
+    print()
+    for k, v in ratios.items():
+        print(f"  {k:<48} {v}")
+    for b in big:
+        print(
+            f"  {b['target']}: {b['messages']} parallel x {b['size'] // MIB} MiB -> ok {b['ok']}, "
+            f"non-250 {b['rejects'] or b['errors'] or 'none'}, peak RSS {b['peak_rss_mib']} MiB"
+        )
+    if scale:
+        print(f"  spool scale: {json.dumps(scale)}")
+    for k, v in info["skipped"].items():
+        print(f"  skipped {k}: {v}")
+    summary = {
+        **info,
+        "args": {k: v for k, v in vars(args).items() if k != "json_out"},
+        "rows": rows,
+        "ratios": ratios,
+        "peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "big_messages": big,
+        "spool_scale": scale,
+    }
+    line = json.dumps(summary)
+    print("JSON " + line)
+    if args.json_out:
+        write_file(Path(args.json_out), line + "\n")
+    return 0
+
+
+def entry() -> None:
+    args = parse_args()
+    if os.geteuid() != 0:
+        log("not root: the postfix targets need root (bench/setup-peers.sh)")
+    try:
+        sys.exit(asyncio.run(main(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        log(f"bench failed: {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    entry()
