@@ -39,7 +39,7 @@ class Handler:
             await smtp.push(str(replies.AUTH_THROTTLED))
             return AuthResult(success=False, handled=True)
         if len(args) == 1:
-            blob = await smtp.auth_response(b"")
+            blob = await smtp.sasl_response(b"")
         else:
             blob = await smtp.decode_b64(args[1].encode("ascii", "replace"))
         if blob is None:
@@ -56,12 +56,12 @@ class Handler:
             await smtp.push(str(replies.AUTH_THROTTLED))
             return AuthResult(success=False, handled=True)
         if len(args) == 1:
-            login = await smtp.auth_response(b"Username:")
+            login = await smtp.sasl_response(b"Username:")
         else:
             login = await smtp.decode_b64(args[1].encode("ascii", "replace"))
         if login is None:
             return AuthResult(success=False, handled=True)
-        password = await smtp.auth_response(b"Password:")
+        password = await smtp.sasl_response(b"Password:")
         if password is None:
             return AuthResult(success=False, handled=True)
         return await self._authenticate(smtp, "LOGIN", login, password, b"")

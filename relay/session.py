@@ -147,7 +147,9 @@ class RelaySMTP(SMTP):
 
     # --- AUTH helpers ------------------------------------------------------------------------
 
-    async def auth_response(self, challenge: bytes) -> bytes | None:
+    # Not named auth_*: aiosmtpd takes every auth_* method of the protocol or handler for a SASL
+    # mechanism, advertises it in EHLO and calls it on "AUTH <name>".
+    async def sasl_response(self, challenge: bytes) -> bytes | None:
         """Send a 334 challenge and return the decoded response, or None after replying.
 
         None means a reply was already sent: "*" (cancelled, 501 5.7.0) or undecodable base64
