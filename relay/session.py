@@ -156,10 +156,8 @@ class RelaySMTP(SMTP):
         or an overlong line (501 5.5.2).
         """
         await self.push(b"334 " + b64encode(challenge))
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            await self._discard_line(exc.consumed)
+        line = await self._read_auth_line()
+        if line is None:
             await self.push(str(replies.AUTH_MALFORMED))
             return None
         blob = line.rstrip(b"\r\n").strip()
@@ -176,6 +174,24 @@ class RelaySMTP(SMTP):
         except (binascii.Error, ValueError):
             await self.push(str(replies.AUTH_MALFORMED))
             return None
+
+    async def _read_auth_line(self) -> bytes | None:
+        """One response line of up to _AUTH_LINE_LIMIT octets, or None (discarded) if longer.
+
+        RFC 4954 4: responses may be longer than the SMTP line limit the reader enforces (a PLAIN
+        response for a password of MAX_PASSWORD_BYTES is about 1.4 kB of base64).
+        """
+        buf = bytearray()
+        while True:
+            try:
+                buf += await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                buf += await self._reader.readexactly(exc.consumed)
+                if len(buf) > _AUTH_LINE_LIMIT:
+                    await self._discard_line(0)
+                    return None
+                continue
+            return bytes(buf) if len(buf) <= _AUTH_LINE_LIMIT + 2 else None  # + CRLF
 
     async def _discard_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
