@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 
 from relay import replies
 from relay.replies import Reply
@@ -146,6 +146,14 @@ class RelaySMTP(SMTP):
         return self.state is not None and not self.state.busy and not self.in_transaction()
 
     # --- AUTH helpers ------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # RFC 4954 4: AUTH after a successful AUTH is a 503; aiosmtpd's own has no enhanced code.
+        if self.session is not None and self.session.authenticated:
+            await self.push(str(replies.AUTH_ALREADY))
+            return
+        await super().smtp_AUTH(arg)
 
     # Not named auth_*: aiosmtpd takes every auth_* method of the protocol or handler for a SASL
     # mechanism, advertises it in EHLO and calls it on "AUTH <name>".
