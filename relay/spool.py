@@ -1,0 +1,540 @@
+"""The durable queue: accepted messages and their per-recipient delivery state, in SQLite.
+
+A 250 after DATA promises the message survives a crash, so :meth:`Spool.enqueue` returns only after
+the COMMIT that holds the message (``synchronous=FULL``, WAL). Every write of the hot path
+(enqueue, claim, delivery outcome) goes through ONE writer task with group commit: whatever was
+submitted while the previous COMMIT ran is written in the next transaction, a handful of
+``executemany`` round trips per batch however large it is, so one fsync covers many messages
+without any timer.
+
+Each worker process owns one spool file (``spool-<worker>.db``) and one deliverer. A recipient is
+*due* when ``next_attempt_at <= now``; claiming it for delivery sets ``next_attempt_at`` to NULL and
+``claimed_at`` (the in-flight marker), so it leaves the partial due index. Opening the spool after a
+crash puts everything that was in flight back to due now. Once every recipient of a message is
+final (delivered or bounced) the message is *done*: its body is dropped and its envelope kept for
+``queue show`` until ``spool.retention`` passes, then purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import clock as clock_mod
+from relay.clock import Clock
+from relay.config import Config
+from relay.db import Database, Migration, StoreError
+from relay.errors import Invalid, NotFound
+
+log = logging.getLogger("relaybox.spool")
+
+PENDING = ("queued", "deferred")
+FINAL = ("delivered", "bounced")
+STATES = PENDING + FINAL
+MAX_BATCH_OPS = 1024  # bounds one transaction (and the time others wait for the write lock)
+PURGE_CHUNK = 500
+
+SPOOL_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        """
+        CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            sender TEXT NOT NULL,
+            user TEXT,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            done_at REAL,
+            body BLOB
+        );
+        CREATE INDEX messages_created ON messages(created_at);
+        CREATE INDEX messages_done ON messages(done_at) WHERE done_at IS NOT NULL;
+        CREATE TABLE recipients (
+            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'queued'
+                CHECK (state IN ('queued', 'deferred', 'delivered', 'bounced')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            claimed_at REAL,
+            last_attempt_at REAL,
+            last_code INTEGER,
+            last_reply TEXT,
+            relay TEXT,
+            PRIMARY KEY (message_id, idx)
+        ) WITHOUT ROWID;
+        CREATE INDEX recipients_due ON recipients(next_attempt_at)
+            WHERE next_attempt_at IS NOT NULL;
+        CREATE INDEX recipients_claimed ON recipients(claimed_at) WHERE claimed_at IS NOT NULL;
+        CREATE INDEX recipients_state ON recipients(state)
+        """,
+    ),
+)
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, sender, user, size, created_at, body) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_RECIPIENT = (
+    "INSERT INTO recipients (message_id, idx, address, domain, next_attempt_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_OUTCOME = (
+    "UPDATE recipients SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
+    "claimed_at = NULL, last_attempt_at = ?, last_code = ?, last_reply = ?, relay = ? "
+    "WHERE message_id = ? AND idx = ?"
+)
+_RELEASE = (
+    "UPDATE recipients SET next_attempt_at = ?, claimed_at = NULL "
+    "WHERE message_id = ? AND idx = ? AND claimed_at IS NOT NULL"
+)
+_DONE = (
+    "UPDATE messages SET done_at = ?, body = NULL WHERE id = ? AND NOT EXISTS "
+    "(SELECT 1 FROM recipients WHERE message_id = ? AND state IN ('queued', 'deferred'))"
+)
+# The inner SELECT walks the partial due index in time order; the outer one then takes every due
+# recipient of those messages through the primary key ("+" keeps the planner off the due index
+# there, which at a large backlog would mean scanning every due row).
+_CLAIM = """
+    UPDATE recipients SET next_attempt_at = NULL, claimed_at = :now
+    WHERE message_id IN (
+        SELECT message_id FROM recipients WHERE next_attempt_at <= :now
+        ORDER BY next_attempt_at LIMIT :limit)
+      AND +next_attempt_at <= :now
+    RETURNING message_id, idx, address, domain, attempts
+"""
+
+
+_NEXT_DUE = "SELECT min(next_attempt_at) AS t FROM recipients WHERE next_attempt_at IS NOT NULL"
+# The queries that run per delivery batch at any queue size; query_plans() shows they use indexes.
+HOT_QUERIES = {"claim": _CLAIM, "next_due": _NEXT_DUE}
+
+
+def new_id(now: float) -> str:
+    """16 characters, sortable by time (ms) then random: short to quote, unique across workers."""
+    raw = int(now * 1000).to_bytes(6, "big") + secrets.token_bytes(4)
+    return base64.b32hexencode(raw).decode("ascii").lower()  # base32hex keeps sort order
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+@dataclass(frozen=True)
+class DueRecipient:
+    message_id: str
+    idx: int
+    address: str
+    domain: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sender: str
+    user: str | None
+    size: int
+    created_at: float
+    body: bytes | None  # None once the message is done
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one delivery attempt for one recipient."""
+
+    message_id: str
+    idx: int
+    state: str  # "delivered" | "deferred" | "bounced"
+    code: int | None
+    reply: str
+    relay: str
+    next_attempt_at: float | None = None  # for "deferred"
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    sender: str
+    recipients: tuple[str, ...]
+    body: bytes
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class RecipientInfo:
+    idx: int
+    address: str
+    state: str
+    attempts: int
+    next_attempt_at: float | None
+    last_attempt_at: float | None
+    last_code: int | None
+    last_reply: str | None
+    relay: str | None
+    in_flight: bool
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    id: str
+    sender: str
+    user: str | None
+    size: int
+    created_at: float
+    done_at: float | None
+    recipients: tuple[RecipientInfo, ...]
+
+    def count(self, state: str) -> int:
+        return sum(1 for r in self.recipients if r.state == state)
+
+
+@dataclass(frozen=True)
+class Stats:
+    messages: int
+    pending_messages: int
+    recipients: dict[str, int]  # state -> count
+    in_flight: int
+    oldest_pending_at: float | None
+    next_attempt_at: float | None
+
+
+@dataclass
+class _Op:
+    """One submitted write; the writer merges many into one transaction."""
+
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    recipients: list[tuple[Any, ...]] = field(default_factory=list)
+    outcomes: list[tuple[Any, ...]] = field(default_factory=list)
+    releases: list[tuple[Any, ...]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    claim: tuple[float, int] | None = None
+    result: Any = None
+    future: asyncio.Future[Any] | None = None
+
+
+class Spool:
+    """One worker's spool file; see the module docstring."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self._clock = clock
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches = 0  # transactions written by the writer (group commit: << ops under load)
+        self.batched_ops = 0
+
+    @classmethod
+    async def open(
+        cls,
+        cfg: Config,
+        *,
+        worker: int = 0,
+        clock: Clock = clock_mod.system,
+        recover: bool = True,
+    ) -> Spool:
+        """Open (creating or migrating) the worker's spool file and start its writer.
+
+        ``recover=False`` is for the admin CLI, which may run while the server delivers: it must
+        not put the server's in-flight recipients back to due.
+        """
+        db = await Database.open(cfg.spool_path(worker), SPOOL_MIGRATIONS)
+        spool = cls(db, clock)
+        if recover:
+            n = await spool._recover()
+            if n:
+                log.info("spool recovery: %d recipient(s) were in flight, due again now", n)
+        spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
+        return spool
+
+    async def close(self) -> None:
+        """Write what is already submitted, stop the writer, close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+        await self.db.close()
+
+    # --- the hot path, through the writer ----------------------------------------------------
+
+    async def enqueue(
+        self, *, sender: str, recipients: Sequence[str], body: bytes, user: str | None
+    ) -> str:
+        """Queue a message; returns its id once the COMMIT holding it returned."""
+        op = _Op()
+        msg_id = self._add_message(op, NewMessage(sender, tuple(recipients), body, user))
+        await self._submit(op)
+        return msg_id
+
+    async def claim_due(self, limit: int) -> list[DueRecipient]:
+        """Take up to about ``limit`` due recipients (all due ones of each message) in flight."""
+        op = _Op(claim=(self._clock(), max(1, limit)))
+        result: list[DueRecipient] = await self._submit(op)
+        return result
+
+    async def record(
+        self, outcomes: Iterable[Outcome], *, bounce: NewMessage | None = None
+    ) -> str | None:
+        """Record attempt outcomes, and queue their bounce in the same transaction (its id)."""
+        now = self._clock()
+        op = _Op()
+        for o in outcomes:
+            if o.state not in ("delivered", "deferred", "bounced"):
+                raise ValueError(f"not an outcome state: {o.state}")
+            nxt = o.next_attempt_at if o.state == "deferred" else None
+            if o.state == "deferred" and nxt is None:
+                nxt = now
+            op.outcomes.append((o.state, nxt, now, o.code, o.reply, o.relay, o.message_id, o.idx))
+            op.touched.add(o.message_id)
+        bounce_id = self._add_message(op, bounce) if bounce is not None else None
+        await self._submit(op)
+        return bounce_id
+
+    async def release(self, items: Iterable[tuple[str, int]]) -> None:
+        """Give claimed recipients back unattempted (shutdown): due now, no attempt counted."""
+        now = self._clock()
+        op = _Op(releases=[(now, mid, idx) for mid, idx in items])
+        if op.releases:
+            await self._submit(op)
+
+    def _add_message(self, op: _Op, m: NewMessage) -> str:
+        if not m.recipients:
+            raise Invalid("a message needs at least one recipient")
+        now = self._clock()
+        msg_id = new_id(now)
+        op.messages.append((msg_id, m.sender, m.user, len(m.body), now, m.body))
+        for i, rcpt in enumerate(m.recipients):
+            op.recipients.append((msg_id, i, rcpt, domain_of(rcpt), now))
+        return msg_id
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closed or self._writer is None or self._writer.done():
+            raise StoreError("spool is closed")
+        op.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH_OPS and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                await self._write_batch(batch)
+            except Exception as exc:  # every op of the batch fails alike; the writer carries on
+                err = exc if isinstance(exc, StoreError) else StoreError(f"spool write: {exc}")
+                log.error("spool write failed (%d op(s)): %s", len(batch), exc)
+                for op in batch:
+                    if op.future is not None and not op.future.done():
+                        op.future.set_exception(err)
+                continue
+            self.batches += 1
+            self.batched_ops += len(batch)
+            for op in batch:
+                if op.future is not None and not op.future.done():
+                    op.future.set_result(op.result)
+
+    async def _write_batch(self, batch: list[_Op]) -> None:
+        def merged(attr: str) -> list[tuple[Any, ...]]:
+            return [row for op in batch for row in getattr(op, attr)]
+
+        messages, recipients = merged("messages"), merged("recipients")
+        outcomes, releases = merged("outcomes"), merged("releases")
+        touched = {mid for op in batch for mid in op.touched}
+        try:
+            async with self.db.transaction() as conn:
+                if messages:
+                    await conn.executemany(_INSERT_MESSAGE, messages)
+                    await conn.executemany(_INSERT_RECIPIENT, recipients)
+                if outcomes:
+                    await conn.executemany(_OUTCOME, outcomes)
+                if releases:
+                    await conn.executemany(_RELEASE, releases)
+                if touched:
+                    now = self._clock()
+                    await conn.executemany(_DONE, [(now, mid, mid) for mid in touched])
+                for op in batch:
+                    if op.claim is not None:
+                        now, limit = op.claim
+                        rows = await conn.execute_fetchall(_CLAIM, {"now": now, "limit": limit})
+                        op.result = sorted(
+                            (DueRecipient(r[0], r[1], r[2], r[3], r[4]) for r in rows),
+                            key=lambda d: (d.message_id, d.idx),
+                        )
+        except sqlite3.Error as exc:
+            raise StoreError(f"spool write: {exc}") from exc
+
+    async def _recover(self) -> int:
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE recipients SET next_attempt_at = ?, claimed_at = NULL "
+                "WHERE claimed_at IS NOT NULL",
+                (self._clock(),),
+            )
+            return cur.rowcount
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def load(self, message_id: str) -> Message | None:
+        r = await self.db.fetchone(
+            "SELECT id, sender, user, size, created_at, body FROM messages WHERE id = ?",
+            (message_id,),
+        )
+        if r is None:
+            return None
+        body = bytes(r["body"]) if r["body"] is not None else None
+        return Message(r["id"], r["sender"], r["user"], r["size"], r["created_at"], body)
+
+    async def next_due(self) -> float | None:
+        """When the earliest not-in-flight pending recipient is due (index lookup)."""
+        r = await self.db.fetchone(_NEXT_DUE)
+        return None if r is None or r["t"] is None else float(r["t"])
+
+    async def show(self, message_id: str) -> MessageInfo:
+        m = await self.db.fetchone(
+            "SELECT id, sender, user, size, created_at, done_at FROM messages WHERE id = ?",
+            (message_id,),
+        )
+        if m is None:
+            raise NotFound(f"no message {message_id} in the queue")
+        rows = await self.db.fetchall(
+            "SELECT * FROM recipients WHERE message_id = ? ORDER BY idx", (message_id,)
+        )
+        return _info(m, rows)
+
+    async def list_messages(
+        self, states: Sequence[str] = PENDING, limit: int = 1000
+    ) -> list[MessageInfo]:
+        """Messages with at least one recipient in one of ``states``, oldest first."""
+        for s in states:
+            if s not in STATES:
+                raise Invalid(f"unknown state {s!r} (use one of {', '.join(STATES)})")
+        marks = ", ".join("?" for _ in states)
+        msgs = await self.db.fetchall(
+            "SELECT id, sender, user, size, created_at, done_at FROM messages WHERE id IN "
+            f"(SELECT message_id FROM recipients WHERE state IN ({marks})) "
+            "ORDER BY created_at, id LIMIT ?",
+            (*states, limit),
+        )
+        if not msgs:
+            return []
+        ids = [m["id"] for m in msgs]
+        rows = await self.db.fetchall(
+            "SELECT * FROM recipients WHERE message_id IN "
+            f"({', '.join('?' for _ in ids)}) ORDER BY message_id, idx",
+            ids,
+        )
+        by_id: dict[str, list[sqlite3.Row]] = {}
+        for r in rows:
+            by_id.setdefault(r["message_id"], []).append(r)
+        return [_info(m, by_id.get(m["id"], [])) for m in msgs]
+
+    async def stats(self) -> Stats:
+        counts = dict.fromkeys(STATES, 0)
+        for r in await self.db.fetchall(
+            "SELECT state, count(*) AS n FROM recipients GROUP BY state"
+        ):
+            counts[r["state"]] = r["n"]
+        m = await self.db.fetchone(
+            "SELECT count(*) AS n, count(*) - count(done_at) AS pending, "
+            "min(CASE WHEN done_at IS NULL THEN created_at END) AS oldest FROM messages"
+        )
+        c = await self.db.fetchone(
+            "SELECT count(*) AS n FROM recipients WHERE claimed_at IS NOT NULL"
+        )
+        assert m is not None and c is not None
+        return Stats(m["n"], m["pending"], counts, c["n"], m["oldest"], await self.next_due())
+
+    async def query_plans(self) -> dict[str, list[str]]:
+        """EXPLAIN QUERY PLAN of the hot queries (a test checks none is a full-table SCAN)."""
+        plans: dict[str, list[str]] = {}
+        for name, sql in HOT_QUERIES.items():
+            rows = await self.db.fetchall("EXPLAIN QUERY PLAN " + sql, {"now": 0.0, "limit": 1})
+            plans[name] = [str(r[3]) for r in rows]
+        return plans
+
+    # --- admin writes (rare; straight transactions, safe from the CLI while the server runs) ----
+
+    async def retry(self, message_id: str | None, *, now: float) -> int:
+        """Make pending recipients (of one message, or all) due now; returns how many."""
+        async with self.db.transaction() as conn:
+            if message_id is None:
+                cur = await conn.execute(
+                    "UPDATE recipients SET next_attempt_at = ? WHERE next_attempt_at > ?",
+                    (now, now),
+                )
+                return cur.rowcount
+            await _require(conn, message_id)
+            cur = await conn.execute(
+                "UPDATE recipients SET next_attempt_at = ? "
+                "WHERE message_id = ? AND next_attempt_at IS NOT NULL",
+                (now, message_id),
+            )
+            return cur.rowcount
+
+    async def delete(self, message_id: str) -> MessageInfo:
+        """Remove a message and its recipients outright (no bounce); returns what was removed."""
+        info = await self.show(message_id)
+        async with self.db.transaction() as conn:
+            await _require(conn, message_id)
+            await conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        return info
+
+    async def purge(self, *, now: float, retention: float) -> int:
+        """Delete done messages older than the retention window, in small transactions."""
+        total = 0
+        while True:
+            async with self.db.transaction() as conn:
+                cur = await conn.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages "
+                    "WHERE done_at < ? LIMIT ?)",
+                    (now - retention, PURGE_CHUNK),
+                )
+                n = cur.rowcount
+            total += n
+            if n < PURGE_CHUNK:
+                return total
+
+
+async def _require(conn: Any, message_id: str) -> None:
+    async with conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)) as cur:
+        if await cur.fetchone() is None:
+            raise NotFound(f"no message {message_id} in the queue")
+
+
+def _info(m: sqlite3.Row, rows: Sequence[sqlite3.Row]) -> MessageInfo:
+    rcpts = tuple(
+        RecipientInfo(
+            r["idx"],
+            r["address"],
+            r["state"],
+            r["attempts"],
+            r["next_attempt_at"],
+            r["last_attempt_at"],
+            r["last_code"],
+            r["last_reply"],
+            r["relay"],
+            r["claimed_at"] is not None,
+        )
+        for r in rows
+    )
+    return MessageInfo(
+        m["id"], m["sender"], m["user"], m["size"], m["created_at"], m["done_at"], rcpts
+    )
