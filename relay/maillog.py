@@ -49,3 +49,47 @@ def queued(msg_id: str, sender: str, rcpt: int, size: int, user: str, ip: str) -
 
 def rejected(stage: str, reason: str, ip: str, user: str = "-", **fields: object) -> None:
     event("rejected", stage=stage, reason=reason, user=user, ip=ip, **fields)
+
+
+# --- delivery (relay/delivery.py, relay/bounce.py) ---
+
+
+def delivered(msg_id: str, to: str, relay: str, delay: float, attempts: int) -> None:
+    event("delivered", id=msg_id, to=to, relay=relay, delay=f"{delay:.2f}", attempts=attempts)
+
+
+def deferred(
+    msg_id: str, to: str, relay: str, delay: float, attempts: int, reply: str, retry_in: float
+) -> None:
+    event(
+        "deferred",
+        id=msg_id,
+        to=to,
+        relay=relay,
+        delay=f"{delay:.2f}",
+        attempts=attempts,
+        retry_in=f"{retry_in:.0f}",
+        reply=reply,
+    )
+
+
+def bounced(msg_id: str, to: str, relay: str, delay: float, attempts: int, reply: str) -> None:
+    event(
+        "bounced",
+        id=msg_id,
+        to=to,
+        relay=relay,
+        delay=f"{delay:.2f}",
+        attempts=attempts,
+        reply=reply,
+    )
+
+
+def bounce_queued(msg_id: str, dsn_id: str, to: str, failed: int) -> None:
+    """A DSN (RFC 3464) for ``failed`` recipients of ``msg_id`` was queued as ``dsn_id``."""
+    event("bounce queued", id=msg_id, dsn=dsn_id, to=to, failed=failed)
+
+
+def bounce_dropped(msg_id: str, failed: int) -> None:
+    """No DSN: the message had the null sender (RFC 5321 6.1/4.5.5, never bounce a bounce)."""
+    event("bounce dropped", id=msg_id, reason="null-sender", failed=failed)

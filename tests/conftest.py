@@ -19,7 +19,7 @@ from relay.config import Config
 from relay.db import MAIN_MIGRATIONS, Database
 from tests import leaks
 
-pytest_plugins: list[str] = ["tests.dnsserver", "tests.userhelpers"]
+pytest_plugins: list[str] = ["tests.dnsserver", "tests.userhelpers", "tests.sink"]
 
 
 @pytest.fixture

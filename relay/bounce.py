@@ -1,0 +1,126 @@
+"""Delivery status notifications (bounces): RFC 3464 ``multipart/report`` back to the sender.
+
+A DSN goes to the original envelope sender from the null reverse-path ``<>`` (RFC 5321 4.5.5), and
+is queued through the same spool as any message. A message whose sender is already null is itself a
+notification: it never gets a DSN (RFC 5321 6.1, RFC 3464 2.1), so a bounce cannot loop.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+from relay.config import Config
+from relay.spool import Message, NewMessage
+
+_ENHANCED = re.compile(r"^\s*\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+MAX_DIAGNOSTIC = 400  # keeps every DSN line far below RFC 5322's 998 octets
+MAX_HEADERS = 64 * 1024  # the returned header block (RFC 3462 text/rfc822-headers)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient that will not be delivered."""
+
+    address: str
+    reply: str  # the remote reply ("550 5.1.1 No such user") or our own reason
+    relay: str = ""  # "mx.example.com[192.0.2.7]" or "" if no server was reached
+    expired: bool = False  # gave up after delivery.max_age of temporary failures
+    attempted_at: float | None = None
+
+
+def status_of(failure: Failure) -> str:
+    """The RFC 3463 status for the DSN: the reply's enhanced code if any, else from its class."""
+    if failure.expired:
+        return "5.4.7"  # RFC 3463 X.4.7: delivery time expired
+    m = _ENHANCED.match(failure.reply)
+    if m and m.group(1).startswith("5"):
+        return m.group(1)
+    return "5.0.0"
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _oneline(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:MAX_DIAGNOSTIC]
+
+
+def header_block(body: bytes | None) -> bytes:
+    """The original message's header section (up to the blank line), CRLF-terminated."""
+    if not body:
+        return b""
+    end = body.find(b"\r\n\r\n")
+    block = body if end < 0 else body[: end + 2]
+    return block[:MAX_HEADERS]
+
+
+def build(cfg: Config, message: Message, failures: Sequence[Failure], *, now: float) -> bytes:
+    """The DSN message bytes (CRLF line endings)."""
+    host = cfg.public_hostname
+    boundary = f"=_relaybox_{secrets.token_hex(12)}"
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"To: <{message.sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {formatdate(now)}",
+        f"Message-ID: <dsn.{message.id}.{secrets.token_hex(4)}@{host}>",
+        "Auto-Submitted: auto-replied",  # RFC 3834 5: never answered automatically
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message (RFC 3464 delivery status notification).",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"This is the mail system at host {host}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        f"It was queued as {message.id} at {_date(message.created_at)}.",
+        "",
+    ]
+    for f in failures:
+        why = "delivery time expired, last reply: " if f.expired else ""
+        lines.append(f"<{f.address}>: {why}{_oneline(f.reply)}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {host}",
+        f"X-Relaybox-Queue-ID: {message.id}",
+        f"Arrival-Date: {_date(message.created_at)}",
+    ]
+    for f in failures:
+        lines += ["", f"Final-Recipient: rfc822; {f.address}", "Action: failed"]
+        lines.append(f"Status: {status_of(f)}")
+        if f.relay:
+            lines.append(f"Remote-MTA: dns; {f.relay.partition('[')[0]}")
+        lines.append(f"Diagnostic-Code: smtp; {_oneline(f.reply)}")
+        lines.append(f"Last-Attempt-Date: {_date(f.attempted_at or now)}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    return head + header_block(message.body) + f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+def for_failures(
+    cfg: Config, message: Message, failures: Sequence[Failure], *, now: float
+) -> NewMessage | None:
+    """The DSN to queue for these failures, or None when the message had the null sender."""
+    if not failures or not message.sender:
+        return None
+    body = build(cfg, message, failures, now=now)
+    return NewMessage(sender="", recipients=(message.sender,), body=body, user=None)

@@ -1,0 +1,449 @@
+"""Delivery against real SMTP sinks: smarthost and MX routing, outcomes, retries, bounces."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trustme
+
+from relay.clock import ManualClock
+from relay.config import Config, Duration, SmarthostConfig
+from relay.delivery import BACKOFF, Deliverer, retry_at
+from relay.spool import Spool
+from tests.dnsserver import TestDNSServer
+from tests.sink import Received, Sink, SinkFactory
+
+SENDER = "alice@example.com"
+
+
+def body(subject: str = "hello") -> bytes:
+    return (
+        f"From: Alice <{SENDER}>\r\nTo: bob@example.net\r\nSubject: {subject}\r\n"
+        "Message-ID: <m1@example.com>\r\n\r\nHi Bob.\r\n.leading dot\r\n"
+    ).encode()
+
+
+def smarthost_cfg(cfg: Config, sink: Sink, **delivery: object) -> Config:
+    d = dataclasses.replace(
+        cfg.delivery,
+        mode="smarthost",
+        smarthost=SmarthostConfig(host="127.0.0.1", port=sink.port, security="none"),
+        connect_timeout=Duration(2),
+        command_timeout=Duration(5),
+        **delivery,  # type: ignore[arg-type]
+    )
+    return dataclasses.replace(cfg, delivery=d)
+
+
+def mx_cfg(dns_cfg: Config, port: int, **delivery: object) -> Config:
+    d = dataclasses.replace(
+        dns_cfg.delivery,
+        mode="mx",
+        port=port,
+        connect_timeout=Duration(2),
+        command_timeout=Duration(5),
+        **delivery,  # type: ignore[arg-type]
+    )
+    return dataclasses.replace(dns_cfg, delivery=d)
+
+
+Runner = Callable[[Config], Awaitable[tuple[Spool, Deliverer]]]
+
+
+@pytest.fixture
+async def run(clock: ManualClock) -> AsyncIterator[Runner]:
+    """Open a spool and start a deliverer for a config; both stopped at teardown."""
+    opened: list[tuple[Spool, Deliverer]] = []
+
+    async def make(cfg: Config) -> tuple[Spool, Deliverer]:
+        spool = await Spool.open(cfg, clock=clock)
+        deliverer = Deliverer(spool, cfg, clock=clock)
+        deliverer.start()
+        opened.append((spool, deliverer))
+        return spool, deliverer
+
+    yield make
+    for spool, deliverer in opened:
+        await deliverer.stop()
+        await spool.close()
+
+
+async def settle(deliverer: Deliverer) -> None:
+    deliverer.wake()
+    await deliverer.wait_idle()
+
+
+def mail_log(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "relaybox.mail" and r.getMessage().startswith(prefix)
+    ]
+
+
+def parse_dsn(received: Received) -> email.message.EmailMessage:
+    msg = email.message_from_bytes(received.data, policy=email.policy.SMTP)
+    assert isinstance(msg, email.message.EmailMessage)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    return msg
+
+
+def dsn_fields(msg: email.message.EmailMessage) -> str:
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    status = parts[1]
+    return "\n".join(
+        f"{k}: {v}"
+        for block in status.get_payload()
+        for k, v in block.items()  # type: ignore[union-attr]
+    )
+
+
+# --- smarthost -------------------------------------------------------------------------------
+
+
+async def test_smarthost_delivers_each_message_once_with_all_recipients(
+    cfg: Config, sink: Sink, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    rcpts = ["bob@example.net", "carol@example.org"]
+    ids = [
+        await spool.enqueue(sender=SENDER, recipients=rcpts, body=body(f"m{i}"), user="u")
+        for i in range(3)
+    ]
+    await settle(deliverer)
+    assert len(sink.received) == 3
+    for got in sink.received:
+        assert got.mail_from == SENDER and got.rcpt_tos == tuple(rcpts)
+        assert got.helo == "relay.test"
+    # exact bytes (the sink undoes dot-stuffing), each message once
+    assert sorted(got.data for got in sink.received) == [body(f"m{i}") for i in range(3)]
+    for msg_id in ids:
+        info = await spool.show(msg_id)
+        assert [(r.state, r.attempts, r.last_code) for r in info.recipients] == [
+            ("delivered", 1, 250)
+        ] * 2
+        assert info.recipients[0].relay == "127.0.0.1[127.0.0.1]"
+        assert info.done_at is not None
+    lines = mail_log(caplog, "delivered")
+    assert len(lines) == 6
+    [line] = [x for x in lines if f"id={ids[0]} to=bob@" in x]
+    assert line.startswith(f"delivered id={ids[0]} to=bob@example.net relay=127.0.0.1[127.0.0.1]")
+    assert " delay=" in line and line.endswith("attempts=1")
+
+
+async def test_connection_is_reused_across_messages(cfg: Config, sink: Sink, run: Runner) -> None:
+    spool, deliverer = await run(smarthost_cfg(cfg, sink, per_destination=1))
+    for i in range(5):
+        await spool.enqueue(
+            sender=SENDER, recipients=["bob@example.net"], body=body(f"{i}"), user=None
+        )
+    await settle(deliverer)
+    assert len(sink.received) == 5
+    assert sink.connections == 1 and sink.max_active == 1
+
+
+async def test_concurrency_per_destination_is_bounded(cfg: Config, sink: Sink, run: Runner) -> None:
+    spool, deliverer = await run(smarthost_cfg(cfg, sink, per_destination=3))
+    for i in range(20):
+        await spool.enqueue(
+            sender=SENDER, recipients=["b@example.net"], body=body(f"{i}"), user=None
+        )
+    await settle(deliverer)
+    assert len(sink.received) == 20
+    assert 1 < sink.max_active <= 3
+
+
+async def test_deferral_then_success(
+    cfg: Config, sink: Sink, run: Runner, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.script_rcpt("bob@example.net", "451 4.3.0 Try again later")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    assert sink.received == []
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts, r.last_code) == ("deferred", 1, 451)
+    assert r.last_reply == "451 4.3.0 Try again later"
+    assert r.next_attempt_at == clock() + BACKOFF[0]
+    [line] = mail_log(caplog, "deferred")
+    assert f"id={msg_id}" in line and "reply=451?4.3.0?Try?again?later" in line
+
+    clock.advance(BACKOFF[0] - 1)
+    await settle(deliverer)
+    assert sink.received == []  # not due yet
+    clock.advance(1)
+    await settle(deliverer)
+    assert len(sink.received) == 1
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts, r.last_code) == ("delivered", 2, 250)
+
+
+async def test_permanent_refusal_bounces_at_once_with_a_dsn(
+    cfg: Config, sink: Sink, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.script_rcpt("bob@example.net", "550 5.1.1 No such user here")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts, r.last_code) == ("bounced", 1, 550)
+    [dsn] = sink.received  # the DSN, delivered through the same path
+    assert dsn.mail_from == "" and dsn.rcpt_tos == (SENDER,)
+    msg = parse_dsn(dsn)
+    assert msg["To"].addresses[0].addr_spec == SENDER and msg["Auto-Submitted"] == "auto-replied"
+    fields = dsn_fields(msg)
+    assert "Final-Recipient: rfc822; bob@example.net" in fields
+    assert "Action: failed" in fields and "Status: 5.1.1" in fields
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user here" in fields
+    assert "Remote-MTA: dns; 127.0.0.1" in fields
+    headers = list(msg.iter_parts())[2].get_payload()
+    assert "Subject: hello" in str(headers)
+    assert mail_log(caplog, "bounced")[0].startswith(f"bounced id={msg_id} to=bob@example.net")
+    assert len(mail_log(caplog, "bounce queued")) == 1
+
+
+async def test_partial_refusal_bounces_only_the_refused(
+    cfg: Config, sink: Sink, run: Runner
+) -> None:
+    sink.script_rcpt("bad@example.net", "550 5.1.1 unknown")
+    sink.script_rcpt("later@example.net", "452 4.2.2 mailbox full")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    rcpts = ["ok@example.net", "bad@example.net", "later@example.net"]
+    msg_id = await spool.enqueue(sender=SENDER, recipients=rcpts, body=body(), user=None)
+    await settle(deliverer)
+    states = [(r.address, r.state) for r in (await spool.show(msg_id)).recipients]
+    assert states == [
+        ("ok@example.net", "delivered"),
+        ("bad@example.net", "bounced"),
+        ("later@example.net", "deferred"),
+    ]
+    original, dsn = sink.received
+    assert original.rcpt_tos == ("ok@example.net",)
+    fields = dsn_fields(parse_dsn(dsn))
+    assert "bad@example.net" in fields and "later@example.net" not in fields
+    assert "ok@example.net" not in fields
+
+
+async def test_data_replies_apply_to_every_accepted_recipient(
+    cfg: Config, sink: Sink, run: Runner
+) -> None:
+    sink.script_data("451 4.3.0 queue full", "554 5.6.0 content rejected")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(
+        sender="", recipients=["a@example.net", "b@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    assert [r.state for r in (await spool.show(msg_id)).recipients] == ["deferred"] * 2
+    await spool.retry(msg_id, now=0)
+    await settle(deliverer)
+    info = await spool.show(msg_id)
+    assert [(r.state, r.last_code) for r in info.recipients] == [("bounced", 554)] * 2
+
+
+async def test_expiry_bounces_after_max_age(
+    cfg: Config, sink: Sink, run: Runner, clock: ManualClock
+) -> None:
+    sink.script_rcpt("bob@example.net", *["451 4.3.0 still busy"] * 3)
+    spool, deliverer = await run(smarthost_cfg(cfg, sink, max_age=Duration(3600)))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    clock.advance(BACKOFF[0])
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts) == ("deferred", 2)
+    assert r.next_attempt_at == clock() + BACKOFF[1]
+    clock.advance(3600)  # past max_age: the next temporary failure is final
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts, r.last_code) == ("bounced", 3, 451)
+    [dsn] = sink.received
+    fields = dsn_fields(parse_dsn(dsn))
+    assert "Status: 5.4.7" in fields and "Diagnostic-Code: smtp; 451 4.3.0 still busy" in fields
+
+
+def test_backoff_schedule_and_deadline() -> None:
+    t0, age = 1000.0, 5 * 86400.0
+    got = [retry_at(n, t0, t0, age) for n in range(1, 10)]
+    assert got == [t0 + s for s in (60, 300, 900, 1800, 3600, 7200, 14400, 14400, 14400)]
+    assert retry_at(3, t0, t0 + age - 10, age) == t0 + age  # never past the deadline
+    assert retry_at(3, t0, t0 + age, age) is None
+
+
+async def test_no_bounce_for_a_bounce(
+    cfg: Config, sink: Sink, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.script_rcpt(SENDER, "550 5.1.1 gone")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(sender="", recipients=[SENDER], body=body(), user=None)
+    await settle(deliverer)
+    assert (await spool.show(msg_id)).recipients[0].state == "bounced"
+    assert sink.received == []
+    assert (await spool.stats()).messages == 1  # no DSN was queued
+    [line] = mail_log(caplog, "bounce dropped")
+    assert f"id={msg_id}" in line and "reason=null-sender" in line
+
+
+async def test_unreachable_smarthost_defers_then_delivers(
+    cfg: Config, sink: Sink, run: Runner, clock: ManualClock
+) -> None:
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    await sink.stop()
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (
+        r.state == "deferred" and r.last_reply is not None and r.last_reply.startswith("451 4.4.1")
+    )
+    await sink.start()
+    clock.advance(BACKOFF[0])
+    await settle(deliverer)
+    assert len(sink.received) == 1
+    assert (await spool.show(msg_id)).recipients[0].state == "delivered"
+
+
+async def test_stop_hands_back_unstarted_work(cfg: Config, sink: Sink, clock: ManualClock) -> None:
+    c = smarthost_cfg(cfg, sink)
+    spool = await Spool.open(c, clock=clock)
+    try:
+        msg_id = await spool.enqueue(
+            sender=SENDER, recipients=["b@example.net"], body=body(), user=None
+        )
+        deliverer = Deliverer(spool, c, clock=clock)
+        await deliverer.stop()  # never started: nothing claimed, nothing lost
+        assert (await spool.show(msg_id)).recipients[0].state == "queued"
+        deliverer = Deliverer(spool, c, clock=clock)
+        deliverer.start()
+        await settle(deliverer)
+        await deliverer.stop()
+        assert len(sink.received) == 1
+        assert not any(r.in_flight for r in (await spool.show(msg_id)).recipients)
+    finally:
+        await spool.close()
+
+
+# --- MX routing ------------------------------------------------------------------------------
+
+
+async def test_mx_mode_prefers_the_lowest_preference_and_falls_back(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    sink_factory: SinkFactory,
+    run: Runner,
+    clock: ManualClock,
+) -> None:
+    primary = await sink_factory("127.0.0.2")
+    backup = await sink_factory("127.0.0.3", primary.port)
+    other = await sink_factory("127.0.0.4", primary.port)
+    dns_server.add_mx("example.net", 10, "mx1.example.net")
+    dns_server.add_mx("example.net", 20, "mx2.example.net")
+    dns_server.add_a("mx1.example.net", "127.0.0.2")
+    dns_server.add_a("mx2.example.net", "127.0.0.3")
+    dns_server.add_a("example.org", "127.0.0.4")  # no MX: the implicit MX (RFC 5321 5.1)
+    spool, deliverer = await run(mx_cfg(dns_cfg, primary.port))
+
+    rcpts = ["a@example.net", "b@EXAMPLE.net", "c@example.org"]
+    msg_id = await spool.enqueue(sender=SENDER, recipients=rcpts, body=body(), user=None)
+    await settle(deliverer)
+    assert [r.rcpt_tos for r in primary.received] == [("a@example.net", "b@EXAMPLE.net")]
+    assert [r.rcpt_tos for r in other.received] == [("c@example.org",)]
+    assert backup.received == []
+    relays = {r.address: r.relay for r in (await spool.show(msg_id)).recipients}
+    assert relays["a@example.net"] == "mx1.example.net[127.0.0.2]"
+    assert relays["c@example.org"] == "example.org[127.0.0.4]"
+
+    await primary.stop()
+    await spool.enqueue(sender=SENDER, recipients=["d@example.net"], body=body(), user=None)
+    await settle(deliverer)
+    assert [r.rcpt_tos for r in backup.received] == [("d@example.net",)]
+
+
+async def test_null_mx_bounces_at_once(
+    dns_cfg: Config, dns_server: TestDNSServer, sink_factory: SinkFactory, run: Runner
+) -> None:
+    home = await sink_factory("127.0.0.2")
+    dns_server.add_mx("nomail.test", 0, ".")  # RFC 7505
+    dns_server.add_mx("example.com", 10, "mx.example.com")
+    dns_server.add_a("mx.example.com", "127.0.0.2")
+    spool, deliverer = await run(mx_cfg(dns_cfg, home.port))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["x@nomail.test"], body=body(), user=None
+    )
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.last_code) == ("bounced", 556)
+    [dsn] = home.received  # the DSN went to the sender's domain
+    assert dsn.rcpt_tos == (SENDER,)
+    assert "Status: 5.1.10" in dsn_fields(parse_dsn(dsn))
+
+
+async def test_dns_failure_defers_and_unknown_domain_bounces(
+    dns_cfg: Config, dns_server: TestDNSServer, sink_factory: SinkFactory, run: Runner
+) -> None:
+    home = await sink_factory("127.0.0.2")
+    dns_server.servfail("broken.test")
+    dns_server.add_mx("example.com", 10, "mx.example.com")
+    dns_server.add_a("mx.example.com", "127.0.0.2")
+    spool, deliverer = await run(mx_cfg(dns_cfg, home.port))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["x@broken.test", "y@nxdomain.test"], body=body(), user=None
+    )
+    await settle(deliverer)
+    broken, missing = (await spool.show(msg_id)).recipients
+    assert (broken.state, broken.last_code) == ("deferred", 451)
+    assert (missing.state, missing.last_code) == ("bounced", 550)
+
+
+async def test_opportunistic_starttls_is_used_when_offered(
+    dns_cfg: Config, dns_server: TestDNSServer, sink_factory: SinkFactory, run: Runner
+) -> None:
+    ca = trustme.CA()
+    server_ctx = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.example.net").configure_cert(server_ctx)
+    tls_sink = await sink_factory("127.0.0.2", tls_context=server_ctx)
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    spool, deliverer = await run(mx_cfg(dns_cfg, tls_sink.port))
+    await spool.enqueue(sender=SENDER, recipients=["a@example.net"], body=body(), user=None)
+    await settle(deliverer)
+    [got] = tls_sink.received
+    assert got.tls  # an unverified (self-signed) certificate does not stop opportunistic TLS
+
+
+async def test_required_tls_defers_when_not_offered(
+    dns_cfg: Config, dns_server: TestDNSServer, sink_factory: SinkFactory, run: Runner
+) -> None:
+    plain = await sink_factory("127.0.0.2")
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    spool, deliverer = await run(mx_cfg(dns_cfg, plain.port, tls="required"))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["a@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    assert plain.received == []
+    r = (await spool.show(msg_id)).recipients[0]
+    assert r.state == "deferred" and r.last_reply is not None and "4.7.4" in r.last_reply
+
+
+@pytest.fixture(autouse=True)
+def _quiet_aiosmtpd(caplog: pytest.LogCaptureFixture) -> None:
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
