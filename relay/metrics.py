@@ -16,6 +16,7 @@ The API the server and delivery call (all cheap, synchronous, safe on the event 
     m.set_domain_states({"verified": 2, "failing": 1})                # snapshot from domains
     m.render() -> bytes             # the text exposition (what /metrics serves)
     server, port = await m.start_http("127.0.0.1:9465")   ...   await m.stop_http()
+    m.http_port -> int | None
 
 Exposed names (all prefixed ``relaybox_``): ``connections_total{listener}``,
 ``connections_current{listener}``, ``auth_total{result=ok|failed|throttled}``,
@@ -201,6 +202,14 @@ class Metrics:
         shown = f"[{host}]" if host and ":" in host else (host or "*")
         log.info("metrics listening on http://%s:%d/metrics", shown, bound)
         return server, bound
+
+    @property
+    def http_port(self) -> int | None:
+        """The port /metrics is served on, or None when the endpoint is not running."""
+        if self._http is None or not self._http.sockets:
+            return None
+        port: int = self._http.sockets[0].getsockname()[1]
+        return port
 
     async def stop_http(self) -> None:
         if self._http is not None:

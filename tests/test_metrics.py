@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
+from pathlib import Path
 from shutil import which
 
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
+from relay.config import Config, MetricsConfig
 from relay.metrics import MAX_REASONS, Metrics, parse_listen
+from tests.dialogue import Dialogue, plain
+from tests.relayserver import start_relay
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -183,3 +189,69 @@ async def test_curl_scrapes_it() -> None:
         assert value(out.decode(), "relaybox_recipients_total", outcome="delivered") == 1
     finally:
         await m.stop_http()
+
+
+# --- scraped from the real server after real traffic --------------------------------------------
+
+LOGIN = "app@example.com"
+
+
+async def test_scrape_after_real_traffic(cfg: Config, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("relay.test", "127.0.0.1")
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    relay_cfg = dataclasses.replace(
+        cfg,
+        tls=dataclasses.replace(
+            cfg.tls, cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem")
+        ),
+        delivery=dataclasses.replace(cfg.delivery, paused=True),
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
+    )
+    relay = await start_relay(relay_cfg, tmp_path / "ca.pem")
+    try:
+        password = await relay.add_user(LOGIN)
+        port = relay.server.metrics.http_port
+        assert port is not None
+        ctx = relay.client_context()
+
+        d = await Dialogue.open(relay.tls_port, tls=ctx)
+        await d.expect_after("EHLO client.test", "250")
+        for _ in range(2):
+            await d.expect_after("AUTH PLAIN " + plain(LOGIN, "wrong-password-1"), "535")
+        await d.expect_after("AUTH PLAIN " + plain(LOGIN, password), "235")
+        await d.expect_after("MAIL FROM:<someone@elsewhere.test>", "550")
+        for rcpts in (["a@dest.test", "b@dest.test"], ["c@dest.test"]):
+            await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
+            for rcpt in rcpts:
+                await d.expect_after(f"RCPT TO:<{rcpt}>", "250")
+            await d.expect_after("DATA", "354")
+            body = f"From: {LOGIN}\r\nTo: {rcpts[0]}\r\nSubject: m\r\n\r\nhello\r\n."
+            await d.expect_after(body, "250")
+        await d.expect_after("QUIT", "221")
+        await d.close()
+        d = await Dialogue.open(relay.starttls_port)
+        await d.expect_after("QUIT", "221")
+        await d.close()
+
+        status, _, body = await http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert status == "HTTP/1.0 200 OK"
+        text = body.decode()
+        assert value(text, "relaybox_connections_total", listener="tls") == 1
+        assert value(text, "relaybox_connections_total", listener="starttls") == 1
+        assert value(text, "relaybox_auth_total", result="failed") == 2
+        assert value(text, "relaybox_auth_total", result="ok") == 1
+        assert value(text, "relaybox_auth_total", result="throttled") == 0
+        assert value(text, "relaybox_messages_accepted_total") == 2
+        assert value(text, "relaybox_recipients_accepted_total") == 3
+        assert value(text, "relaybox_accepted_bytes_total") > 0
+        rejected = {
+            k[1]: v for k, v in samples(text).items() if k[0] == "relaybox_messages_rejected_total"
+        }
+        assert sum(rejected.values()) == 1, rejected
+    finally:
+        await relay.server.shutdown()
+        relay.close()
+    assert relay.server.metrics.http_port is None
