@@ -25,7 +25,7 @@ from typing import Any
 from bench import harness
 from bench import postfix as postfix_mod
 from bench import relaybox_target as rb_mod
-from bench.common import all_procs, log, make_cert, peak_rss_kib, python_cmd, write_file
+from bench.common import all_procs, log, make_cert, memory, python_cmd, write_file
 from bench.dnszone import Zone
 from bench.harness import Result, Scenario
 from bench.targets import REPO, Ceiling, Sink, Target
@@ -127,13 +127,13 @@ async def _run(
     why = "--no-relaybox" if args.no_relaybox else rb_mod.available()
     if why is None:
         common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
-        for name, paused, ttl in (
-            ("relaybox-accept", True, "5m"),
-            ("relaybox-e2e", False, "5m"),
-            ("relaybox-nocache", True, "0s"),
+        for name, paused, ttl, users in (
+            ("relaybox-accept", True, "5m", 0),
+            ("relaybox-e2e", False, "5m", 0),
+            ("relaybox-nocache", True, "0s", args.reconnect_connections),
         ):
             rb = await rb_mod.Relaybox.start(
-                name, work / name, paused=paused, cache_ttl=ttl, **common
+                name, work / name, paused=paused, cache_ttl=ttl, users=users, **common
             )
             stops.append(rb.stop)
             targets[name] = rb.target
@@ -184,7 +184,7 @@ async def _run(
     info["rounds_s"] = round(time.monotonic() - t_start, 1)
 
     procs = all_procs()
-    rss = {name: peak_rss_kib(t.selector(procs)) / 1024 for name, t in targets.items()}
+    mem = {name: memory(t.selector(procs)) for name, t in targets.items()}
     big = []
     if args.big:
         for name in ("relaybox-accept", CEILING):
@@ -221,7 +221,7 @@ async def _run(
         f"{args.rounds} rounds x {args.duration:.0f} s, {args.size} B messages, "
         f"STARTTLS + AUTH PLAIN; medians over rounds"
     )
-    harness.print_table(rows, rss)
+    harness.print_table(rows, {k: v["mib"] for k, v in mem.items()})
     print()
     for k, v in ratios.items():
         print(f"  {k:<48} {v}")
@@ -239,7 +239,7 @@ async def _run(
         "args": {k: v for k, v in vars(args).items() if k != "json_out"},
         "rows": rows,
         "ratios": ratios,
-        "peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "memory": mem,
         "big_messages": big,
         "spool_scale": scale,
     }

@@ -166,6 +166,32 @@ def peak_rss_kib(pids: Iterable[int]) -> int:
     return total
 
 
+def _status_kib(pid: int, path: str, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory(pids: Iterable[int]) -> dict[str, float]:
+    """A target's memory in MiB. One process: its peak RSS (VmHWM) is the figure. Several
+    (Postfix forks a dozen that share their libraries): summing VmHWM would count shared pages
+    many times, so the figure is the sum of PSS (proportional set size) right now."""
+    pids = list(pids)
+    hwm = [_status_kib(p, "status", "VmHWM:") for p in pids]
+    pss = sum(_status_kib(p, "smaps_rollup", "Pss:") for p in pids)
+    figure = hwm[0] if len(pids) == 1 else pss
+    return {
+        "mib": round(figure / 1024, 1),
+        "kind": "peak RSS" if len(pids) == 1 else "PSS sum",
+        "processes": len(pids),
+        "max_process_peak_rss_mib": round(max(hwm, default=0) / 1024, 1),
+    }
+
+
 def reset_peak_rss(pids: Iterable[int]) -> None:
     """Reset VmHWM (writing 5 to clear_refs, Linux >= 4.0) so a later peak is this phase's own."""
     for pid in pids:

@@ -62,13 +62,14 @@ async def run_loadgen(
     run_id: str = "",
 ) -> dict[str, Any]:
     """bench/loadgen.py in its own process (its CPU is then not the target's, and is reported)."""
+    if target.credentials is not None:
+        login = ["--credentials", str(target.credentials)]
+    else:
+        login = ["--user", target.user, "--password-file", str(target.password_file)]
     args = [
         "--port",
         str(target.port),
-        "--user",
-        target.user,
-        "--password-file",
-        str(target.password_file),
+        *login,
         "-c",
         str(connections),
         "-s",
@@ -263,7 +264,7 @@ def paired_ratio(results: list[Result], num: str, den: str, connections: int) ->
 def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
     head = (
         f"{'target':<22} {'C':>3} {'mode':<10} {'msgs/s':>8} {'x ceil':>7} {'p50':>7} {'p95':>7} "
-        f"{'p99':>7} {'srv ms/msg':>10} {'cli ms/msg':>10} {'RSS MiB':>8}  notes"
+        f"{'p99':>7} {'srv ms/msg':>10} {'cli ms/msg':>10} {'mem MiB':>8}  notes"
     )
     print(head)
     print("-" * len(head))

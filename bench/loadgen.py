@@ -124,7 +124,7 @@ class Plan:
     host: str
     port: int
     ctx: ssl.SSLContext | None
-    auth: bytes | None
+    auths: list[bytes]  # connection n logs in with auths[n % len(auths)]; empty: no AUTH
     sender: str
     rcpt: str
     head: bytes
@@ -160,7 +160,9 @@ async def worker(n: int, plan: Plan, stats: Stats) -> None:
             if client is None:
                 client = await Client.connect(plan.host, plan.port)
                 stats.sessions += 1
-                await client.hello(plan.ctx, plan.auth)
+                await client.hello(
+                    plan.ctx, plan.auths[n % len(plan.auths)] if plan.auths else None
+                )
             while more():
                 msgid = f"{plan.run_id}.{n}.{sent}@loadgen.bench.test"
                 if not plan.reconnect:
@@ -216,13 +218,18 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-async def run(args: argparse.Namespace, password: str) -> tuple[dict[str, object], list[str]]:
+def auth_plain(login: str, password: str) -> bytes:
+    """RFC 4616: authzid (empty) NUL authcid NUL passwd, base64, as an initial response."""
+    token = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+    return f"AUTH PLAIN {token}\r\n".encode()
+
+
+async def run(
+    args: argparse.Namespace, logins: list[tuple[str, str]]
+) -> tuple[dict[str, object], list[str]]:
     """The load, then (summary, acknowledged "<message-id> <queue-id>" lines)."""
-    auth = None
-    if args.user:
-        token = base64.b64encode(f"\0{args.user}\0{password}".encode()).decode()
-        auth = f"AUTH PLAIN {token}\r\n".encode()
-    head, tail = make_body(args.size, args.sender or args.user or "bench@bench.test", args.rcpt)
+    sender = args.sender or (logins[0][0] if logins else "bench@bench.test")
+    head, tail = make_body(args.size, sender, args.rcpt)
     stats = Stats()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start_wall = time.time()
@@ -231,8 +238,8 @@ async def run(args: argparse.Namespace, password: str) -> tuple[dict[str, object
         host=args.host,
         port=args.port,
         ctx=None if args.no_tls else client_context(),
-        auth=auth,
-        sender=args.sender or args.user or "bench@bench.test",
+        auths=[auth_plain(login, password) for login, password in logins],
+        sender=sender,
         rcpt=args.rcpt,
         head=head,
         tail=tail,
@@ -279,6 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--user", default="")
     p.add_argument("--password", default="")
     p.add_argument("--password-file", default="")
+    p.add_argument(
+        "--credentials", default="", help='file of "login password" lines, one per connection'
+    )
     p.add_argument("--sender", default="", help="MAIL FROM (default: --user)")
     p.add_argument("--rcpt", default="rcpt@sink.test")
     p.add_argument("--no-tls", action="store_true")
@@ -293,8 +303,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    password = Path(args.password_file).read_text().strip() if args.password_file else args.password
-    summary, acked = asyncio.run(run(args, password))
+    logins: list[tuple[str, str]] = []
+    if args.credentials:
+        for line in Path(args.credentials).read_text().splitlines():
+            login, _, password = line.strip().partition(" ")
+            if login:
+                logins.append((login, password))
+    elif args.user:
+        pw = Path(args.password_file).read_text().strip() if args.password_file else args.password
+        logins.append((args.user, pw))
+    summary, acked = asyncio.run(run(args, logins))
     if args.acked_file:
         Path(args.acked_file).write_text("".join(a + "\n" for a in acked))
     r = summary

@@ -103,8 +103,12 @@ def _cli(config: Path, *args: str) -> Any:
     return json.loads(out.stdout) if "--json" in args else out.stdout
 
 
-def setup_store(config: Path, zone: Zone, password_file: Path) -> None:
-    """domain add -> publish its records -> domain verify -> user add (password to a 0600 file)."""
+def setup_store(config: Path, zone: Zone, password_file: Path, users: int = 0) -> Path | None:
+    """domain add -> publish its records -> domain verify -> user add (password to a 0600 file).
+
+    With users > 0, that many more users app1..appN, written as a credentials file (for the
+    no-cache reconnect run: distinct logins, so single-flight cannot merge their argon2 work).
+    """
     d = _cli(config, "domain", "add", DOMAIN, "--json")
     zone.publish(d["records"])
     v = _cli(config, "domain", "verify", DOMAIN, "--json")
@@ -114,6 +118,15 @@ def setup_store(config: Path, zone: Zone, password_file: Path) -> None:
     fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(u["password"])
+    if not users:
+        return None
+    creds = password_file.with_name("credentials")
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        for i in range(1, users + 1):
+            login = f"app{i}@{DOMAIN}"
+            f.write(f"{login} {_cli(config, 'user', 'add', login, '--json')['password']}\n")
+    return creds
 
 
 class Relaybox:
@@ -136,6 +149,7 @@ class Relaybox:
         cache_ttl: str = "5m",
         extra: str = "",
         notes: str = "",
+        users: int = 0,
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -152,7 +166,7 @@ class Relaybox:
             extra=extra,
         )
         password_file = workdir / "password"
-        setup_store(config, zone, password_file)
+        creds = setup_store(config, zone, password_file, users)
         proc, line = await Proc.start(
             name,
             [*relaybox_cmd(), "--config", str(config), "serve"],
@@ -161,7 +175,14 @@ class Relaybox:
         )
         log(f"{name}: {line.split(': ', 1)[-1]}")
         target = Target(
-            name, port, USER, password_file, tree_selector(proc.pid), e2e=not paused, notes=notes
+            name,
+            port,
+            USER,
+            password_file,
+            tree_selector(proc.pid),
+            e2e=not paused,
+            notes=notes,
+            credentials=creds,
         )
         return cls(name, proc, target, config)
 

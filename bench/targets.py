@@ -149,6 +149,7 @@ class Target:
     password_file: Path
     selector: PidSelector
     e2e: bool = False  # rate counted at the sink
+    credentials: Path | None = None  # "login password" lines: connection n uses line n % len
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
