@@ -17,7 +17,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from relay.db import MAIN_MIGRATIONS, Database
 from relay.passwords import Hasher, generate_password
 from tests import leaks
 from tests.dialogue import Dialogue
+from tests.test_systemd_unit import sandboxed
 from tests.userhelpers import make_domain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,11 +183,13 @@ async def add_user(box: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def service(box: Path, notify_path: str, notify: socket.socket) -> AsyncIterator[Service]:
+async def service(
+    box: Path, notify_path: str, notify: socket.socket, prefix: Sequence[str] = ()
+) -> AsyncIterator[Service]:
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "RELAYBOX_CONFIG")}
     env["NOTIFY_SOCKET"] = notify_path
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "--config", str(box / "relaybox.toml"), "serve",
+        *prefix, *CLI, "--config", str(box / "relaybox.toml"), "serve",
         cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -303,3 +306,30 @@ async def test_no_ready_when_a_listener_cannot_bind(
             await svc.log("cannot start: .*address already in use")
             assert svc.no_notification_pending()
             assert await svc.wait(within=5) == 1
+
+
+async def test_serves_under_the_units_sandbox(
+    box: Path, ca: trustme.CA, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """MemoryDenyWriteExecute= and SystemCallFilter= applied for real (see test_systemd_unit):
+    argon2 in threads, DKIM signing, TLS, SQLite and the notify socket all keep working."""
+    sock, path = notify_socket
+    prefix = sandboxed(box, [])
+    password = await add_user(box)
+    async with service(box, path, sock, prefix) as svc:
+        ready = await svc.notification()
+        assert ready.get("READY") == "1", svc.lines
+        status = await asyncio.to_thread(Path(f"/proc/{svc.proc.pid}/status").read_text)
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), "no seccomp filter on the service"
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
+        d = await Dialogue.open(await svc.port("tls"), tls=client_context(ca))
+        await d.login(LOGIN, password)
+        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
+        await d.expect_after("RCPT TO:<someone@dest.test>", "250")
+        await d.expect_after("DATA", "354")
+        await d.expect_after(f"From: {LOGIN}\r\nSubject: s\r\n\r\nsandboxed\r\n.", "250")
+        await d.expect_after("QUIT", "221")
+        await d.close()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert await svc.wait() == 0, "\n".join(svc.lines)
+        assert not [line for line in svc.lines if "Traceback" in line or "ERROR" in line]
