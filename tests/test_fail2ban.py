@@ -9,18 +9,31 @@ RFC 3339 date first). fail2ban-regex and fail2ban-client come from Debian's fail
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import io
 import logging
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay import maillog
+from tests.dialogue import Dialogue, plain
+from tests.test_service import (
+    LOGIN,
+    Service,
+    add_user,
+    client_context,
+    fake_notify_socket,
+    make_box,
+    service,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "conf" / "fail2ban" / "filter.d" / "relaybox.conf"
@@ -182,3 +195,37 @@ def test_jail_settings() -> None:
     assert jail["port"] == "587,465"
     # More patient than relaybox's own lockout (5 failures): the ban is for clients that persist.
     assert jail.getint("maxretry") > 5
+
+
+@needs_f2b
+async def test_lines_from_the_running_service(tmp_path: Path) -> None:
+    """`relaybox serve` itself, logging as under journald: its auth-failure lines are counted."""
+    ca = trustme.CA()
+    (tmp_path / "box").mkdir()
+    box = make_box(tmp_path / "box", ca)
+    password = await add_user(box)
+    journald = {"JOURNAL_STREAM": "8:12345"}  # serve then leaves the time to the journal
+    with fake_notify_socket() as (sock, path):
+        async with service(box, path, sock, env_extra=journald) as svc:
+            await exercise(svc, ca, password)
+    mail = [line for line in svc.lines if "relaybox.mail:" in line]
+    assert len(mail) >= 3, svc.lines
+    framed = [f"mailbox relaybox[{svc.proc.pid}]: {line}" for line in svc.lines]
+    spec = f"{filter_dir(tmp_path) / 'relaybox.conf'}[logtype=journal]"
+    assert await asyncio.to_thread(fail2ban_regex, tmp_path, framed, spec) == ["127.0.0.1"] * 2
+
+
+async def exercise(svc: Service, ca: trustme.CA, password: str) -> None:
+    """Two failed AUTHs (wrong password, unknown user), one good one, then a clean stop."""
+    assert (await svc.notification()).get("READY") == "1"
+    d = await Dialogue.open(await svc.port("starttls"))
+    await d.expect_after("EHLO client.test", "250")
+    await d.starttls(client_context(ca))
+    await d.expect_after("EHLO client.test", "250")
+    await d.expect_after("AUTH PLAIN " + plain(LOGIN, password + "x"), "535")
+    await d.expect_after("AUTH PLAIN " + plain("nobody@example.com", "whatever-pw"), "535")
+    await d.expect_after("AUTH PLAIN " + plain(LOGIN, password), "235")
+    await d.expect_after("QUIT", "221")
+    await d.close()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert await svc.wait() == 0

@@ -103,8 +103,9 @@ class Service:
             await self._reader
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+@contextlib.contextmanager
+def fake_notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """systemd's end of $NOTIFY_SOCKET: a bound datagram socket and its path."""
     # AF_UNIX paths are limited to 107 bytes: a short directory, not pytest's tmp_path.
     with tempfile.TemporaryDirectory(prefix="rbx", dir="/tmp") as d:
         path = os.path.join(d, "notify")
@@ -113,6 +114,12 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
         sock.setblocking(False)
         yield sock, path
         sock.close()
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    with fake_notify_socket() as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +137,7 @@ def write_cert(ca: trustme.CA, cert: Path, key: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode())
 
 
-@pytest.fixture
-def box(tmp_path: Path, ca: trustme.CA) -> Path:
+def make_box(tmp_path: Path, ca: trustme.CA) -> Path:
     """A config file for the subprocess: ephemeral loopback ports, a CA-issued certificate."""
     write_cert(ca, tmp_path / "cert.pem", tmp_path / "key.pem")
     (tmp_path / "relaybox.toml").write_text(
@@ -163,6 +169,11 @@ recheck_interval = "0s"
     return tmp_path
 
 
+@pytest.fixture
+def box(tmp_path: Path, ca: trustme.CA) -> Path:
+    return make_box(tmp_path, ca)
+
+
 async def add_user(box: Path) -> str:
     """A verified domain and a user, written to the state dir before the service starts."""
     cfg = config_mod.load(box / "relaybox.toml")
@@ -184,10 +195,15 @@ async def add_user(box: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def service(
-    box: Path, notify_path: str, notify: socket.socket, prefix: Sequence[str] = ()
+    box: Path,
+    notify_path: str,
+    notify: socket.socket,
+    prefix: Sequence[str] = (),
+    env_extra: dict[str, str] | None = None,
 ) -> AsyncIterator[Service]:
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "RELAYBOX_CONFIG")}
     env["NOTIFY_SOCKET"] = notify_path
+    env.update(env_extra or {})
     proc = await asyncio.create_subprocess_exec(
         *prefix, *CLI, "--config", str(box / "relaybox.toml"), "serve",
         cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,
