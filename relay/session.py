@@ -69,6 +69,7 @@ class SessionState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
 _CHUNK = 1024 * 1024
 # Held in memory while receiving: the bytearray (1x) plus headroom for the copy made when the
 # message is assembled, signed and stored (another 2-3x); reserved in chunks as it grows.
@@ -284,6 +285,9 @@ class RelaySMTP(SMTP):
                 problem = replies.BARE_LINE_ENDING
             elif b"\0" in body:
                 problem = replies.NUL_IN_MESSAGE
+            elif len(line) - line.startswith(b".") > _MAX_LINE:
+                # The reader's limit lets a few octets more through than RFC 5321 4.5.3.1.6.
+                problem = replies.LINE_TOO_LONG
             elif len(buf) + len(line) > limit:
                 problem = replies.MESSAGE_TOO_BIG
             if problem is not None:
