@@ -83,6 +83,7 @@ class RelaySMTP(SMTP):
         self.listener_mode = listener_mode
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
+        self._data_reserved = 0  # bytes of the memory budget this session holds during DATA
         # Wrap every command so draining and "busy" are known without touching aiosmtpd's loop.
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._guarded(name, method)
@@ -227,15 +228,17 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         budget = self.relay.memory
-        reserved = _CHUNK * _MEMORY_FACTOR
-        if not budget.try_reserve(reserved):
+        if not budget.try_reserve(_CHUNK * _MEMORY_FACTOR):
             await self.push(str(replies.MEMORY_BUSY))
             return
+        # _read_data grows this as the message grows; it is released below even when reading
+        # fails (a client that disconnects or times out mid-DATA must not keep its share).
+        self._data_reserved = _CHUNK * _MEMORY_FACTOR
         self.state.in_data = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._reset_timeout(self.relay.cfg.limits.data_timeout)
-            reply, content, reserved = await self._read_data(reserved)
+            reply, content = await self._read_data()
             if reply is None:
                 assert content is not None
                 self.envelope.original_content = content
@@ -246,12 +249,13 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(status)
         finally:
-            budget.release(reserved)
+            budget.release(self._data_reserved)
+            self._data_reserved = 0
             self.state.in_data = False
             self._reset_timeout()
 
-    async def _read_data(self, reserved: int) -> tuple[Reply | None, bytes | None, int]:
-        """Read up to CRLF.CRLF; returns (refusal or None, content, bytes reserved)."""
+    async def _read_data(self) -> tuple[Reply | None, bytes | None]:
+        """Read up to CRLF.CRLF; returns (refusal or None, content)."""
         limit = self.relay.cfg.limits.max_message_size
         budget = self.relay.memory
         buf = bytearray()
@@ -297,13 +301,13 @@ class RelaySMTP(SMTP):
                 line = line[1:]
             buf += line
             need = (len(buf) + _CHUNK) * _MEMORY_FACTOR
-            if need > reserved:
-                extra = need - reserved
+            if need > self._data_reserved:
+                extra = need - self._data_reserved
                 if budget.try_reserve(extra):
-                    reserved += extra
+                    self._data_reserved += extra
                 else:
                     problem = replies.MEMORY_BUSY
                     buf.clear()
         if problem is not None:
-            return problem, None, reserved
-        return None, bytes(buf), reserved
+            return problem, None
+        return None, bytes(buf)
