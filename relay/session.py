@@ -137,6 +137,14 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def _timeout_cb(self) -> None:
+        # Idle (or DATA) timeout: say so with 421 4.4.2 (RFC 5321 3.8) before aiosmtpd closes,
+        # rather than a silent close the client reads as a network fault.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.IDLE_TIMEOUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     def in_transaction(self) -> bool:
         st = self.state
         return bool(
