@@ -1,0 +1,252 @@
+"""`relaybox doctor` against a real relay, a real loopback DNS server and real certificate files."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from click.testing import CliRunner, Result
+
+from admin.cli import cli
+from admin.doctor_cmd import name_matches, readable_by, stray_files
+from relay import config as config_mod
+from relay import domains
+from relay.config import Config
+from relay.db import MAIN_MIGRATIONS, Database
+from tests.dnsserver import TestDNSServer
+from tests.relayserver import RelayHandle, start_relay
+from tests.userhelpers import make_domain
+
+LOGIN = "app@example.com"
+CONFIG = """
+state_dir = "{state}"
+public_hostname = "{hostname}"
+[[listen]]
+address = "127.0.0.1"
+port = {starttls}
+mode = "starttls"
+[[listen]]
+address = "127.0.0.1"
+port = {tls}
+mode = "tls"
+[tls]
+cert = "{cert}"
+key = "{key}"
+[auth]
+failure_delay = "0s"
+argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
+[dns]
+nameservers = ["127.0.0.1"]
+port = {dns_port}
+timeout = "500ms"
+outbound_ips = ["192.0.2.10"]
+recheck_interval = "0s"
+[delivery]
+paused = true
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"""
+
+
+class Box:
+    """A config file on disk (what doctor reads) and the certificate files it names."""
+
+    def __init__(self, tmp_path: Path, ca: trustme.CA, dns_port: int) -> None:
+        self.dir = tmp_path
+        self.ca = ca
+        self.dns_port = dns_port
+        self.path = tmp_path / "relaybox.toml"
+        self.state = tmp_path / "state"
+        self.state.mkdir(mode=0o700)
+        self.issue()
+
+    def issue(self, *names: str, not_after: datetime.datetime | None = None) -> None:
+        cert = self.ca.issue_cert(*(names or ("relay.test", "127.0.0.1")), not_after=not_after)
+        cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+
+    def write(self, *, starttls: int = 0, tls: int = 0, metrics: int = 0, **kw: str) -> Config:
+        values: dict[str, Any] = {
+            "state": self.state, "hostname": "relay.test", "cert": self.dir / "cert.pem",
+            "key": self.dir / "key.pem", "dns_port": self.dns_port, "starttls": starttls,
+            "tls": tls, "metrics": metrics,
+        }  # fmt: skip
+        values.update(kw)
+        self.path.write_text(CONFIG.format(**values))
+        return config_mod.load(self.path)
+
+
+@pytest.fixture
+def box(tmp_path: Path, dns_server: TestDNSServer) -> Box:
+    return Box(tmp_path, trustme.CA(), dns_server.port)
+
+
+@pytest.fixture
+async def running(box: Box, dns_server: TestDNSServer) -> AsyncIterator[RelayHandle]:
+    """The relay started from the box's config; the file then names its real ports."""
+    cfg = box.write()
+    ca_path = box.dir / "ca.pem"
+    box.ca.cert_pem.write_to_path(str(ca_path))
+    relay = await start_relay(cfg, ca_path)
+    await relay.add_domain("example.com", verified=True)
+    d = await domains.get(relay.server.db, "example.com")  # type: ignore[arg-type]
+    assert d is not None
+    dns_server.publish(domains.records(d, cfg))
+    metrics_port = relay.server.metrics.http_port
+    assert metrics_port is not None
+    box.write(starttls=relay.starttls_port, tls=relay.tls_port, metrics=metrics_port)
+    try:
+        yield relay
+    finally:
+        await relay.server.shutdown()
+        relay.close()
+
+
+async def doctor(box: Box, *args: str, env: dict[str, str] | None = None) -> Result:
+    """The CLI in a thread: its asyncio.run must not share the relay's loop."""
+    runner = CliRunner()
+    argv = ["--config", str(box.path), "doctor", "--json", *args]
+    return await asyncio.to_thread(runner.invoke, cli, argv, env=env)
+
+
+def statuses(result: Result) -> dict[str, tuple[str, str]]:
+    data = json.loads(result.stdout)
+    assert data["ok"] == (result.exit_code == 0)
+    return {c["check"]: (c["status"], c["detail"]) for c in data["checks"]}
+
+
+async def test_a_healthy_box_passes(box: Box, running: RelayHandle) -> None:
+    result = await doctor(box)
+    checks = statuses(result)
+    assert result.exit_code == 0, checks
+    for name in ("config", "tls expiry", "tls names", "state dir", "domain example.com",
+                 "metrics", f"listen 127.0.0.1:{running.tls_port} tls",
+                 f"listen 127.0.0.1:{running.starttls_port} starttls"):  # fmt: skip
+        assert checks[name][0] == "pass", (name, checks[name])
+    assert checks["users"][0] == "warn"  # none yet
+    assert "ownership pass spf pass dkim pass" in checks["domain example.com"][1]
+
+    # The people's view: a table and a summary line.
+    text = await asyncio.to_thread(CliRunner().invoke, cli, ["--config", str(box.path), "doctor"])
+    assert text.exit_code == 0
+    assert "STATUS" in text.stdout.splitlines()[0]
+    assert " 0 fail" in text.stdout
+
+
+async def test_problems_are_failures(box: Box, dns_server: TestDNSServer) -> None:
+    # A certificate that expired yesterday, for another name; nothing listening; DNS records
+    # missing for a domain verified earlier; a world-readable state dir.
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    box.issue("other.test", not_after=past)
+    with socket.socket() as a, socket.socket() as b:
+        # Bound but not listening: connecting is refused while the ports stay ours.
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        cfg = box.write(starttls=a.getsockname()[1], tls=b.getsockname()[1])
+        db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        try:
+            await make_domain(db, cfg, "example.com", now=time.time())  # verified earlier
+        finally:
+            await db.close()
+        box.state.chmod(0o755)
+        result = await doctor(box)
+    checks = statuses(result)
+    assert result.exit_code == 1
+    assert checks["tls expiry"][0] == "fail" and "expired" in checks["tls expiry"][1]
+    assert checks["tls names"] == ("fail", "relay.test not in (other.test)")
+    assert checks["state dir"][0] == "warn" and "0700" in checks["state dir"][1]
+    listen = f"listen 127.0.0.1:{cfg.listen[1].port} tls"
+    assert checks[listen][0] == "fail" and "is the service running" in checks[listen][1]
+    domain = checks["domain example.com"]
+    assert domain[0] == "fail" and "ownership fail" in domain[1], domain
+    # Looking is not verifying: the domain's recorded state did not change.
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["--config", str(box.path), "domain", "show", "example.com"]
+    )
+    assert "verified" in result.stdout
+
+
+async def test_stale_certificate_after_renewal(box: Box, running: RelayHandle) -> None:
+    box.issue()  # renewed on disk, but the service was not reloaded
+    checks = statuses(await doctor(box))
+    status, detail = checks[f"listen 127.0.0.1:{running.tls_port} tls"]
+    assert status == "warn" and "systemctl reload relaybox" in detail
+    running.server.cfg = config_mod.load(box.path)
+    await running.server.reload(notify=False, cfg=running.server.cfg)
+    checks = statuses(await doctor(box))
+    assert checks[f"listen 127.0.0.1:{running.tls_port} tls"][0] == "pass"
+
+
+async def test_send_test(box: Box, running: RelayHandle) -> None:
+    password = await running.add_user(LOGIN)
+    args = ["--send-test", "someone@dest.test", "--user", LOGIN]
+    result = await doctor(box, *args, env={"RELAYBOX_TEST_PASSWORD": password})
+    checks = statuses(result)
+    assert result.exit_code == 0, checks
+    status, detail = checks["send test"]
+    assert status == "pass" and "queued as" in detail, detail
+    assert password not in result.output
+
+    result = await doctor(box, *args, env={"RELAYBOX_TEST_PASSWORD": password + "-wrong"})
+    assert result.exit_code == 1
+    status, detail = statuses(result)["send test"]
+    assert status == "fail" and "535" in detail
+
+    result = await doctor(box, "--send-test", "someone@dest.test")
+    assert result.exit_code == 2 and "--user" in result.output
+
+
+def test_name_matching() -> None:
+    assert name_matches("relay.test", "RELAY.test.")
+    assert name_matches("*.example.com", "smtp.example.com")
+    assert not name_matches("*.example.com", "a.b.example.com")
+    assert not name_matches("*.example.com", "example.com")
+    assert not name_matches("example.com", "smtp.example.com")
+
+
+def test_stray_files(tmp_path: Path) -> None:
+    (tmp_path / "relaybox.db").write_text("")
+    assert stray_files(tmp_path) == []
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "relaybox.db", 65534, 65534)
+        assert stray_files(tmp_path) == [tmp_path / "relaybox.db"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files of other owners")
+def test_readable_by() -> None:
+    nobody = pwd.getpwnam("nobody")
+    # Not under tmp_path: its parents are root-only, so nothing there is readable by nobody.
+    base = Path(tempfile.mkdtemp(prefix="relaybox-readable-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        closed = base / "archive"
+        closed.mkdir(mode=0o755)
+        f = closed / "cert.pem"
+        f.write_text("c")
+        f.chmod(0o644)
+        assert readable_by(f, nobody)
+        f.chmod(0o600)
+        assert not readable_by(f, nobody)
+        f.chmod(0o640)
+        os.chown(f, 0, nobody.pw_gid)
+        assert readable_by(f, nobody)
+        link = base / "live.pem"
+        link.symlink_to(f)
+        assert readable_by(link, nobody)
+        closed.chmod(0o700)
+        assert not readable_by(f, nobody)
+        assert not readable_by(link, nobody)  # the link's target is behind a closed directory
+    finally:
+        shutil.rmtree(base)
