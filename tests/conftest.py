@@ -19,7 +19,12 @@ from relay.config import Config
 from relay.db import MAIN_MIGRATIONS, Database
 from tests import leaks
 
-pytest_plugins: list[str] = ["tests.dnsserver", "tests.userhelpers", "tests.sink"]
+pytest_plugins: list[str] = [
+    "tests.dnsserver",
+    "tests.userhelpers",
+    "tests.sink",
+    "tests.relayserver",
+]
 
 
 @pytest.fixture
