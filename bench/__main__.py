@@ -165,6 +165,10 @@ async def _run(
         if n in targets:
             scenarios.append(Scenario(targets[n], args.reconnect_connections, reconnect=True))
 
+    sink_target = Target("sink", sink.port, "", pw, lambda procs: {sink.proc.pid})
+    cap = await harness.run_loadgen(sink_target, 8, duration=2.0)
+    info["sink_capacity"] = cap["rate"]
+    log(f"sink capacity (plain SMTP, no TLS/AUTH, C=8): {cap['rate']:.0f} msgs/s")
     log("warm-up: every target, 1 s at C=8")
     for t in targets.values():
         if t.e2e:
@@ -232,6 +236,7 @@ async def _run(
         )
     if scale:
         print(f"  spool scale: {json.dumps(scale)}")
+    print(f"  sink capacity (plain SMTP, C=8): {info['sink_capacity']:.0f} msgs/s")
     for k, v in info["skipped"].items():
         print(f"  skipped {k}: {v}")
     summary = {

@@ -64,8 +64,10 @@ async def run_loadgen(
     """bench/loadgen.py in its own process (its CPU is then not the target's, and is reported)."""
     if target.credentials is not None:
         login = ["--credentials", str(target.credentials)]
-    else:
+    elif target.user:
         login = ["--user", target.user, "--password-file", str(target.password_file)]
+    else:
+        login = ["--no-tls"]  # the sink: plain SMTP, no AUTH
     args = [
         "--port",
         str(target.port),
@@ -263,7 +265,8 @@ def paired_ratio(results: list[Result], num: str, den: str, connections: int) ->
 
 def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
     head = (
-        f"{'target':<22} {'C':>3} {'mode':<10} {'msgs/s':>8} {'x ceil':>7} {'p50':>7} {'p95':>7} "
+        f"{'target':<22} {'C':>3} {'mode':<10} {'msgs/s':>8} {'accept/s':>8} {'x ceil':>7} "
+        f"{'p50':>7} {'p95':>7} "
         f"{'p99':>7} {'srv ms/msg':>10} {'cli ms/msg':>10} {'mem MiB':>8}  notes"
     )
     print(head)
@@ -279,7 +282,8 @@ def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
         cli = r["client_cpu_ms_per_msg"]
         print(
             f"{r['target']:<22} {r['connections']:>3} "
-            f"{'reconnect' if r['reconnect'] else 'persistent':<10} {r['rate']:>8.0f} {x:>7} "
+            f"{'reconnect' if r['reconnect'] else 'persistent':<10} {r['rate']:>8.0f} "
+            f"{r['accept_rate']:>8.0f} {x:>7} "
             f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} "
             f"{srv if srv is not None else '-':>10} {cli if cli is not None else '-':>10} "
             f"{rss.get(r['target'], 0):>8.0f}  {'; '.join(notes)}"
