@@ -1,0 +1,213 @@
+"""SMTP smuggling and command injection against the real server (issue 6, item 1).
+
+A smuggling attack hides a second SMTP transaction inside a message behind an end-of-data marker
+that the receiving server reads differently from the sender (SEC Consult, 2023). relaybox accepts
+only ``CRLF . CRLF`` as the end of DATA (RFC 5321 4.1.1.4) and refuses any message with a bare CR
+or LF (554 5.6.0), so whatever follows a lax marker stays inside the one refused message. After each
+attempt the spool is read: never a second message, never a queued message that was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+
+from relay import replies
+from tests.dialogue import Dialogue, plain
+from tests.hostile.kit import LOGIN, authed, message, queued
+from tests.relayserver import RelayHandle
+
+SMUGGLED = (
+    b"MAIL FROM:<app@example.com>\r\n"
+    b"RCPT TO:<victim@dest.test>\r\n"
+    b"DATA\r\n" + message(subject="smuggled") + b"\r\n.\r\n"
+)
+
+# Markers that some servers take as the end of DATA (all but the real CRLF.CRLF).
+END_VARIANTS = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"]
+
+
+async def start_data(d: Dialogue, rcpt: str = "r@dest.test") -> None:
+    await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250 2.1.0")
+    await d.expect_after(f"RCPT TO:<{rcpt}>", "250 2.1.5")
+    await d.expect_after("DATA", "354")
+
+
+async def assert_one_reply_then_quiet(d: Dialogue, expected: str) -> None:
+    """Exactly one reply to the whole DATA blob: the next reply read answers our NOOP."""
+    assert await d.reply() == expected
+    assert await d.reply_after("NOOP") == "250 OK"
+
+
+@pytest.mark.parametrize("variant", END_VARIANTS, ids=[repr(v)[2:-1] for v in END_VARIANTS])
+async def test_end_of_data_variants_never_make_a_second_message(
+    relay: RelayHandle, variant: bytes
+) -> None:
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    # The first message's last line has no CRLF of its own: the variant ends it.
+    first = message(subject="first").removesuffix(b"\r\n")
+    d.send_raw(first + variant + SMUGGLED)
+    await d.writer.drain()
+    await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
+    assert await queued(relay) == []
+    # The session is still usable, and a clean message is exactly one message.
+    await start_data(d)
+    d.send_raw(message(subject="clean") + b".\r\n")
+    await d.writer.drain()
+    reply = await d.reply()
+    assert reply.startswith("250 2.0.0 queued as "), reply
+    msgs = await queued(relay)
+    assert [m.id for m in msgs] == [reply.rsplit(" ", 1)[1]]
+    assert [r.address for r in msgs[0].recipients] == ["r@dest.test"]
+    await d.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"bare\nLF inside a line\r\n", replies.BARE_LINE_ENDING),
+        (b"bare\rCR inside a line\r\n", replies.BARE_LINE_ENDING),
+        (b"ends with a bare CR\r\r\n", replies.BARE_LINE_ENDING),
+        (b"lone LF at the end\n", replies.BARE_LINE_ENDING),
+        (b"a NUL \0 byte\r\n", replies.NUL_IN_MESSAGE),
+        (b"\n.\n", replies.BARE_LINE_ENDING),
+    ],
+    ids=["lf", "cr", "cr-before-crlf", "trailing-lf", "nul", "lf-dot-lf-alone"],
+)
+async def test_bare_cr_lf_and_nul_are_refused(
+    relay: RelayHandle, body: bytes, expected: replies.Reply
+) -> None:
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    d.send_raw(message(body=body) + b"\r\n.\r\n")
+    await d.writer.drain()
+    await assert_one_reply_then_quiet(d, str(expected))
+    assert await queued(relay) == []
+    await d.close()
+
+
+async def test_bare_lf_in_a_header_is_refused(relay: RelayHandle) -> None:
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    d.send_raw(b"From: app@example.com\nBcc: victim@dest.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    await d.writer.drain()
+    await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
+    assert await queued(relay) == []
+    await d.close()
+
+
+async def test_tail_of_an_overlong_line_is_not_an_end_of_data(relay: RelayHandle) -> None:
+    """A line over 1000 octets is read in pieces; its tail must never count as a line start.
+
+    Had the server taken the "." left over from a cut-off long line, followed by CRLF, as the end
+    of DATA, the commands after it would run in the client's authenticated session: a smuggled
+    second message with recipients of the attacker's choice.
+    """
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    d.send_raw(message(body=b"x" * 3000 + b"."))
+    await d.writer.drain()
+    # Let the server read this segment on its own, so the read stops right before the dot.
+    await asyncio.sleep(0.2)  # sleep-ok: deliberately splits the stream at a chosen byte
+    d.send_raw(b"\r\n" + SMUGGLED)
+    await d.writer.drain()
+    await assert_one_reply_then_quiet(d, str(replies.LINE_TOO_LONG))
+    assert await queued(relay) == []
+    await d.close()
+
+
+async def test_dot_stuffing_is_undone_and_only_crlf_dot_crlf_ends(relay: RelayHandle) -> None:
+    """RFC 5321 4.5.2: "..\\r\\n" is a line holding one dot, not the end of the message."""
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    d.send_raw(message(body=b"..\r\n..MAIL FROM:<x@example.com>\r\n") + b".\r\n")
+    await d.writer.drain()
+    reply = await d.reply()
+    assert reply.startswith("250 2.0.0 queued as "), reply
+    (msg,) = await queued(relay)
+    spool = relay.server.spool
+    assert spool is not None
+    stored = await spool.load(msg.id)
+    assert stored is not None and stored.body is not None
+    assert stored.body.endswith(b"\r\n\r\n.\r\n.MAIL FROM:<x@example.com>\r\n")
+    await d.close()
+
+
+async def test_starttls_discards_pipelined_plaintext(relay: RelayHandle) -> None:
+    """RFC 3207 4.2 / CVE-2011-0411: bytes sent with STARTTLS before the handshake are dropped."""
+    d = await Dialogue.open(relay.starttls_port)
+    await d.expect_after("EHLO c", "250")
+    d.send_raw(b"STARTTLS\r\nRSET\r\n")
+    await d.writer.drain()
+    await d.expect("220")
+    await d.writer.start_tls(relay.client_context(), server_hostname="relay.test")
+    # Had the injected RSET run inside TLS, its "250 OK" would come before this EHLO's reply.
+    ehlo = await d.reply_after("EHLO c")
+    assert ehlo.startswith("250-relay.test"), ehlo
+    assert "AUTH" in ehlo
+    assert await d.reply_after("NOOP") == "250 OK"
+    await d.close()
+
+
+async def test_starttls_discards_pipelined_auth(relay: RelayHandle) -> None:
+    """An AUTH injected in plaintext behind STARTTLS never authenticates the TLS session."""
+    password = await relay.add_user(LOGIN)
+    d = await Dialogue.open(relay.starttls_port)
+    await d.expect_after("EHLO c", "250")
+    d.send_raw(f"STARTTLS\r\nAUTH PLAIN {plain(LOGIN, password)}\r\n".encode())
+    await d.writer.drain()
+    await d.expect("220")
+    await d.writer.start_tls(relay.client_context(), server_hostname="relay.test")
+    await d.expect_after("EHLO c", "250")
+    assert await d.reply_after(f"MAIL FROM:<{LOGIN}>") == str(replies.AUTH_REQUIRED)
+    await d.close()
+
+
+async def test_commands_before_the_greeting(relay: RelayHandle) -> None:
+    """A client that talks before the 220 gets the greeting first, then one reply per command
+    in order; nothing it sent early gets around STARTTLS or AUTH."""
+    password = await relay.add_user(LOGIN)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.starttls_port)
+    writer.write(
+        b"EHLO early\r\n"
+        + f"AUTH PLAIN {plain(LOGIN, password)}\r\n".encode()
+        + f"MAIL FROM:<{LOGIN}>\r\n".encode()
+        + b"STARTTLS\r\nRSET\r\n"
+    )
+    await writer.drain()
+    d = Dialogue(reader, writer)
+    greeting = await d.reply()
+    assert greeting.startswith("220 relay.test"), greeting
+    await d.expect("250")  # EHLO
+    assert await d.reply() == str(replies.AUTH_NEEDS_TLS)
+    assert await d.reply() == str(replies.AUTH_REQUIRED)
+    await d.expect("220")  # STARTTLS; the RSET behind it is discarded
+    await writer.start_tls(relay.client_context(), server_hostname="relay.test")
+    ehlo = await d.reply_after("EHLO c")
+    assert ehlo.startswith("250-relay.test"), ehlo
+    await d.close()
+
+
+async def test_early_talker_on_the_implicit_tls_listener(relay: RelayHandle) -> None:
+    """On port 465 the early bytes go inside TLS; the greeting still comes first."""
+    password = await relay.add_user(LOGIN)
+    ctx: ssl.SSLContext = relay.client_context()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", relay.tls_port, ssl=ctx, server_hostname="relay.test"
+    )
+    writer.write(f"EHLO early\r\nAUTH PLAIN {plain(LOGIN, password)}\r\nNOOP\r\n".encode())
+    await writer.drain()
+    d = Dialogue(reader, writer)
+    await d.expect("220 relay.test")
+    await d.expect("250")
+    assert await d.reply() == str(replies.AUTH_OK)
+    assert await d.reply() == "250 OK"
+    await d.close()
