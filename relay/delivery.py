@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 
@@ -27,11 +28,15 @@ from relay.db import StoreError
 from relay.outbound import Outbound, Result
 from relay.spool import DueRecipient, Message, Outcome, Spool
 
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
+
 log = logging.getLogger("relaybox.delivery")
 
 BACKOFF = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)  # then every 4h
 IDLE_POLL = 5.0  # an idle deliverer still looks this often (a `queue retry` from the CLI)
 PURGE_INTERVAL = 3600.0
+DEPTH_INTERVAL = 15.0  # how often the queue-depth gauge is refreshed (with metrics)
 
 
 def retry_at(attempts: int, created_at: float, now: float, max_age: float) -> float | None:
@@ -66,8 +71,9 @@ class Deliverer:
         *,
         clock: Clock = clock_mod.system,
         resolver: dns.asyncresolver.Resolver | None = None,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth."""
         self.spool = spool
         self.cfg = cfg
         self._clock = clock
@@ -84,6 +90,7 @@ class Deliverer:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_purge = 0.0
+        self._next_depth = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -158,6 +165,9 @@ class Deliverer:
         if orphans:
             await self.spool.release(sorted(orphans))
             self._inflight -= orphans
+        if self._metrics is not None and time.monotonic() >= self._next_depth:
+            self._next_depth = time.monotonic() + DEPTH_INTERVAL
+            self._metrics.set_queue_depth(await self.spool.depth())
         now = self._clock()
         if now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL

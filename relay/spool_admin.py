@@ -71,6 +71,18 @@ class SpoolAdmin:
         r = await self.db.fetchone(NEXT_DUE)
         return None if r is None or r["t"] is None else float(r["t"])
 
+    async def depth(self) -> dict[str, int]:
+        """Pending recipients by state (queued, deferred), from the state index: cheap enough
+        for a metrics gauge at any queue size."""
+        counts = dict.fromkeys(PENDING, 0)
+        rows = await self.db.fetchall(
+            "SELECT state, count(*) AS n FROM recipients "
+            "WHERE state IN ('queued', 'deferred') GROUP BY state"
+        )
+        for r in rows:
+            counts[r["state"]] = r["n"]
+        return counts
+
     async def show(self, message_id: str) -> MessageInfo:
         m = await self.db.fetchone(
             "SELECT id, sender, user, size, created_at, done_at FROM messages WHERE id = ?",

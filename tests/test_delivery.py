@@ -14,6 +14,7 @@ import trustme
 from relay.clock import ManualClock
 from relay.config import Config, Duration, SmarthostConfig
 from relay.delivery import BACKOFF, Deliverer, retry_at
+from relay.metrics import Metrics
 from relay.spool import Spool
 from tests.dnsserver import TestDNSServer
 from tests.sink import Received, Sink, SinkFactory
@@ -447,3 +448,31 @@ async def test_required_tls_defers_when_not_offered(
 @pytest.fixture(autouse=True)
 def _quiet_aiosmtpd(caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+async def test_metrics_count_outcomes_and_queue_depth(
+    cfg: Config, sink: Sink, clock: ManualClock
+) -> None:
+    sink.script_rcpt("later@example.net", "451 4.3.0 later")
+    sink.script_rcpt("bad@example.net", "550 5.1.1 unknown")
+    c = smarthost_cfg(cfg, sink)
+    spool = await Spool.open(c, clock=clock)
+    metrics = Metrics()
+    deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
+    try:
+        rcpts = ["ok@example.net", "later@example.net", "bad@example.net"]
+        await spool.enqueue(sender="", recipients=rcpts, body=body(), user=None)
+        deliverer.start()
+        await settle(deliverer)
+        await deliverer.stop()  # the depth gauge is refreshed on the loop's next turn: restart
+        deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
+        deliverer.start()
+        await settle(deliverer)
+        text = metrics.render().decode()
+        for outcome in ("delivered", "deferred", "bounced"):
+            assert f'relaybox_recipients_total{{outcome="{outcome}"}} 1.0' in text
+        assert 'relaybox_queue_depth{state="deferred"} 1.0' in text
+        assert "relaybox_delivery_latency_seconds_count 1.0" in text
+    finally:
+        await deliverer.stop()
+        await spool.close()

@@ -218,3 +218,21 @@ async def test_hot_queries_use_indexes(spool: Spool) -> None:
 async def test_list_rejects_unknown_state(spool: Spool) -> None:
     with pytest.raises(Invalid):
         await spool.list_messages(("flying",))
+
+
+async def test_a_failed_batch_fails_its_callers_and_the_writer_carries_on(spool: Spool) -> None:
+    bad = spool.enqueue(sender="s@x.test", recipients=["1@a.test"], body=[b"x"], user=None)  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        await bad
+    msg_id = await spool.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    assert (await spool.show(msg_id)).sender == "s@x.test"
+    assert (await spool.stats()).messages == 1  # nothing of the failed batch was written
+
+
+async def test_depth_counts_pending_recipients(spool: Spool) -> None:
+    a = await spool.enqueue(
+        sender="s@x.test", recipients=["1@a.test", "2@a.test"], body=BODY, user=None
+    )
+    [c1, c2] = await spool.claim_due(10)
+    await spool.record([Outcome(a, 0, "deferred", 451, "451 x", "", 0.0)])
+    assert await spool.depth() == {"queued": 1, "deferred": 1}
