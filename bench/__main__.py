@@ -36,8 +36,8 @@ MIB = 1024 * 1024
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
-    p.add_argument("--duration", type=float, default=4.0, help="seconds of load per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of load per measurement")
     p.add_argument("-c", "--connections", default="8,32", help="comma-separated concurrencies")
     p.add_argument("--reconnect-connections", type=int, default=8)
     p.add_argument("--size", type=int, default=2048, help="message size in bytes")
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-recipients", type=int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
     p.add_argument("--json-out", default="", help="also write the JSON summary to this file")
+    p.add_argument(
+        "--relaybox-toml",
+        default="",
+        help="extra TOML for every relaybox config, e.g. 'workers = 2' (top-level keys) or a "
+        "'[section]' (appended)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.big, args.no_scale = 1, 2.0, 0, True
@@ -133,7 +139,13 @@ async def _run(
             ("relaybox-nocache", True, "0s", args.reconnect_connections),
         ):
             rb = await rb_mod.Relaybox.start(
-                name, work / name, paused=paused, cache_ttl=ttl, users=users, **common
+                name,
+                work / name,
+                paused=paused,
+                cache_ttl=ttl,
+                users=users,
+                extra=args.relaybox_toml.replace("\\n", "\n"),
+                **common,
             )
             stops.append(rb.stop)
             targets[name] = rb.target
