@@ -44,9 +44,11 @@ def register(cli: click.Group) -> None:
         """Run the relay in the foreground until SIGTERM (SIGHUP reloads)."""
         cfg = common.get_config(ctx)
         setup_logging(log_level)
-        common.drop_privileges_for(cfg.state_dir)
         try:
-            asyncio.run(Server(cfg).run())
+            # As root on a state dir owned by the service user: bind first, then become it.
+            asyncio.run(
+                Server(cfg).run(after_bind=lambda: common.drop_privileges_for(cfg.state_dir))
+            )
         except StoreError as exc:
             raise click.ClickException(f"store error: {exc}") from None
         except OSError as exc:

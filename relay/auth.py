@@ -149,18 +149,18 @@ class Authenticator:
         started = asyncio.get_running_loop().time()
         now = self.clock()
         if self.throttle.locked(ip, now):
-            return AuthAnswer(Outcome.THROTTLED, reason="ip locked out")
+            return AuthAnswer(Outcome.THROTTLED, reason="ip_locked_out")
         try:
             answer = await self._check(login, password)
         except StoreError:
-            return AuthAnswer(Outcome.TEMPFAIL, reason="store error")
+            return AuthAnswer(Outcome.TEMPFAIL, reason="store_error")
         if answer.outcome is Outcome.OK:
             assert answer.identity is not None
             self.logins[answer.identity.login] = self.clock()
             return answer
         self.login_failures.fail(login.lower()[:320], now)
         if self.throttle.fail(ip, now):
-            answer = AuthAnswer(Outcome.FAILED, reason=answer.reason + "; ip now locked out")
+            answer = AuthAnswer(Outcome.FAILED, reason=answer.reason + ",ip_now_locked_out")
         await self._pad(started)
         return answer
 
@@ -190,7 +190,7 @@ class Authenticator:
                 del self._cache[key]
         result = await self._verify_single_flight(key, login, password)
         if result.matched is None or result.user is None or result.password_hash is None:
-            return AuthAnswer(Outcome.FAILED, reason="bad credentials")
+            return AuthAnswer(Outcome.FAILED, reason="bad_credentials")
         user = result.user
         if self.cfg.auth.cache_ttl > 0:
             self._cache[key] = _CacheEntry(

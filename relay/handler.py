@@ -112,7 +112,7 @@ class Handler:
             await smtp.push(str(replies.AUTH_THROTTLED))
             return AuthResult(success=False, handled=True)
         st.auth_failures += 1
-        maillog.auth_failed(shown, st.ip, mech, reason or "bad credentials")
+        maillog.auth_failed(shown, st.ip, mech, reason or "bad_credentials")
         self.server.metrics_event("auth_failed")
         if st.auth_failures >= MAX_AUTH_FAILURES_PER_SESSION:
             await smtp.push(str(replies.AUTH_TOO_MANY))
@@ -145,12 +145,14 @@ class Handler:
             # Deleted, disabled, or its password revoked since AUTH: immediate, per session.
             st.identity = None
             session.authenticated = False
-            maillog.rejected("mail", "credentials revoked", st.ip, identity.login)
+            maillog.rejected("mail", "credentials_revoked", st.ip, identity.login)
             return str(replies.USER_REVOKED)
         refusal = policy.check_sender(identity.domain, address, state)
         if refusal is not None:
-            maillog.rejected("mail", refusal.text, st.ip, identity.login, **{"from": address})
-            self.server.metrics_event("rejected", refusal.text)
+            maillog.rejected(
+                "mail", replies.token(refusal), st.ip, identity.login, **{"from": address}
+            )
+            self.server.metrics_event("rejected", replies.token(refusal))
             return str(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -172,7 +174,7 @@ class Handler:
             address, len(envelope.rcpt_tos), self.server.cfg.limits.max_recipients
         )
         if refusal is not None:
-            self.server.metrics_event("rejected", refusal.text)
+            self.server.metrics_event("rejected", replies.token(refusal))
             return str(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -190,8 +192,8 @@ class Handler:
                 identity.domain, policy.header_from_addresses(content)
             )
         if refusal is not None:
-            maillog.rejected("data", refusal.text, st.ip, identity.login)
-            self.server.metrics_event("rejected", refusal.text)
+            maillog.rejected("data", replies.token(refusal), st.ip, identity.login)
+            self.server.metrics_event("rejected", replies.token(refusal))
             return str(refusal)
         message = self._complete(content, smtp, identity.login)
         try:
@@ -204,7 +206,7 @@ class Handler:
             )
         except StoreError:
             log.exception("could not queue a message from %s", maillog.safe(identity.login))
-            self.server.metrics_event("rejected", "store error")
+            self.server.metrics_event("rejected", "store_error")
             return str(replies.TEMP_FAILURE)
         st.messages += 1
         maillog.queued(

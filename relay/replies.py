@@ -68,3 +68,13 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 MEMORY_BUSY = Reply(451, "4.3.1", "Server busy, try again later")
+
+
+def token(reply: Reply) -> str:
+    """A short stable name for a reply (its catalogue name, lower case): metrics and log labels."""
+    return _TOKENS.get(reply, f"code_{reply.code}")
+
+
+_TOKENS: dict[Reply, str] = {
+    value: name.lower() for name, value in list(globals().items()) if isinstance(value, Reply)
+}

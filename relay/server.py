@@ -18,6 +18,7 @@ import signal
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,7 @@ class Server:
         self.memory = MemoryBudget(cfg.limits.data_memory_budget)
         self.metrics = Metrics()
         self.draining = False
+        self._shutting_down = False
         self.bound: list[Bound] = []
         self._servers: list[asyncio.Server] = []
         self._sessions: set[RelaySMTP] = set()
@@ -77,17 +79,20 @@ class Server:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def startup(self) -> None:
+    async def startup(self, *, after_bind: Callable[[], None] | None = None) -> None:
+        """Bind, then (``after_bind``: e.g. drop root) open the store, then start serving.
+
+        Listeners are bound first and serve only once the store is open, so a root start can
+        bind 465/587 and hand everything after it to the service user. A configured certificate
+        is read before ``after_bind`` (root can read /etc/letsencrypt); a generated one after it,
+        so it belongs to the service user.
+        """
         from relay.delivery import Deliverer  # delivery pulls in aiosmtplib: only when serving
 
         cfg = self.cfg
-        self._ssl = tlsutil.server_context(cfg)
-        self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-        self._hasher = Hasher(cfg.auth)
-        self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
-        self.resolver = dnscheck.make_resolver(cfg)
-        self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
-        self.deliverer = Deliverer(self.spool, cfg, clock=self.clock, resolver=self.resolver)
+        self._ssl = tlsutil.new_context(cfg)
+        if cfg.tls.cert:
+            tlsutil.reload(self._ssl, cfg)
         loop = asyncio.get_running_loop()
         for listener in cfg.listen:
             srv = await loop.create_server(
@@ -97,8 +102,30 @@ class Server:
                 ssl=self._ssl if listener.mode == "tls" else None,
                 reuse_address=True,
                 backlog=1024,
+                start_serving=False,
             )
             self._servers.append(srv)
+        if after_bind is not None:
+            after_bind()
+        if not cfg.tls.cert:
+            tlsutil.ensure_self_signed(cfg)
+            tlsutil.reload(self._ssl, cfg)
+        self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        self._hasher = Hasher(cfg.auth)
+        self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
+        self.resolver = dnscheck.make_resolver(cfg)
+        self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
+        self.deliverer = Deliverer(
+            self.spool, cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
+        )
+        if not cfg.delivery.paused:
+            self.deliverer.start()
+        if cfg.metrics.listen:
+            await self.metrics.start_http(cfg.metrics.listen)
+        self._tasks.append(asyncio.create_task(self._periodic(), name="relaybox-periodic"))
+        self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
+        for srv, listener in zip(self._servers, cfg.listen, strict=True):
+            await srv.start_serving()
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 bound = Bound(listener, str(addr[0]), int(addr[1]))
@@ -106,13 +133,6 @@ class Server:
                 log.info(
                     "listening address=%s port=%d mode=%s", bound.address, bound.port, listener.mode
                 )
-        if not cfg.delivery.paused:
-            self.deliverer.start()
-        if cfg.metrics.listen:
-            _, port = await self.metrics.start_http(cfg.metrics.listen)
-            log.info("metrics listening on %s port=%d", cfg.metrics.listen, port)
-        self._tasks.append(asyncio.create_task(self._periodic(), name="relaybox-periodic"))
-        self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
 
     def _protocol(self, listener: Listener) -> RelaySMTP:
         cfg = self.cfg
@@ -134,9 +154,20 @@ class Server:
             auth_exclude_mechanism=["CRAM-MD5"],
         )
 
-    async def run(self, *, install_signals: bool = True, notify: bool = True) -> None:
+    async def run(
+        self,
+        *,
+        install_signals: bool = True,
+        notify: bool = True,
+        after_bind: Callable[[], None] | None = None,
+    ) -> None:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
-        await self.startup()
+        try:
+            await self.startup(after_bind=after_bind)
+        except BaseException:
+            # Close what did open (aiosqlite threads would otherwise keep the process alive).
+            await self.shutdown()
+            raise
         loop = asyncio.get_running_loop()
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -189,6 +220,10 @@ class Server:
                 sdnotify.ready()
 
     async def shutdown(self) -> None:
+        """Stop accepting, drain, cut what is left, stop delivery, close the store. Idempotent."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
         self.draining = True
         for srv in self._servers:
             srv.close()

@@ -77,7 +77,15 @@ def ensure_self_signed(cfg: Config) -> None:
 
 
 def server_context(cfg: Config) -> ssl.SSLContext:
+    """A ready context: the self-signed pair generated if needed, certificate loaded."""
     ensure_self_signed(cfg)
+    ctx = new_context(cfg)
+    reload(ctx, cfg)
+    return ctx
+
+
+def new_context(cfg: Config) -> ssl.SSLContext:
+    """The server context without a certificate yet (loaded by :func:`reload`)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if cfg.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -85,7 +93,6 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     # Clients authenticate with AUTH, not certificates (aiosmtpd warns on anything else).
     ctx.verify_mode = ssl.CERT_NONE
-    reload(ctx, cfg)
     return ctx
 
 

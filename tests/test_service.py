@@ -303,11 +303,6 @@ async def test_ready_reload_and_drain(
         assert svc.no_notification_pending()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Server.run does not close the store when startup fails: the aiosqlite threads keep "
-    "the process alive after 'cannot start' (relay/server.py)",
-)
 async def test_no_ready_when_a_listener_cannot_bind(
     box: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
