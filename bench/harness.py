@@ -265,7 +265,7 @@ def paired_ratio(results: list[Result], num: str, den: str, connections: int) ->
 
 def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
     head = (
-        f"{'target':<22} {'C':>3} {'mode':<10} {'msgs/s':>8} {'accept/s':>8} {'x ceil':>7} "
+        f"{'target':<24} {'C':>3} {'mode':<10} {'msgs/s':>8} {'accept/s':>8} {'x ceil':>7} "
         f"{'p50':>7} {'p95':>7} "
         f"{'p99':>7} {'srv ms/msg':>10} {'cli ms/msg':>10} {'mem MiB':>8}  notes"
     )
@@ -281,7 +281,7 @@ def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
         srv = r["server_cpu_ms_per_msg"]
         cli = r["client_cpu_ms_per_msg"]
         print(
-            f"{r['target']:<22} {r['connections']:>3} "
+            f"{r['target']:<24} {r['connections']:>3} "
             f"{'reconnect' if r['reconnect'] else 'persistent':<10} {r['rate']:>8.0f} "
             f"{r['accept_rate']:>8.0f} {x:>7} "
             f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} "

@@ -50,6 +50,7 @@ def write_config(
     sink_port: int,
     paused: bool,
     cache_ttl: str,
+    dkim_key_type: str = "rsa",
     extra: str = "",
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ cache_ttl = "{cache_ttl}"
 nameservers = ["{LOOPBACK}"]
 port = {dns_port}
 timeout = "2s"
+dkim_key_type = "{dkim_key_type}"
 
 [limits]
 # Every bench connection comes from 127.0.0.1: the per-IP default (20) would refuse C=32.
@@ -154,6 +156,7 @@ class Relaybox:
         extra: str = "",
         notes: str = "",
         users: int = 0,
+        dkim_key_type: str = "rsa",
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -167,6 +170,7 @@ class Relaybox:
             sink_port=sink_port,
             paused=paused,
             cache_ttl=cache_ttl,
+            dkim_key_type=dkim_key_type,
             extra=extra,
         )
         password_file = workdir / "password"
