@@ -1,0 +1,90 @@
+"""`relaybox serve` as a real subprocess, for crash tests: start, find its ports, signal it.
+
+The server logs ``listening address=... port=N mode=...`` on stderr once a listener is bound; every
+stderr line is kept (tests check them for leaked secrets and tracebacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+_LISTENING = re.compile(r"listening address=(\S+) port=(\d+) mode=(\w+)")
+
+
+def relaybox_argv() -> list[str]:
+    exe = shutil.which("relaybox")
+    if exe is not None:
+        return [exe]
+    return [sys.executable, "-c", "from admin.cli import main; main()"]
+
+
+class ServerProcess:
+    def __init__(self, config: Path, listeners: int) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.ports: dict[str, int] = {}
+        self.lines: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._bound = asyncio.Event()
+
+    async def start(self, within: float = 30) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        self.ports, self._bound = {}, asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            *relaybox_argv(),
+            "--config",
+            str(self.config),
+            "serve",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        self._reader = asyncio.create_task(self._read(self.proc))
+        try:
+            await asyncio.wait_for(self._bound.wait(), within)
+        except TimeoutError:
+            raise AssertionError("server did not bind:\n" + "\n".join(self.lines[-30:])) from None
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while True:
+            raw = await proc.stderr.readline()
+            if not raw:
+                self._bound.set()  # exited: let start() see it rather than hang
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            m = _LISTENING.search(line)
+            if m:
+                self.ports[m.group(3)] = int(m.group(2))
+                if len(self.ports) >= self.listeners:
+                    self._bound.set()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, within: float = 60) -> int:
+        assert self.proc is not None and self._reader is not None
+        rc = await asyncio.wait_for(self.proc.wait(), within)
+        await asyncio.wait_for(self._reader, 5)
+        return rc
+
+    async def ensure_stopped(self) -> None:
+        """Teardown: whatever happened, leave no process behind."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)

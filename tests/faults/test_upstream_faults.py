@@ -1,0 +1,115 @@
+"""The upstream (smarthost) down, hung, or dropping the connection mid-DATA, through the whole
+relay: the message is deferred, then delivered exactly once when the upstream is back
+(issue 6, item 4). The relay runs with a controllable clock, so "later" is ``clock.advance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from relay.clock import ManualClock
+from relay.config import Config
+from relay.delivery import BACKOFF
+from tests.faults.flow import copies, delivering, idle, state_of, submit
+from tests.faults.upstream import BadUpstream
+from tests.hostile.kit import LOGIN, queued, started, stopped
+from tests.relayserver import RelayHandle
+from tests.sink import Sink, SinkFactory
+
+Starter = Callable[[int], Awaitable[RelayHandle]]
+
+
+@pytest.fixture
+async def relay_to(
+    relay_cfg: Config, tls_files: tuple[Path, Path, Path], clock: ManualClock
+) -> AsyncIterator[Starter]:
+    handles: list[RelayHandle] = []
+
+    async def start(port: int) -> RelayHandle:
+        handle = await started(delivering(relay_cfg, port), tls_files, clock)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for h in handles:
+        await stopped(h)
+
+
+async def comes_back(
+    relay: RelayHandle, clock: ManualClock, sink: Sink, msg_id: str, tag: str
+) -> None:
+    """After the first back-off the message goes through, once, and stays delivered."""
+    clock.advance(BACKOFF[0])
+    await idle(relay)
+    await sink.wait_received(1)
+    await idle(relay)
+    assert copies(sink, tag) == 1
+    assert (await state_of(relay, msg_id))[0] == "delivered"
+    assert [m.count("delivered") for m in await queued(relay)] == [1]
+
+
+async def test_upstream_down_then_back(
+    relay_to: Starter, sink_factory: SinkFactory, clock: ManualClock
+) -> None:
+    sink = await sink_factory()
+    port = sink.port
+    await sink.stop()
+    relay = await relay_to(port)
+    password = await relay.add_user(LOGIN)
+    msg_id = await submit(relay, password, "down")
+    await idle(relay)
+    state, reply = await state_of(relay, msg_id)
+    assert state == "deferred" and reply.startswith("451 4.4.1"), reply
+    await sink.start()
+    await comes_back(relay, clock, sink, msg_id, "down")
+
+
+async def test_upstream_hung_then_back(
+    relay_to: Starter, sink_factory: SinkFactory, clock: ManualClock
+) -> None:
+    bad = BadUpstream("tarpit")
+    await bad.start()
+    relay = await relay_to(bad.port)
+    password = await relay.add_user(LOGIN)
+    msg_id = await submit(relay, password, "hung")
+    await idle(relay)
+    state, reply = await state_of(relay, msg_id)
+    assert state == "deferred" and reply.startswith("451 4."), reply
+    assert bad.connections >= 1
+    await bad.stop()
+    sink = await sink_factory(port=bad.port)
+    await comes_back(relay, clock, sink, msg_id, "hung")
+
+
+async def test_upstream_drops_the_connection_mid_data(
+    relay_to: Starter, sink_factory: SinkFactory, clock: ManualClock
+) -> None:
+    bad = BadUpstream("drop-in-data")
+    await bad.start()
+    relay = await relay_to(bad.port)
+    password = await relay.add_user(LOGIN)
+    msg_id = await submit(relay, password, "dropped")
+    await idle(relay)
+    state, reply = await state_of(relay, msg_id)
+    assert state == "deferred" and reply.startswith("451 4.4.2"), reply
+    assert bad.data_started == 1
+    await bad.stop()
+    sink = await sink_factory(port=bad.port)
+    await comes_back(relay, clock, sink, msg_id, "dropped")
+
+
+async def test_upstream_temporary_refusal_then_accepts(
+    relay_to: Starter, sink: Sink, clock: ManualClock
+) -> None:
+    """A 4xx at the end of DATA: the upstream did not take it, so it is sent again, once."""
+    sink.script_data("451 4.3.0 try later")
+    relay = await relay_to(sink.port)
+    password = await relay.add_user(LOGIN)
+    msg_id = await submit(relay, password, "refused")
+    await idle(relay)
+    assert await state_of(relay, msg_id) == ("deferred", "451 4.3.0 try later")
+    assert copies(sink, "refused") == 0
+    await comes_back(relay, clock, sink, msg_id, "refused")
