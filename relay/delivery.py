@@ -95,8 +95,13 @@ class Deliverer:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._main is None:
-            self._main = asyncio.get_running_loop().create_task(self._run(), name="delivery")
+        """Start (or, after stop(), restart: a reload that lifts ``delivery.paused``)."""
+        if self._main is not None and not self._main.done():
+            return
+        self._stopping = False
+        self._out.closing = False
+        self._next_depth = 0.0
+        self._main = asyncio.get_running_loop().create_task(self._run(), name="delivery")
 
     def wake(self) -> None:
         """New mail was queued (or the clock moved): look for due work now."""

@@ -189,11 +189,8 @@ class Outbound:
             starttls = "must" if mode == "required" else "try"
             try:
                 return await self._dial(ip, port, host, starttls=starttls)
-            except _TLSFailed as exc:
-                if mode == "required":
-                    reply = f"451 4.7.5 STARTTLS with {host} failed: {exc}"
-                    raise _Unreachable(Result("temp", reply, f"{host}[{ip}]")) from None
-                # Opportunistic (RFC 7435): a broken TLS stack must not stop the mail.
+            except _TLSFailed as exc:  # only with "try": opportunistic (RFC 7435), so a broken
+                # TLS stack must not stop the mail
                 log.info("STARTTLS with %s[%s] failed (%s), retrying without", host, ip, exc)
         return await self._dial(ip, port, host, starttls="no")
 
@@ -227,6 +224,9 @@ class Outbound:
                     await smtp.starttls(server_hostname=name)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     smtp.close()
+                    if starttls == "must":
+                        reply = f"451 4.7.5 STARTTLS with {name} failed: {_reason(exc)}"
+                        raise _Unreachable(Result("temp", reply, relay)) from None
                     raise _TLSFailed(_reason(exc)) from None
                 await _hello(smtp)
             elif starttls == "must":
@@ -315,7 +315,7 @@ class _Stale(Exception):
 
 
 class _TLSFailed(Exception):
-    """STARTTLS was offered but failed."""
+    """Opportunistic STARTTLS was offered but failed: the caller retries in plaintext."""
 
 
 def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:

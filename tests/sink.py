@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 WAIT_TIMEOUT = 10.0
 
@@ -95,8 +95,15 @@ class _SinkSMTP(SMTP):
 class Sink:
     """An aiosmtpd server on ``host:port`` in the running loop."""
 
-    def __init__(self, host: str = "127.0.0.1", tls_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        tls_context: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+    ):
         self.host = host
+        self.credentials = credentials  # offer AUTH (after STARTTLS) and accept only these
+        self.logins: list[tuple[str, bool]] = []
         self.port = 0
         self.tls_context = tls_context
         self.received: list[Received] = []
@@ -148,12 +155,22 @@ class Sink:
             hostname="sink.test",
             tls_context=self.tls_context,
             require_starttls=False,
-            auth_require_tls=False,
+            # A sync authenticator (an async one would be an auth bypass in aiosmtpd 1.4.6).
+            authenticator=self._authenticate if self.credentials else None,
+            auth_require_tls=self.credentials is not None,
             decode_data=False,
             enable_SMTPUTF8=True,
         )
         self._protocols.append(proto)
         return proto
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        login = data.login.decode() if isinstance(data, LoginPassword) else ""
+        ok = isinstance(data, LoginPassword) and (login, data.password.decode()) == self.credentials
+        self.logins.append((login, ok))
+        return AuthResult(success=ok, handled=False)
 
     async def start(self) -> None:
         """Listen (again) on host:port; port 0 picks a free one the first time."""

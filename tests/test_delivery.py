@@ -6,7 +6,9 @@ import dataclasses
 import email
 import email.policy
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trustme
@@ -16,6 +18,7 @@ from relay.config import Config, Duration, SmarthostConfig
 from relay.delivery import BACKOFF, Deliverer, retry_at
 from relay.metrics import Metrics
 from relay.spool import Spool
+from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.sink import Received, Sink, SinkFactory
 
@@ -341,6 +344,87 @@ async def test_stop_hands_back_unstarted_work(cfg: Config, sink: Sink, clock: Ma
         await spool.close()
 
 
+@pytest.fixture(scope="module")
+def sink_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(ctx)
+    return ctx
+
+
+async def test_smarthost_starttls_verified_with_auth(
+    cfg: Config,
+    sink_factory: SinkFactory,
+    run: Runner,
+    sink_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password = leaks.add("smarthost-secret-pw")
+    relay = await sink_factory(
+        tls_context=server_context(sink_ca, "127.0.0.1"), credentials=("relayuser", password)
+    )
+    ca_file = tmp_path / "ca.pem"
+    sink_ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the system trust store, for this test
+    sh = SmarthostConfig("127.0.0.1", relay.port, "starttls", "relayuser", password)
+    c = smarthost_cfg(cfg, relay)
+    c = dataclasses.replace(c, delivery=dataclasses.replace(c.delivery, smarthost=sh))
+    spool, deliverer = await run(c)
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    [got] = relay.received
+    assert got.tls and relay.logins == [("relayuser", True)]
+    assert (await spool.show(msg_id)).recipients[0].state == "delivered"
+
+
+async def test_smarthost_bad_password_or_untrusted_cert_defers(
+    cfg: Config,
+    sink_factory: SinkFactory,
+    run: Runner,
+    sink_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = leaks.add("the-right-password")
+    relay = await sink_factory(
+        tls_context=server_context(sink_ca, "127.0.0.1"), credentials=("relayuser", password)
+    )
+    ca_file = tmp_path / "ca.pem"
+    sink_ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    wrong = leaks.add("a-wrong-password")
+    sh = SmarthostConfig("127.0.0.1", relay.port, "starttls", "relayuser", wrong)
+    c = smarthost_cfg(cfg, relay)
+    c = dataclasses.replace(c, delivery=dataclasses.replace(c.delivery, smarthost=sh))
+    spool, deliverer = await run(c)
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.last_code) == ("deferred", 535)  # our configuration, not the mail: defer
+    tries = len(relay.logins)  # aiosmtplib tries each offered mechanism
+    assert tries >= 1 and relay.logins == [("relayuser", False)] * tries
+    assert relay.received == []
+
+    monkeypatch.delenv("SSL_CERT_FILE")  # now the sink's certificate is not trusted
+    c2 = dataclasses.replace(c, state_dir=cfg.state_dir / "untrusted")
+    spool2, deliverer2 = await run(c2)
+    msg2 = await spool2.enqueue(sender=SENDER, recipients=["b@example.net"], body=body(), user=None)
+    await settle(deliverer2)
+    r = (await spool2.show(msg2)).recipients[0]
+    assert r.state == "deferred" and r.last_reply is not None
+    assert r.last_reply.startswith("451 4.7.5 STARTTLS with 127.0.0.1 failed")
+    assert len(relay.logins) == tries  # no password sent over an unverified channel
+
+
 # --- MX routing ------------------------------------------------------------------------------
 
 
@@ -414,12 +498,15 @@ async def test_dns_failure_defers_and_unknown_domain_bounces(
 
 
 async def test_opportunistic_starttls_is_used_when_offered(
-    dns_cfg: Config, dns_server: TestDNSServer, sink_factory: SinkFactory, run: Runner
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    sink_factory: SinkFactory,
+    run: Runner,
+    sink_ca: trustme.CA,
 ) -> None:
-    ca = trustme.CA()
-    server_ctx = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.example.net").configure_cert(server_ctx)
-    tls_sink = await sink_factory("127.0.0.2", tls_context=server_ctx)
+    tls_sink = await sink_factory(
+        "127.0.0.2", tls_context=server_context(sink_ca, "mx.example.net")
+    )
     dns_server.add_mx("example.net", 10, "mx.example.net")
     dns_server.add_a("mx.example.net", "127.0.0.2")
     spool, deliverer = await run(mx_cfg(dns_cfg, tls_sink.port))
@@ -465,7 +552,6 @@ async def test_metrics_count_outcomes_and_queue_depth(
         deliverer.start()
         await settle(deliverer)
         await deliverer.stop()  # the depth gauge is refreshed on the loop's next turn: restart
-        deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
         deliverer.start()
         await settle(deliverer)
         text = metrics.render().decode()
