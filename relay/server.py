@@ -196,6 +196,7 @@ class Server:
         """SIGHUP: re-read the config file and reload TLS certificates into the same context.
 
         Live: TLS files, auth limits and cache TTL, limits (new sessions), delivery pause.
+        Delivery settings other than the pause are read when the deliverer is (re)started.
         Listeners, state_dir and databases need a restart (logged if they changed).
         """
         if notify:
@@ -208,7 +209,13 @@ class Server:
                 log.warning("reload: listeners and state_dir change only on restart")
             assert self._ssl is not None
             tlsutil.reload(self._ssl, new)
+            was_paused = self.cfg.delivery.paused
             self.cfg = new
+            if self.deliverer is not None and was_paused != new.delivery.paused:
+                if new.delivery.paused:
+                    await self.deliverer.stop()
+                else:
+                    self.deliverer.start()
             if self._auth is not None:
                 self._auth.configure(new)
             self.memory.total = new.limits.data_memory_budget
