@@ -58,22 +58,9 @@ def config_check(ctx: click.Context, path: str | None) -> None:
 
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
-    import importlib
+    from admin import audit_cmd, doctor_cmd, domain_cmds, queue_cmds, serve_cmd, user_cmds
 
-    for name in (
-        "admin.serve_cmd",
-        "admin.domain_cmds",
-        "admin.user_cmds",
-        "admin.audit_cmd",
-        "admin.queue_cmds",
-        "admin.doctor_cmd",
-    ):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # not built yet
-            raise
+    for mod in (serve_cmd, domain_cmds, user_cmds, queue_cmds, audit_cmd, doctor_cmd):
         mod.register(cli)
 
 
