@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay import clock as clock_mod
-from relay import users
+from relay import events, maillog, users
 from relay.clock import Clock
 from relay.config import Config
 from relay.db import Database, StoreError
@@ -158,11 +158,32 @@ class Authenticator:
             assert answer.identity is not None
             self.logins[answer.identity.login] = self.clock()
             return answer
-        self.login_failures.fail(login.lower()[:320], now)
+        key = login.lower()[:320]
+        already = self.login_failures.locked(key, now)
+        if self.login_failures.fail(key, now) and not already:
+            # Many failures for one login, maybe from many addresses: nothing is blocked (that
+            # would let anyone lock a user out), but operators are told once per window.
+            maillog.event("auth login-failures", user=key, ip=ip, limit=self.cfg.auth.max_failures)
+            await self._audit("auth.login-failures", key, f"last ip={ip}")
         if self.throttle.fail(ip, now):
             answer = AuthAnswer(Outcome.FAILED, reason=answer.reason + ",ip_now_locked_out")
+            maillog.event("auth lockout", ip=ip, user=key, seconds=int(self.cfg.auth.lockout))
+            await self._audit("auth.lockout", ip, f"last user={maillog.safe(key)}")
         await self._pad(started)
         return answer
+
+    async def _audit(self, action: str, target: str, detail: str) -> None:
+        try:
+            await events.record(
+                self.db,
+                now=self.clock(),
+                actor="relaybox",
+                action=action,
+                target=target,
+                detail=detail,
+            )
+        except StoreError:
+            pass  # the mail log has it; an audit row is not worth failing an AUTH for
 
     async def _pad(self, started: float) -> None:
         """Make every failure take at least failure_delay (plus jitter), whatever its cause."""

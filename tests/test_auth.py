@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from relay import users
+from relay import events, users
 from relay.auth import Authenticator, Outcome
 from relay.clock import ManualClock
 from relay.config import Config
@@ -103,6 +103,9 @@ async def test_lockout_per_ip_spends_no_argon2(
     locked = await authn.authenticate(LOGIN, PASSWORD, "192.0.2.1")
     assert locked.outcome is Outcome.THROTTLED
     assert hasher.verifications == before
+    recent = await events.recent(authn.db)
+    assert [e.action for e in recent][:2] == ["auth.lockout", "auth.login-failures"]
+    assert recent[0].target == "192.0.2.1"
     # Another address is not affected.
     assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.2")).outcome is Outcome.OK
     clock.advance(authn.cfg.auth.lockout + 1)
