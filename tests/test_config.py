@@ -105,7 +105,12 @@ def test_durations_and_sizes() -> None:
 
 def test_secrets_are_redacted() -> None:
     cfg = config_mod.from_dict(
-        {"delivery": {"mode": "smarthost", "smarthost": {"host": "h", "password": "hunter2hunter2"}}}
+        {
+            "delivery": {
+                "mode": "smarthost",
+                "smarthost": {"host": "h", "password": "hunter2hunter2"},
+            }
+        }
     )
     shown = repr(config_mod.to_dict(cfg, redact=True))
     assert "hunter2hunter2" not in shown
