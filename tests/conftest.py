@@ -67,12 +67,10 @@ async def db(cfg: Config) -> AsyncIterator[Database]:
 
 @pytest.fixture(autouse=True)
 def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """The one assertion over every test's logs: no registered secret appears in any record."""
+    """The one assertion over every test's logs (and the replies and output it observed, see
+    tests/leaks.py): no registered secret appears anywhere."""
     caplog.set_level(logging.DEBUG)
     leaks.reset()
     yield
-    text = "\n".join(
-        r.getMessage() + (("\n" + r.exc_text) if r.exc_text else "") for r in caplog.records
-    )
-    leaked = leaks.find_in(text)
-    assert not leaked, f"secret(s) leaked into logs: {len(leaked)} item(s)"
+    leaked = leaks.check(caplog.records)
+    assert not leaked, f"secret(s) leaked into logs or output: {len(leaked)} item(s)"

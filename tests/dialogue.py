@@ -12,6 +12,8 @@ import asyncio
 import base64
 import ssl
 
+from tests import leaks
+
 
 class Dialogue:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -40,7 +42,7 @@ class Dialogue:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             lines.append(line)
             if len(line) < 4 or line[3] != "-":
-                return "\n".join(lines)
+                return leaks.observe("\n".join(lines))  # checked for secrets at teardown
 
     async def expect(self, prefix: str, within: float = 10) -> str:
         text = await self.reply(within)
