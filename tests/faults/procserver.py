@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 _LISTENING = re.compile(r"listening address=(\S+) port=(\d+) mode=(\w+)")
@@ -26,14 +27,26 @@ def relaybox_argv() -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, config: Path, listeners: int) -> None:
+    def __init__(self, config: Path, listeners: int, serve_args: Sequence[str] = ()) -> None:
         self.config = config
         self.listeners = listeners
+        self.serve_args = list(serve_args)
         self.ports: dict[str, int] = {}
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._bound = asyncio.Event()
+        self._line = asyncio.Event()
+
+    async def wait_for_line(self, part: str, within: float = 20) -> str:
+        """The first stderr line containing ``part``, waiting for it if need be."""
+        async with asyncio.timeout(within):
+            while True:
+                for line in self.lines:
+                    if part in line:
+                        return line
+                self._line.clear()
+                await self._line.wait()
 
     async def start(self, within: float = 30) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
@@ -43,6 +56,7 @@ class ServerProcess:
             "--config",
             str(self.config),
             "serve",
+            *self.serve_args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -60,9 +74,11 @@ class ServerProcess:
             raw = await proc.stderr.readline()
             if not raw:
                 self._bound.set()  # exited: let start() see it rather than hang
+                self._line.set()
                 return
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
+            self._line.set()
             m = _LISTENING.search(line)
             if m:
                 self.ports[m.group(3)] = int(m.group(2))
