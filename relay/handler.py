@@ -70,7 +70,7 @@ class Handler:
         assert smtp.state is not None
         if self.server.auth.is_throttled(smtp.state.ip):
             maillog.auth_throttled(smtp.state.ip)
-            self.server.metrics_event("auth_throttled")
+            self.server.metrics.auth_throttled()
             return True
         return False
 
@@ -97,7 +97,7 @@ class Handler:
             st.identity = identity
             smtp.session.authenticated = True
             maillog.auth_ok(identity.login, st.ip, mech, identity.which)
-            self.server.metrics_event("auth_ok")
+            self.server.metrics.auth_ok()
             await smtp.push(str(replies.AUTH_OK))
             # We sent the reply ourselves; "handled" keeps aiosmtpd from sending another one
             # (and from touching its deprecated Session.login_data).
@@ -108,12 +108,12 @@ class Handler:
             return AuthResult(success=False, handled=True)
         if answer_outcome is Outcome.THROTTLED:
             maillog.auth_throttled(st.ip, shown)
-            self.server.metrics_event("auth_throttled")
+            self.server.metrics.auth_throttled()
             await smtp.push(str(replies.AUTH_THROTTLED))
             return AuthResult(success=False, handled=True)
         st.auth_failures += 1
         maillog.auth_failed(shown, st.ip, mech, reason or "bad_credentials")
-        self.server.metrics_event("auth_failed")
+        self.server.metrics.auth_failed()
         if st.auth_failures >= MAX_AUTH_FAILURES_PER_SESSION:
             await smtp.push(str(replies.AUTH_TOO_MANY))
             smtp.close()
@@ -152,7 +152,7 @@ class Handler:
             maillog.rejected(
                 "mail", replies.token(refusal), st.ip, identity.login, **{"from": address}
             )
-            self.server.metrics_event("rejected", replies.token(refusal))
+            self.server.metrics.rejected(replies.token(refusal))
             return str(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -174,7 +174,7 @@ class Handler:
             address, len(envelope.rcpt_tos), self.server.cfg.limits.max_recipients
         )
         if refusal is not None:
-            self.server.metrics_event("rejected", replies.token(refusal))
+            self.server.metrics.rejected(replies.token(refusal))
             return str(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -193,7 +193,7 @@ class Handler:
             )
         if refusal is not None:
             maillog.rejected("data", replies.token(refusal), st.ip, identity.login)
-            self.server.metrics_event("rejected", replies.token(refusal))
+            self.server.metrics.rejected(replies.token(refusal))
             return str(refusal)
         message = self._complete(content, smtp, identity.login)
         try:
@@ -206,13 +206,12 @@ class Handler:
             )
         except StoreError:
             log.exception("could not queue a message from %s", maillog.safe(identity.login))
-            self.server.metrics_event("rejected", "store_error")
+            self.server.metrics.rejected("store_error")
             return str(replies.TEMP_FAILURE)
         st.messages += 1
         maillog.queued(
             msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
         )
-        self.server.metrics_event("accepted")
         return str(replies.QUEUED.with_text(f"queued as {msg_id}"))
 
     def _complete(self, content: bytes, smtp: RelaySMTP, login: str) -> bytes:

@@ -296,17 +296,6 @@ class Server:
         assert self._auth is not None
         return self._auth
 
-    def metrics_event(self, name: str, reason: str = "") -> None:
-        m = self.metrics
-        if name == "auth_ok":
-            m.auth_ok()
-        elif name == "auth_failed":
-            m.auth_failed()
-        elif name == "auth_throttled":
-            m.auth_throttled()
-        elif name == "rejected":
-            m.rejected(reason)
-
     # --- acceptance --------------------------------------------------------------------------
 
     async def _domain(self, name: str) -> tuple[str | None, Any]:

@@ -20,7 +20,7 @@ import binascii
 import logging
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, syntax
@@ -66,7 +66,6 @@ class SessionState:
     busy: bool = False
     in_data: bool = False
     messages: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
