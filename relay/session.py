@@ -117,6 +117,13 @@ class RelaySMTP(SMTP):
             self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
             self._counted_ip = ip
             self.relay.session_opened(self, ip)
+        elif self.state is not None:
+            # STARTTLS done (aiosmtpd calls this again): RFC 3207 4.2, forget what the client
+            # said before it, its AUTH included (possible only with auth.allow_plaintext).
+            old = self.state
+            self.state = SessionState(
+                ip=old.ip, listener_mode=old.listener_mode, auth_failures=old.auth_failures
+            )
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted_ip is not None:
