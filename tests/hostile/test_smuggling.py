@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 
 import pytest
 
 from relay import replies
+from relay.clock import ManualClock
+from relay.config import Config
 from tests.dialogue import Dialogue, plain
-from tests.hostile.kit import LOGIN, authed, message, queued
+from tests.hostile.kit import LOGIN, authed, message, queued, started, stopped, with_auth
 from tests.relayserver import RelayHandle
 
 SMUGGLED = (
@@ -211,3 +214,22 @@ async def test_early_talker_on_the_implicit_tls_listener(relay: RelayHandle) -> 
     assert await d.reply() == str(replies.AUTH_OK)
     assert await d.reply() == "250 OK"
     await d.close()
+
+
+async def test_starttls_forgets_a_plaintext_login(
+    relay_cfg: Config, tls_files: tuple[Path, Path, Path], clock: ManualClock
+) -> None:
+    """RFC 3207 4.2: after STARTTLS the server discards what it knew, the AUTH included (only
+    possible at all with auth.allow_plaintext, a lab setting)."""
+    relay = await started(with_auth(relay_cfg, allow_plaintext=True), tls_files, clock)
+    try:
+        password = await relay.add_user(LOGIN)
+        d = await Dialogue.open(relay.starttls_port)
+        await d.expect_after("EHLO c", "250")
+        assert await d.reply_after(f"AUTH PLAIN {plain(LOGIN, password)}") == str(replies.AUTH_OK)
+        await d.starttls(relay.client_context())
+        await d.expect_after("EHLO c", "250")
+        assert await d.reply_after(f"MAIL FROM:<{LOGIN}>") == str(replies.AUTH_REQUIRED)
+        await d.close()
+    finally:
+        await stopped(relay)
