@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
     p.add_argument("--json-out", default="", help="also write the JSON summary to this file")
     p.add_argument(
+        "--keep", default="", help="work in this directory and keep it (configs, logs, state)"
+    )
+    p.add_argument(
         "--relaybox-toml",
         default="",
         help="extra TOML for every relaybox config, e.g. 'workers = 2' (top-level keys) or a "
@@ -96,7 +99,7 @@ async def main(args: argparse.Namespace) -> int:
     stops: list[Callable[[], Awaitable[None]]] = []
     info: dict[str, Any] = {"machine": machine(), "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="relaybox-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)  # --keep: created by entry()
         try:
             return await _run(args, work, stops, info)
         finally:
@@ -105,6 +108,8 @@ async def main(args: argparse.Namespace) -> int:
                     await stop()
                 except Exception as exc:  # noqa: BLE001 - keep stopping the others
                     log(f"stop failed: {exc!r}")
+            if args.keep:
+                log(f"kept {work} (relaybox configs, logs and state, OpenDKIM config)")
 
 
 async def _run(
@@ -285,6 +290,8 @@ async def _run(
 
 def entry() -> None:
     args = parse_args()
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         log("not root: the postfix targets need root (bench/setup-peers.sh)")
     try:

@@ -139,15 +139,19 @@ async def measure(sc: Scenario, rnd: int, sink: Sink, workdir: Path, duration: f
         window = st["last"] - load["start_monotonic"]
         rate = st["received"] / window if st["received"] and window > 0 else 0.0
         received = set(await sink.dump(workdir / "received.txt"))
-        acked = {line.split()[0] for line in acked_path.read_text().splitlines() if line}
+        acked_lines = [line.split() for line in acked_path.read_text().splitlines() if line]
+        acked = {parts[0] for parts in acked_lines}
+        lost = [parts for parts in acked_lines if parts[0] not in received]
         sink_info = {
             "received": st["received"],
-            "lost": len(acked - received),
+            "lost": len(lost),
             "duplicated": st["duplicates"],
             "unexpected": len(received - acked),
             "drain_s": round(st["last"] - load["end_monotonic"], 3) if st["received"] else None,
         }
     cpu = meter.stop()
+    if sink_info.get("lost"):
+        sink_info["lost_detail"] = await explain_lost(t, lost)
     res = Result(sc, rnd, load, rate, cpu, sink_info)
     extra = ""
     if sink_info:
@@ -159,6 +163,22 @@ async def measure(sc: Scenario, rnd: int, sink: Sink, workdir: Path, duration: f
         + (f" errors={load['errors']}" if load["errors"] else "")
     )
     return res
+
+
+async def explain_lost(target: Target, lost: list[list[str]], limit: int = 5) -> list[Any]:
+    """Message-ID, queue id and the target's own account of (up to `limit`) lost messages."""
+    out: list[Any] = []
+    for parts in lost[:limit]:
+        msgid, qid = parts[0], parts[1] if len(parts) > 1 else "-"
+        detail: Any = None
+        if target.inspect is not None and qid != "-":
+            try:
+                detail = await target.inspect(qid)
+            except Exception as exc:  # noqa: BLE001 - diagnostics only
+                detail = f"inspect failed: {exc}"
+        log(f"{target.name}: acknowledged, never received: {msgid} queued as {qid}: {detail}")
+        out.append({"message_id": msgid, "queue_id": qid, "target_says": detail})
+    return out
 
 
 async def argon2_rate() -> float:

@@ -7,6 +7,7 @@ a loopback DNS server (bench/dnszone.py) that the config names in [dns].
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -182,6 +183,10 @@ class Relaybox:
             log_path=workdir / "relaybox.log",
         )
         log(f"{name}: {line.split(': ', 1)[-1]}")
+
+        async def inspect(queue_id: str) -> Any:
+            return await asyncio.to_thread(_cli, config, "queue", "show", queue_id, "--json")
+
         target = Target(
             name,
             port,
@@ -191,6 +196,7 @@ class Relaybox:
             e2e=not paused,
             notes=notes,
             credentials=creds,
+            inspect=inspect,
         )
         return cls(name, proc, target, config)
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,8 @@ class Target:
     credentials: Path | None = None  # "login password" lines: connection n uses line n % len
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # For a message acknowledged but never received: what the target says about its queue id.
+    inspect: Callable[[str], Awaitable[Any]] | None = None
 
 
 class Sink:
