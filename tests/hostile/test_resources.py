@@ -323,6 +323,7 @@ def _status_kib(field: str) -> int:
     return int(m.group(1))
 
 
+@pytest.mark.slow
 async def test_parallel_large_messages_stay_within_the_memory_budget(
     relay_cfg: Config,
     tls_files: tuple[Path, Path, Path],
