@@ -70,9 +70,10 @@ class SessionState:
 
 _MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
 _CHUNK = 1024 * 1024
-# Held in memory while receiving: the bytearray (1x) plus headroom for the copy made when the
-# message is assembled, signed and stored (another 2-3x); reserved in chunks as it grows.
-_MEMORY_FACTOR = 4
+# Held in memory per message: the bytearray (1x) plus the copies made when the message is
+# completed, signed and stored; measured at 5-6x the size (tests/hostile/test_resources.py).
+# Reserved in chunks as it grows.
+_MEMORY_FACTOR = 6
 
 
 class RelaySMTP(SMTP):
@@ -266,7 +267,8 @@ class RelaySMTP(SMTP):
             budget.release(self._data_reserved)
             self._data_reserved = 0
             self.state.in_data = False
-            self._reset_timeout()
+            if self.transport is not None:  # back to the idle timer, unless already gone
+                self._reset_timeout()
 
     async def _read_data(self) -> tuple[Reply | None, bytes | None]:
         """Read up to CRLF.CRLF; returns (refusal or None, content)."""
