@@ -24,13 +24,9 @@ import pytest
 import trustme
 
 from relay import config as config_mod
-from relay import users
-from relay.db import MAIN_MIGRATIONS, Database
-from relay.passwords import Hasher, generate_password
-from tests import leaks
 from tests.dialogue import Dialogue
 from tests.test_systemd_unit import sandboxed
-from tests.userhelpers import make_domain
+from tests.userhelpers import seed_user
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN = "app@example.com"
@@ -178,19 +174,7 @@ async def add_user(box: Path) -> str:
     """A verified domain and a user, written to the state dir before the service starts."""
     cfg = config_mod.load(box / "relaybox.toml")
     cfg.state_dir.mkdir(mode=0o700, exist_ok=True)
-    password = leaks.add(generate_password())
-    leaks.add_auth_payload(LOGIN, password)
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-    hasher = Hasher(cfg.auth)
-    try:
-        await make_domain(db, cfg, "example.com", now=time.time())
-        await users.create(
-            db, LOGIN, password, hasher=hasher, cfg=cfg, now=time.time(), actor="test"
-        )
-    finally:
-        hasher.close()
-        await db.close()
-    return password
+    return await seed_user(cfg, LOGIN, now=time.time())
 
 
 @contextlib.asynccontextmanager

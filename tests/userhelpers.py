@@ -47,6 +47,26 @@ def make_domain_sync(cfg: Config, name: str = DOMAIN, *, now: float, verified: b
     return asyncio.run(_main())
 
 
+async def seed_user(cfg: Config, login: str, *, now: float) -> str:
+    """Before a ``relaybox serve`` process starts: a verified domain and a user with a generated
+    password in ``cfg``'s state dir. Returns the password, registered for the leak check."""
+    from relay import users
+    from relay.passwords import generate_password
+    from tests import leaks
+
+    password = leaks.add(generate_password())
+    leaks.add_auth_payload(login, password)
+    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    hasher = Hasher(cfg.auth)
+    try:
+        await make_domain(db, cfg, login.rpartition("@")[2], now=now)
+        await users.create(db, login, password, hasher=hasher, cfg=cfg, now=now, actor="test")
+    finally:
+        hasher.close()
+        await db.close()
+    return password
+
+
 @pytest.fixture
 def hasher(cfg: Config) -> Iterator[Hasher]:
     h = Hasher(cfg.auth)

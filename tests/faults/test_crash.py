@@ -30,17 +30,13 @@ from pathlib import Path
 import pytest
 
 from relay import config as config_mod
-from relay import users
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
-from relay.passwords import Hasher, generate_password
 from relay.spool import Spool
-from tests import leaks
 from tests.dialogue import Dialogue
 from tests.faults.procserver import ServerProcess, relaybox_argv
 from tests.hostile.kit import LOGIN, clean, message
 from tests.sink import Sink
-from tests.userhelpers import make_domain
+from tests.userhelpers import seed_user
 
 CLIENTS, PER_CLIENT, SIGNAL_AFTER = 8, 40, 120
 
@@ -104,18 +100,7 @@ async def setup(tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink) 
         CONFIG.format(state=tmp_path / "state", cert=cert, key=key, sink_port=sink.port)
     )
     cfg = config_mod.load(path)
-    password = leaks.add(generate_password())
-    leaks.add_auth_payload(LOGIN, password)
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-    hasher = Hasher(cfg.auth)
-    try:
-        await make_domain(db, cfg, "example.com", now=time.time())
-        await users.create(
-            db, LOGIN, password, hasher=hasher, cfg=cfg, now=time.time(), actor="test"
-        )
-    finally:
-        hasher.close()
-        await db.close()
+    password = await seed_user(cfg, LOGIN, now=time.time())
     return Setup(path, cfg, password, ssl.create_default_context(cafile=str(ca)))
 
 

@@ -26,13 +26,12 @@ from relay import config as config_mod
 from relay import domains, users
 from relay.config import Config
 from relay.db import MAIN_MIGRATIONS, Database
-from relay.passwords import Hasher, generate_password
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.faults.procserver import ServerProcess
 from tests.hostile.kit import LOGIN, message
 from tests.sink import Sink
-from tests.userhelpers import make_domain, make_domain_sync
+from tests.userhelpers import make_domain_sync, seed_user
 
 # --- the checker itself -------------------------------------------------------------------------
 
@@ -196,18 +195,9 @@ async def test_serve_at_debug_logs_no_secret(
     )
     leaks.add("Upstream-secret-42")
     cfg = config_mod.load(path)
-    password = leaks.add(generate_password())
-    leaks.add_auth_payload(LOGIN, password)
+    password = await seed_user(cfg, LOGIN, now=time.time())
     wrong = leaks.add("Wrong-but-secret-too-77")
     leaks.add_auth_payload(LOGIN, wrong)
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-    hasher = Hasher(cfg.auth)
-    try:
-        await make_domain(db, cfg, "example.com", now=time.time())
-        await users.create(db, LOGIN, password, hasher=hasher, cfg=cfg, now=time.time(), actor="t")
-    finally:
-        hasher.close()
-        await db.close()
     password_hash, pem = await stored_secrets(cfg, LOGIN, "example.com")
     leaks.add(password_hash.rsplit("$", 1)[1])
     leaks.add_pem(pem)
