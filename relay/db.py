@@ -82,10 +82,16 @@ class Database:
         _create_private(path)
         try:
             writer = await _connect(path)
-            await _migrate(writer, migrations)
-            reader = await _connect(path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
+        try:
+            await _migrate(writer, migrations)
+            reader = await _connect(path)
+        except BaseException as exc:
+            await writer.close()  # its thread would otherwise keep the process alive
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open database {path}: {exc}") from exc
+            raise
         return cls(path, writer, reader)
 
     async def close(self) -> None:
@@ -121,9 +127,11 @@ class Database:
     async def fetchall(
         self, sql: str, params: Sequence[object] | dict[str, object] = ()
     ) -> list[sqlite3.Row]:
+        # One thread operation for execute + fetch: with a separate execute and fetchall, another
+        # coroutine's read could run in between on this connection, and overlapping statements
+        # keep one read transaction (an old WAL snapshot) open across the writer's COMMITs.
         try:
-            async with self._reader.execute(sql, params) as cur:
-                rows = await cur.fetchall()
+            rows = await self._reader.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
         return list(rows)
