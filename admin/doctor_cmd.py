@@ -13,6 +13,7 @@ The SMTP exchanges here are a diagnostic client talking to our own listeners, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import pwd
@@ -288,6 +289,13 @@ async def _reply(reader: asyncio.StreamReader) -> str:
             return "\n".join(lines)
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close and wait for it: a transport left half-closed when the loop ends leaks its socket."""
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
 async def probe(listener: Listener, cfg: Config, on_disk: bytes | None) -> Check:
     host = connect_host(listener.address)
     name = f"listen {host}:{listener.port} {listener.mode}"
@@ -317,7 +325,7 @@ async def probe(listener: Listener, cfg: Config, on_disk: bytes | None) -> Check
                 served = ssl_obj.getpeercert(binary_form=True) if ssl_obj else None
                 writer.write(b"QUIT\r\n")
             finally:
-                writer.close()
+                await _close(writer)
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
         return Check(name, "fail", f"not answering ({why}): is the service running?")
@@ -335,7 +343,7 @@ async def check_metrics(cfg: Config) -> list[Check]:
             reader, writer = await asyncio.open_connection(connect_host(host or ""), port)
             writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
             status = (await reader.readline()).decode("latin-1").strip()
-            writer.close()
+            await _close(writer)
     except (OSError, TimeoutError) as exc:
         return [Check("metrics", "fail", f"{cfg.metrics.listen} not answering: {exc}")]
     ok = status.endswith("200 OK")
@@ -365,6 +373,10 @@ async def send_test(cfg: Config, login: str, password: str, to: str) -> Check:
         return Check("send test", "fail", f"to {to}: {exc}")
     except OSError as exc:
         return Check("send test", "fail", f"cannot connect: {exc}")
+    finally:
+        # aiosmtplib's close cannot be awaited: give its TLS shutdown a moment to finish before
+        # asyncio.run() ends the loop (a half-closed transport leaks its socket).
+        await asyncio.sleep(0.05)
     return Check("send test", "pass", f"to {to}: {reply}")
 
 

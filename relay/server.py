@@ -244,6 +244,8 @@ class Server:
         for smtp in list(self._sessions):
             await _push_quietly(smtp, replies.SHUTTING_DOWN)
             smtp.close()
+        with contextlib.suppress(TimeoutError):  # let the cut connections finish closing
+            await asyncio.wait_for(self._no_sessions.wait(), 2)
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)

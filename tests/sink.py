@@ -182,12 +182,18 @@ class Sink:
         """Stop listening and drop open connections: the host is now down (connection refused)."""
         if self._server is not None:
             self._server.close()
-            for proto in self._protocols:
+            protocols, self._protocols = self._protocols, []
+            for proto in protocols:
                 if proto.transport is not None:
                     proto.transport.close()
-            self._protocols.clear()
             await self._server.wait_closed()
             self._server = None
+            # Let the transports finish closing (connection_lost) before the test's loop ends;
+            # otherwise they are collected half-closed and warn (an error under filterwarnings).
+            for _ in range(200):
+                if all(p.transport is None for p in protocols):
+                    break
+                await asyncio.sleep(0.005)  # sleep-ok: bounded wait for close callbacks
 
     async def wait_for(self, pred: Callable[[Sink], bool], within: float = WAIT_TIMEOUT) -> None:
         async with asyncio.timeout(within), self._cond:
