@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import re
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ class SessionState:
     messages: int = 0
 
 
+# <dot-atom@LDH-domain>, then nothing or spaces and parameters: see RelaySMTP._getaddr.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"^\s*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
+    r"(?:[ \t]+([^\s(].*))?$",
+    re.DOTALL,
+)
 _MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
 _CHUNK = 1024 * 1024
 # Held in memory per message: the bytearray (1x) plus the copies made when the message is
@@ -165,6 +173,22 @@ class RelaySMTP(SMTP):
     # --- AUTH helpers ------------------------------------------------------------------------
 
     @syntax("AUTH <mechanism>")
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Fast path for the common ``<local@domain> PARAMS`` form; aiosmtpd's parser otherwise.
+
+        aiosmtpd parses every MAIL and RCPT address with the email package's RFC 5322 parser,
+        about a tenth of the server's CPU per message. A bracketed dot-atom address needs none of
+        that: the result is the same string (a test compares both on generated addresses).
+        """
+        m = _SIMPLE_PATH.match(arg)
+        if m is not None:
+            return m.group(1), m.group(2) or ""
+        try:
+            address, rest = super()._getaddr(arg)
+            return address, rest
+        except Exception:  # its parser raises IndexError etc. on junk such as "<"
+            return None, None  # "malformed address", not a 451 with a logged traceback
+
     async def smtp_AUTH(self, arg: str) -> None:
         # RFC 4954 4: AUTH after a successful AUTH is a 503; aiosmtpd's own has no enhanced code.
         if self.session is not None and self.session.authenticated:
