@@ -69,3 +69,7 @@ _register()
 
 def main() -> None:
     cli(prog_name="relaybox")
+
+
+if __name__ == "__main__":  # `python -m admin.cli`: how the supervisor starts its workers
+    main()

@@ -12,6 +12,7 @@ import click
 from admin import common
 from relay.db import StoreError
 from relay.server import Server
+from relay.supervisor import Supervisor
 
 
 def setup_logging(level: str) -> None:
@@ -39,16 +40,21 @@ def register(cli: click.Group) -> None:
         default="INFO",
         show_default=True,
     )
+    @click.option("--worker", type=click.IntRange(0, 63), default=None, hidden=True)
     @click.pass_context
-    def serve(ctx: click.Context, log_level: str) -> None:
+    def serve(ctx: click.Context, log_level: str, worker: int | None) -> None:
         """Run the relay in the foreground until SIGTERM (SIGHUP reloads)."""
         cfg = common.get_config(ctx)
         setup_logging(log_level)
+        if worker is None and cfg.workers > 1:
+            # The supervisor touches no state: each worker binds, drops root and opens the store.
+            ctx.exit(asyncio.run(Supervisor(cfg, log_level).run()))
+        if worker is not None and worker >= cfg.workers:
+            raise click.ClickException(f"--worker {worker}: the config has workers = {cfg.workers}")
+        server = Server(cfg, worker=worker or 0)
         try:
             # As root on a state dir owned by the service user: bind first, then become it.
-            asyncio.run(
-                Server(cfg).run(after_bind=lambda: common.drop_privileges_for(cfg.state_dir))
-            )
+            asyncio.run(server.run(after_bind=lambda: common.drop_privileges_for(cfg.state_dir)))
         except StoreError as exc:
             raise click.ClickException(f"store error: {exc}") from None
         except OSError as exc:

@@ -286,11 +286,15 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    workers: int = 1
     source: str = field(default="(built-in defaults)", compare=False)
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", self.public_hostname):
             raise ValueError("public_hostname: not a valid host name")
+        _check_range("workers", self.workers, 1, 64)
+        if self.workers > 1 and any(li.port == 0 for li in self.listen):
+            raise ValueError("workers: listeners must name their port to be shared (not port 0)")
 
     @property
     def db_path(self) -> Path:

@@ -72,6 +72,7 @@ class Server:
         self.db: Database | None = None
         self.spool: Spool | None = None
         self.deliverer: Any = None
+        self._orphans: list[tuple[Spool, Any]] = []
         self._hasher: Hasher | None = None
         self._auth: Authenticator | None = None
         self.signer = Signer()
@@ -101,6 +102,7 @@ class Server:
                 port=listener.port,
                 ssl=self._ssl if listener.mode == "tls" else None,
                 reuse_address=True,
+                reuse_port=cfg.workers > 1,  # workers share the port; the kernel spreads clients
                 backlog=1024,
                 start_serving=False,
             )
@@ -118,12 +120,17 @@ class Server:
         self.deliverer = Deliverer(
             self.spool, cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
         )
+        if self.worker == 0:
+            await self._adopt_orphan_spools(Deliverer)
         if not cfg.delivery.paused:
             self.deliverer.start()
-        if cfg.metrics.listen:
-            await self.metrics.start_http(cfg.metrics.listen)
+            for _spool, deliverer in self._orphans:
+                deliverer.start()
         self._tasks.append(asyncio.create_task(self._periodic(), name="relaybox-periodic"))
-        self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
+        if self.worker == 0:  # once per service, not once per worker
+            if cfg.metrics.listen:
+                await self.metrics.start_http(cfg.metrics.listen)
+            self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
         for srv, listener in zip(self._servers, cfg.listen, strict=True):
             await srv.start_serving()
             for sock in srv.sockets:
@@ -131,8 +138,9 @@ class Server:
                 bound = Bound(listener, str(addr[0]), int(addr[1]))
                 self.bound.append(bound)
                 log.info(
-                    "listening address=%s port=%d mode=%s", bound.address, bound.port, listener.mode
-                )
+                    "listening address=%s port=%d mode=%s worker=%d",
+                    bound.address, bound.port, listener.mode, self.worker,
+                )  # fmt: skip
 
     def _protocol(self, listener: Listener) -> RelaySMTP:
         cfg = self.cfg
@@ -211,11 +219,12 @@ class Server:
             tlsutil.reload(self._ssl, new)
             was_paused = self.cfg.delivery.paused
             self.cfg = new
-            if self.deliverer is not None and was_paused != new.delivery.paused:
-                if new.delivery.paused:
-                    await self.deliverer.stop()
-                else:
-                    self.deliverer.start()
+            if was_paused != new.delivery.paused:
+                for deliverer in self._deliverers():
+                    if new.delivery.paused:
+                        await deliverer.stop()
+                    else:
+                        deliverer.start()
             if self._auth is not None:
                 self._auth.configure(new)
             self.memory.total = new.limits.data_memory_budget
@@ -254,6 +263,9 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.deliverer is not None:
             await self.deliverer.stop()
+        for spool, deliverer in self._orphans:
+            await deliverer.stop()
+            await spool.close()
         if self._auth is not None:
             await self._auth.flush_logins()
         await self.metrics.stop_http()
@@ -264,6 +276,27 @@ class Server:
         if self._hasher is not None:
             self._hasher.close()
         log.info("stopped")
+
+    def _deliverers(self) -> list[Any]:
+        own = [self.deliverer] if self.deliverer is not None else []
+        return own + [d for _s, d in self._orphans]
+
+    async def _adopt_orphan_spools(self, deliverer_cls: Any) -> None:
+        """Deliver what spool files of workers that no longer exist still hold.
+
+        After ``workers`` is lowered, spool-I.db for I >= workers has no process of its own:
+        worker 0 delivers from it (it never queues new mail there).
+        """
+        for path in sorted(self.cfg.state_dir.glob("spool-*.db")):
+            index = path.stem.removeprefix("spool-")
+            if not index.isdigit() or int(index) < self.cfg.workers:
+                continue
+            spool = await Spool.open(self.cfg, worker=int(index), clock=self.clock)
+            deliverer = deliverer_cls(
+                spool, self.cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
+            )
+            self._orphans.append((spool, deliverer))
+            log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)
 
     # --- sessions ----------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ import datetime
 import ipaddress
 import logging
 import os
+import shutil
 import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -39,7 +41,29 @@ def ensure_self_signed(cfg: Config) -> None:
     cert_path, key_path = cert_paths(cfg)
     if cert_path.exists() and key_path.exists():
         return
-    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls_dir = cert_path.parent
+    tls_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Written into a fresh directory renamed into place in one step: workers starting together
+    # never read half a pair, and the first rename wins (the others discard theirs).
+    tmp = Path(tempfile.mkdtemp(prefix=".tls-", dir=tls_dir.parent))
+    try:
+        _write_self_signed(cfg, tmp / cert_path.name, tmp / key_path.name)
+        os.rename(tmp, tls_dir)
+    except OSError:
+        if not (cert_path.exists() and key_path.exists()):
+            raise
+        return  # another worker won the race
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning(
+        "no TLS certificate configured: generated a self-signed one for %s at %s "
+        "(clients will not trust it; set [tls] cert and key)",
+        cfg.public_hostname,
+        cert_path,
+    )
+
+
+def _write_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.public_hostname)])
     alt: list[x509.GeneralName] = [x509.DNSName(cfg.public_hostname)]
@@ -68,12 +92,6 @@ def ensure_self_signed(cfg: Config) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(key_pem)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    log.warning(
-        "no TLS certificate configured: generated a self-signed one for %s at %s "
-        "(clients will not trust it; set [tls] cert and key)",
-        cfg.public_hostname,
-        cert_path,
-    )
 
 
 def server_context(cfg: Config) -> ssl.SSLContext:
