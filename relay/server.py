@@ -55,7 +55,8 @@ class Server:
         self.cfg = cfg
         self.clock = clock
         self.worker = worker
-        self.memory = MemoryBudget(cfg.limits.data_memory_budget)
+        # The budget is the service's: with workers, each process gets its share.
+        self.memory = MemoryBudget(cfg.limits.data_memory_budget // cfg.workers)
         self.metrics = Metrics()
         self.draining = False
         self._shutting_down = False
@@ -227,7 +228,7 @@ class Server:
                         deliverer.start()
             if self._auth is not None:
                 self._auth.configure(new)
-            self.memory.total = new.limits.data_memory_budget
+            self.memory.total = new.limits.data_memory_budget // new.workers
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
