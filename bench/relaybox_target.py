@@ -88,6 +88,9 @@ max_connections_per_ip = 10000
 [delivery]
 mode = "smarthost"
 paused = {"true" if paused else "false"}
+# Postfix's default_destination_concurrency_limit is 20; relaybox's default is 5. The same
+# number of parallel deliveries to the sink keeps the end-to-end comparison fair.
+per_destination = 20
 
 [delivery.smarthost]
 host = "{LOOPBACK}"
