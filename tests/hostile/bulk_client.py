@@ -53,7 +53,7 @@ def main() -> None:
                     with lock:
                         busy[0] += 1
                     s.rset()
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # sleep-ok: a client backing off after 451, as real ones do
                 raise RuntimeError("never got in")
         except Exception as exc:  # reported to the test, which fails on it
             with lock:
