@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaybox.handler")
 
+# "The reply was sent already": aiosmtpd then sends nothing more (a bare success=False would
+# also send nothing, leaving the client waiting; see the module docstring).
+_HANDLED = AuthResult(success=False, handled=True)
+
 MAX_AUTH_FAILURES_PER_SESSION = 3
 
 
@@ -35,44 +39,39 @@ class Handler:
     # --- AUTH (RFC 4954; PLAIN is RFC 4616) ------------------------------------------------------
 
     async def auth_PLAIN(self, smtp: RelaySMTP, args: list[str]) -> AuthResult:
-        if self._throttled(smtp):
-            await smtp.push(str(replies.AUTH_THROTTLED))
-            return AuthResult(success=False, handled=True)
-        if len(args) == 1:
-            blob = await smtp.sasl_response(b"")
-        else:
-            blob = await smtp.decode_b64(args[1].encode("ascii", "replace"))
+        blob = await self._first_response(smtp, args, b"")
         if blob is None:
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         parts = blob.split(b"\0")
         if len(parts) != 3:
             await smtp.push(str(replies.AUTH_MALFORMED))
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         authzid, authcid, password = parts
         return await self._authenticate(smtp, "PLAIN", authcid, password, authzid)
 
     async def auth_LOGIN(self, smtp: RelaySMTP, args: list[str]) -> AuthResult:
-        if self._throttled(smtp):
-            await smtp.push(str(replies.AUTH_THROTTLED))
-            return AuthResult(success=False, handled=True)
-        if len(args) == 1:
-            login = await smtp.sasl_response(b"Username:")
-        else:
-            login = await smtp.decode_b64(args[1].encode("ascii", "replace"))
+        login = await self._first_response(smtp, args, b"Username:")
         if login is None:
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         password = await smtp.sasl_response(b"Password:")
         if password is None:
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         return await self._authenticate(smtp, "LOGIN", login, password, b"")
 
-    def _throttled(self, smtp: RelaySMTP) -> bool:
+    async def _first_response(
+        self, smtp: RelaySMTP, args: list[str], challenge: bytes
+    ) -> bytes | None:
+        """The initial response (inline, or after a 334 challenge), decoded; None once a reply
+        was sent (throttled: 454 without argon2 work; cancelled or undecodable: 501)."""
         assert smtp.state is not None
         if self.server.auth.is_throttled(smtp.state.ip):
             maillog.auth_throttled(smtp.state.ip)
             self.server.metrics.auth_throttled()
-            return True
-        return False
+            await smtp.push(str(replies.AUTH_THROTTLED))
+            return None
+        if len(args) == 1:
+            return await smtp.sasl_response(challenge)
+        return await smtp.decode_b64(args[1].encode("ascii", "replace"))
 
     async def _authenticate(
         self, smtp: RelaySMTP, mech: str, login_b: bytes, password_b: bytes, authzid: bytes
@@ -84,7 +83,7 @@ class Handler:
             password = password_b.decode("utf-8")
         except UnicodeDecodeError:
             await smtp.push(str(replies.AUTH_MALFORMED))
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         shown = login if len(login) <= 320 else login[:64] + "..."
         if authzid and authzid != login_b:
             # No proxy authorization: authzid, if given, must be the login itself (RFC 4616 2).
@@ -101,25 +100,25 @@ class Handler:
             await smtp.push(str(replies.AUTH_OK))
             # We sent the reply ourselves; "handled" keeps aiosmtpd from sending another one
             # (and from touching its deprecated Session.login_data).
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         if answer_outcome is Outcome.TEMPFAIL:
             maillog.auth_failed(shown, st.ip, mech, "tempfail")
             await smtp.push(str(replies.AUTH_TEMPFAIL))
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         if answer_outcome is Outcome.THROTTLED:
             maillog.auth_throttled(st.ip, shown)
             self.server.metrics.auth_throttled()
             await smtp.push(str(replies.AUTH_THROTTLED))
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         st.auth_failures += 1
         maillog.auth_failed(shown, st.ip, mech, reason or "bad_credentials")
         self.server.metrics.auth_failed()
         if st.auth_failures >= MAX_AUTH_FAILURES_PER_SESSION:
             await smtp.push(str(replies.AUTH_TOO_MANY))
             smtp.close()
-            return AuthResult(success=False, handled=True)
+            return _HANDLED
         await smtp.push(str(replies.AUTH_FAILED))
-        return AuthResult(success=False, handled=True)
+        return _HANDLED
 
     # --- envelope ----------------------------------------------------------------------------
 
