@@ -63,6 +63,16 @@ class _CacheEntry:
     expires_at: float
 
 
+def _share(cfg: Config) -> int:
+    """This process's share of auth.max_failures.
+
+    With ``workers = N`` the kernel spreads an attacker's connections over N processes that count
+    separately; each locks out after its share, so the service as a whole allows about
+    max_failures, not N times as many.
+    """
+    return max(1, -(-cfg.auth.max_failures // cfg.workers))
+
+
 class Throttle:
     """Failure counts per key (IP or login) in a sliding window, with a lockout per IP."""
 
@@ -116,10 +126,8 @@ class Authenticator:
         self.hasher = hasher
         self.cfg = cfg
         self.clock = clock
-        self.throttle = Throttle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
-        self.login_failures = Throttle(
-            cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout
-        )
+        self.throttle = Throttle(_share(cfg), cfg.auth.failure_window, cfg.auth.lockout)
+        self.login_failures = Throttle(_share(cfg), cfg.auth.failure_window, cfg.auth.lockout)
         self._cache: dict[tuple[str, bytes], _CacheEntry] = {}
         self._inflight: dict[tuple[str, bytes], asyncio.Future[users.VerifyResult]] = {}
         self._key = secrets.token_bytes(32)
@@ -129,7 +137,7 @@ class Authenticator:
         """Apply a reloaded config (limits and TTLs; counts are kept)."""
         self.cfg = cfg
         for t in (self.throttle, self.login_failures):
-            t.max_failures = cfg.auth.max_failures
+            t.max_failures = _share(cfg)
             t.window = cfg.auth.failure_window
             t.lockout = cfg.auth.lockout
         if float(cfg.auth.cache_ttl) <= 0:

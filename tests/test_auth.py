@@ -11,7 +11,7 @@ import pytest
 from relay import events, users
 from relay.auth import Authenticator, Outcome
 from relay.clock import ManualClock
-from relay.config import Config
+from relay.config import Config, Listener
 from relay.db import Database
 from relay.passwords import Hasher
 from tests import leaks
@@ -125,3 +125,16 @@ async def test_failures_pay_a_minimum_time(
         answer = await slow.authenticate(login, "bad-password-xx", "192.0.2.9")
         assert answer.outcome is Outcome.FAILED
         assert loop.time() - t0 >= 0.2
+
+
+async def test_workers_share_the_failure_limit(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """With workers = 2 each process locks out after its half (rounded up) of max_failures."""
+    two = dataclasses.replace(cfg, workers=2, listen=(Listener("127.0.0.1", 2587, "starttls"),))
+    worker = Authenticator(db, hasher, two, clock=clock)
+    for _ in range(3):  # ceil(5 / 2)
+        assert (await worker.authenticate(LOGIN, "bad-password-xx", "192.0.2.7")).outcome is (
+            Outcome.FAILED
+        )
+    assert (await worker.authenticate(LOGIN, PASSWORD, "192.0.2.7")).outcome is Outcome.THROTTLED
