@@ -46,6 +46,21 @@ def get_config(ctx: click.Context) -> Config:
     return cfg
 
 
+def read_secret(prompt: str, *, confirm: bool = False) -> str:
+    """One secret from standard input: a hidden prompt on a terminal, else one line of a pipe.
+
+    The line ending (LF or CRLF) is removed; nothing else is. Reads ``sys.stdin`` directly (Click
+    8.5 deprecates ``click.get_text_stream``; ``CliRunner`` swaps ``sys.stdin`` the same way).
+    """
+    stdin = sys.stdin
+    if stdin is None:
+        raise click.ClickException("no standard input to read the password from")
+    if stdin.isatty():
+        value: str = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        return value
+    return stdin.readline().removesuffix("\n").removesuffix("\r")
+
+
 def user_errors(fn: Callable[P, T]) -> Callable[P, T]:
     """Turn the errors a person can act on into one line on stderr and exit 1 (no traceback)."""
 

@@ -37,17 +37,7 @@ def _with_store(cfg: Config, fn: Callable[[Database, Hasher], Awaitable[T]]) -> 
 
 def _read_password(cfg: Config) -> str:
     """One line from stdin (a pipe), or a hidden prompt typed twice on a terminal."""
-    stdin = click.get_text_stream("stdin")
-    if stdin.isatty():
-        value: str = click.prompt(
-            "New password", hide_input=True, confirmation_prompt=True, err=True
-        )
-    else:
-        value = stdin.readline()
-        if value.endswith("\n"):
-            value = value[:-1]
-        if value.endswith("\r"):
-            value = value[:-1]
+    value = common.read_secret("New password", confirm=True)
     if not value:
         raise click.ClickException("--password-stdin: no password on standard input")
     passwords.check_policy(value, cfg)
