@@ -109,24 +109,40 @@ class TestDNSServer:
         logger = DNSLogger(prefix=False, logf=log.debug)
         self._servers: list[DNSServer] = []
         self._threads: list[threading.Thread] = []
-        udp = DNSServer(self._zone, address="127.0.0.1", port=0, logger=logger, handler=_Handler)
-        self._servers.append(udp)
+        udp, tcp = self._bind_pair(logger)
+        self._servers.extend((udp, tcp))
         self.port: int = udp.server.server_address[1]
-        try:
-            tcp = DNSServer(
-                self._zone,
-                address="127.0.0.1",
-                port=self.port,
-                tcp=True,
-                logger=logger,
-                handler=_Handler,
+
+    _BIND_ATTEMPTS = 20
+
+    def _bind_pair(self, logger: DNSLogger) -> tuple[DNSServer, DNSServer]:
+        """A UDP and a TCP server on one ephemeral port: dnspython falls back to TCP on the same
+        port for a truncated answer, so a UDP-only server would hide that path. The UDP port is
+        picked by the kernel; if its TCP twin is taken, both are closed and another pair is tried.
+        """
+        for _ in range(self._BIND_ATTEMPTS):
+            udp = DNSServer(
+                self._zone, address="127.0.0.1", port=0, logger=logger, handler=_Handler
             )
-        except OSError as exc:  # the TCP port is taken by someone else: serve UDP only
-            if exc.errno != errno.EADDRINUSE:
+            port = udp.server.server_address[1]
+            try:
+                tcp = DNSServer(
+                    self._zone,
+                    address="127.0.0.1",
+                    port=port,
+                    tcp=True,
+                    logger=logger,
+                    handler=_Handler,
+                )
+            except OSError as exc:
                 udp.server.server_close()
-                raise
-        else:
-            self._servers.append(tcp)
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return udp, tcp
+        raise RuntimeError(
+            f"test DNS server: no port free for both UDP and TCP in {self._BIND_ATTEMPTS} tries"
+        )
 
     def start(self) -> None:
         for srv in self._servers:
