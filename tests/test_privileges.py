@@ -100,11 +100,16 @@ def cli_prefix(service_user: pwd.struct_passwd, tmp_path: Path) -> list[str]:
     """
     if service_user_can_run_python(service_user):
         return CLI
-    blocked = [p for p in Path(sys.prefix).resolve().parents if not p.stat().st_mode & stat.S_IXOTH]
+    # The venv (sys.prefix) and the interpreter it was made from (sys.base_prefix, e.g. pyenv's).
+    roots = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    blocked = {p for r in roots for p in r.parents if not p.stat().st_mode & stat.S_IXOTH}
     if len(blocked) != 1 or shutil.which("unshare") is None:
         pytest.skip(f"{service_user.pw_name} cannot read the Python installation {sys.prefix}")
-    top = blocked[0]
-    child = Path(sys.prefix).resolve().relative_to(top).parts[0]
+    top = blocked.pop()
+    children = {r.relative_to(top).parts[0] for r in roots if r.is_relative_to(top)}
+    if len(children) != 1:
+        pytest.skip(f"{service_user.pw_name} cannot read the Python installation {sys.prefix}")
+    child = children.pop()
     keep = tempfile.mkdtemp(prefix="relaybox-keep-", dir="/tmp")
     probe = subprocess.run(["unshare", "-m", "sh", "-c", UNHIDE, "sh", str(top), child, keep,
                             "true"], capture_output=True, text=True, check=False)  # fmt: skip
