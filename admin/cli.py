@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import platform
+
 import click
 
-from admin import common
+from admin import common, lockinfo
 from relay import __version__
 from relay import config as config_mod
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"relaybox {__version__} (Python {platform.python_version()})")
+    click.echo(lockinfo.describe(lockinfo.recorded()))
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="relaybox")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the lock the dependencies were installed from, and exit.",
+)
 @click.option(
     "--config",
     "config_path",

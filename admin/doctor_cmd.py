@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 from cryptography import x509
 
-from admin import common
+from admin import common, lockinfo
 from relay import dnscheck, domains, tlsutil, users
 from relay.config import Config, Listener
 from relay.metrics import parse_listen
@@ -60,6 +60,13 @@ def check_config(cfg: Config) -> list[Check]:
     if cfg.public_hostname in ("localhost", "localhost.localdomain"):
         out.append(Check("public_hostname", "warn", "is localhost: set the name clients use"))
     return out
+
+
+def check_install() -> Check:
+    """Whether the dependencies are the locked set they were installed from."""
+    rec = lockinfo.recorded()
+    status = "pass" if rec is not None and not rec.drift else "warn"
+    return Check("install", status, lockinfo.describe(rec).removeprefix("dependencies: "))
 
 
 def service_user(cfg: Config) -> pwd.struct_passwd | None:
@@ -385,7 +392,7 @@ async def send_test(cfg: Config, login: str, password: str, to: str) -> Check:
 
 async def run_checks(cfg: Config, send: tuple[str, str, str] | None = None) -> list[Check]:
     now = datetime.datetime.now(datetime.UTC)
-    out = check_config(cfg) + check_tls(cfg, now) + check_state_dir(cfg)
+    out = [check_install(), *check_config(cfg), *check_tls(cfg, now), *check_state_dir(cfg)]
     cert_path, _ = tlsutil.cert_paths(cfg)
     try:
         on_disk: bytes | None = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
@@ -404,11 +411,7 @@ def _test_password() -> str:
     env = os.environ.get("RELAYBOX_TEST_PASSWORD")
     if env:
         return env
-    stdin = click.get_text_stream("stdin")
-    if stdin.isatty():
-        value: str = click.prompt("Password", hide_input=True, err=True)
-        return value
-    return stdin.readline().rstrip("\r\n")
+    return common.read_secret("Password")
 
 
 def register(cli: click.Group) -> None:

@@ -136,6 +136,8 @@ async def test_a_healthy_box_passes(box: Box, running: RelayHandle) -> None:
                  f"listen 127.0.0.1:{running.starttls_port} starttls"):  # fmt: skip
         assert checks[name][0] == "pass", (name, checks[name])
     assert checks["users"][0] == "warn"  # none yet
+    # Which lock the dependencies came from (scripts/test records requirements-test.txt).
+    assert checks["install"][1].startswith(("requirements-test.txt sha256:", "not installed from"))
     assert "ownership pass spf pass dkim pass" in checks["domain example.com"][1]
 
     # The people's view: a table and a summary line.
