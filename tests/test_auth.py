@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from relay import events, users
-from relay.auth import Authenticator, Outcome
+from relay.auth import Authenticator, Outcome, Throttle
 from relay.clock import ManualClock
 from relay.config import Config, Listener
 from relay.db import Database
@@ -138,3 +138,45 @@ async def test_workers_share_the_failure_limit(
             Outcome.FAILED
         )
     assert (await worker.authenticate(LOGIN, PASSWORD, "192.0.2.7")).outcome is Outcome.THROTTLED
+
+
+async def test_failures_age_out_of_the_failure_window(
+    authn: Authenticator, clock: ManualClock
+) -> None:
+    """auth.failure_window slides: failures older than it no longer count toward a lockout,
+    neither for the address nor for the login; failures inside it still add up."""
+    limit = authn.cfg.auth.max_failures
+    ip = "192.0.2.3"
+    for _ in range(limit - 1):
+        assert (await authn.authenticate(LOGIN, "bad-password-xx", ip)).outcome is Outcome.FAILED
+    clock.advance(float(authn.cfg.auth.failure_window) + 1)
+    # Those have aged out: as many again is still one short of the limit.
+    for _ in range(limit - 1):
+        answer = await authn.authenticate(LOGIN, "bad-password-xx", ip)
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.OK
+    assert [e.action for e in await events.recent(authn.db) if e.action.startswith("auth.")] == []
+    # One more inside the window reaches the limit: the address is locked, operators are told.
+    answer = await authn.authenticate(LOGIN, "bad-password-xx", ip)
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
+    assert [e.action for e in await events.recent(authn.db) if e.action.startswith("auth.")] == [
+        "auth.lockout",
+        "auth.login-failures",
+    ]
+
+
+def test_throttle_counts_only_failures_inside_the_window() -> None:
+    throttle = Throttle(max_failures=3, window=60, lockout=300)
+    t0 = 1_800_000_000.0
+    assert not throttle.fail("k", t0)
+    assert not throttle.fail("k", t0 + 30)
+    assert throttle.failures("k", t0 + 30) == 2
+    assert throttle.failures("k", t0 + 60) == 1  # the first is exactly one window old: gone
+    assert not throttle.fail("k", t0 + 61)  # 2 inside the window, not 3
+    throttle.prune(t0 + 200)  # every failure of "k" is stale: the key is forgotten
+    assert throttle.failures("k", t0 + 200) == 0
+    assert not throttle.fail("k", t0 + 200)
+    assert not throttle.fail("k", t0 + 201)
+    assert throttle.fail("k", t0 + 202)  # three inside the window: locked
+    assert throttle.locked("k", t0 + 202 + 299) and not throttle.locked("k", t0 + 202 + 300)
