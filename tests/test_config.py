@@ -45,10 +45,54 @@ def test_empty_file_loads_to_exactly_the_defaults(tmp_path: Path) -> None:
     assert config_mod.load(p) == Config()
 
 
-def test_reference_file_with_comments_only_is_the_defaults() -> None:
+# The live (uncommented) keys of conf/relaybox.toml: what a production install changes from the
+# built-in defaults. Everything else in the file is commented out at its default.
+LIVE_KEYS = {
+    "state_dir",
+    "public_hostname",
+    "listen[]",
+    "listen[].address",
+    "listen[].port",
+    "listen[].mode",
+    "tls.cert",
+    "tls.key",
+}
+
+
+def test_reference_file_is_the_defaults_except_its_live_keys() -> None:
     data = tomllib.loads(REFERENCE.read_text())
-    assert "listen" not in data or data  # only comments or live production values
-    config_mod.from_dict(data)  # whatever is live must load
+    assert _keys(data) == LIVE_KEYS  # a new live key must be named here (and in the docs)
+    defaults = Config()
+    production = dataclasses.replace(
+        defaults,
+        state_dir=Path("/var/lib/relaybox"),
+        public_hostname="smtp.example.com",
+        listen=(
+            config_mod.Listener("0.0.0.0", 587, "starttls"),
+            config_mod.Listener("0.0.0.0", 465, "tls"),
+        ),
+        tls=dataclasses.replace(
+            defaults.tls,
+            cert="/etc/relaybox/tls/fullchain.pem",
+            key="/etc/relaybox/tls/privkey.pem",
+        ),
+    )
+    cfg = config_mod.from_dict(data)
+    assert config_mod.to_dict(cfg, redact=False) == config_mod.to_dict(production, redact=False)
+    assert cfg == production
+
+
+def test_reference_file_comments_out_exactly_the_defaults() -> None:
+    """Every ``# key = value`` line states the dataclass default: making them all live changes
+    nothing. With the test above (the file as shipped is the defaults but its live keys), a
+    documented default that drifts from the code fails here."""
+    text = REFERENCE.read_text()
+    shipped = config_mod.from_dict(tomllib.loads(text))
+    uncommented = tomllib.loads(_uncomment(text))
+    assert _keys(uncommented) - LIVE_KEYS, "nothing was uncommented: is _uncomment broken?"
+    everything = config_mod.from_dict(uncommented)
+    assert config_mod.to_dict(everything, redact=False) == config_mod.to_dict(shipped, redact=False)
+    assert everything == shipped
 
 
 def test_reference_file_documents_every_key() -> None:
