@@ -1,0 +1,217 @@
+"""relay/policy.py on its own: the header-From rule (RFC 5322 3.6, DMARC alignment).
+
+A user of example.com may send only messages with exactly one From field, whose every address is
+in example.com. Each case goes through both public functions, as the DATA handler does:
+``check_header_from(domain, header_from_addresses(message))``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import policy, replies
+from relay.replies import Reply
+
+DOMAIN = "example.com"
+OWN = "app@example.com"
+FOREIGN = "boss@other.test"
+MISSING = replies.HEADER_FROM_MISSING
+MISMATCH = replies.HEADER_FROM_MISMATCH
+
+
+def message(*fields: str, body: str = "Hello.\r\n") -> bytes:
+    """A message with these header fields (plus To and Subject) and a body, CRLF throughout."""
+    head = [*fields, "To: someone@dest.test", "Subject: hi"]
+    return ("".join(f"{f}\r\n" for f in head) + "\r\n" + body).encode()
+
+
+def decide(msg: bytes) -> Reply | None:
+    return policy.check_header_from(DOMAIN, policy.header_from_addresses(msg))
+
+
+# --- one From field with owned addresses: accepted ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        f"From: {OWN}",
+        f"From: App <{OWN}>",
+        f"From: <{OWN}>",
+        f'From: "Doe, John" <{OWN}>',  # a comma inside a quoted display name is not a list
+        "From: app@EXAMPLE.COM",
+        f"FROM: {OWN}",  # field names are case-insensitive
+        f"From: App\r\n <{OWN}>",  # folded
+        'From: "boss@other.test"@example.com',  # a quoted local part: still example.com
+        f"From: {OWN}, b@example.com",
+        f"From: team: {OWN}, b@example.com;",
+    ],
+    ids=[
+        "addr-spec",
+        "name-addr",
+        "angle-addr",
+        "quoted-comma",
+        "domain-case",
+        "field-name-case",
+        "folded",
+        "quoted-local-part",
+        "list",
+        "group",
+    ],
+)
+def test_owned_from_is_accepted(field: str) -> None:
+    assert decide(message(field)) is None
+
+
+# --- no From: refused --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        message(),
+        message("From:"),
+        message("From:   "),
+        message(body=f"From: {OWN}\r\n"),  # in the body, not the header block
+        message(f"Sender: {OWN}"),  # a Sender is not a From
+        message(f"Resent-From: {OWN}"),
+        message(f"Reply-To: {OWN}"),
+    ],
+    ids=["none", "empty", "blank", "in-body", "sender-only", "resent-from-only", "reply-to-only"],
+)
+def test_missing_from_is_refused(msg: bytes) -> None:
+    assert policy.header_from_addresses(msg) is None
+    assert decide(msg) == MISSING
+
+
+def test_no_addresses_at_all_is_missing() -> None:
+    assert policy.check_header_from(DOMAIN, None) == MISSING
+
+
+# --- several From fields: refused, whichever comes first ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (f"From: {OWN}", f"From: {OWN}"),
+        (f"From: {OWN}", "From: b@example.com"),
+        (f"From: {OWN}", f"From: {FOREIGN}"),
+        (f"From: {FOREIGN}", f"From: {OWN}"),
+        (f"From: {OWN}", "Cc: c@dest.test", f"from: {FOREIGN}"),
+        (f"From: {OWN}", f"From: {OWN}", f"From: {OWN}"),
+    ],
+    ids=["same-twice", "both-owned", "own-then-foreign", "foreign-then-own", "apart", "three"],
+)
+def test_several_from_fields_are_refused(fields: tuple[str, ...]) -> None:
+    msg = message(*fields)
+    assert policy.header_from_addresses(msg) is None
+    assert decide(msg) == MISSING
+
+
+# --- a From list: every address is checked -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        f"From: {OWN}, {FOREIGN}",
+        f"From: {FOREIGN}, {OWN}",
+        f"From: {OWN}, b@example.com, {FOREIGN}",
+        f"From: App <{OWN}>, Boss <{FOREIGN}>",
+        f"From: {OWN},\r\n {FOREIGN}",  # folded
+        f"From: {OWN}; {FOREIGN}",
+    ],
+    ids=["own-first", "foreign-first", "foreign-third", "name-addr", "folded", "semicolon"],
+)
+def test_every_address_of_a_from_list_is_checked(field: str) -> None:
+    msg = message(field)
+    addresses = policy.header_from_addresses(msg)
+    assert addresses is not None and FOREIGN in addresses and OWN in addresses
+    assert decide(msg) == MISMATCH
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_check_header_from_looks_at_every_address(position: int) -> None:
+    addresses = [OWN, "b@example.com", "c@example.com"]
+    assert policy.check_header_from(DOMAIN, addresses) is None
+    addresses[position] = FOREIGN
+    assert policy.check_header_from(DOMAIN, addresses) == MISMATCH
+    addresses[position] = "not an address"
+    assert policy.check_header_from(DOMAIN, addresses) == MISSING
+
+
+# --- groups (RFC 5322 3.4; RFC 6854 allows them in From) ---------------------------------------
+
+
+def test_empty_group_is_no_from() -> None:
+    assert decide(message("From: undisclosed: ;")) == MISSING
+    assert decide(message("From: undisclosed-recipients:;")) == MISSING
+
+
+def test_group_members_are_all_checked() -> None:
+    assert decide(message(f"From: team: {OWN}, {FOREIGN};")) == MISMATCH
+    assert decide(message(f"From: team: {FOREIGN};")) == MISMATCH
+    assert decide(message(f"From: team: {OWN}, b@example.com;")) is None
+
+
+# --- RFC 2047 encoded words: the display name is not the address -------------------------------
+
+
+def test_encoded_display_name_with_owned_address_is_accepted() -> None:
+    assert decide(message(f"From: =?utf-8?q?J=C3=BCrgen?= <{OWN}>")) is None
+    # A display name that decodes to someone else's address does not change whose address it is.
+    assert decide(message(f"From: =?utf-8?q?Boss_=3Cboss=40other=2Etest=3E?= <{OWN}>")) is None
+
+
+def test_encoded_display_name_does_not_make_a_foreign_address_owned() -> None:
+    msg = message(f"From: =?utf-8?b?YXBwQGV4YW1wbGUuY29t?= <{FOREIGN}>")  # "app@example.com"
+    assert decide(msg) == MISMATCH
+
+
+def test_encoded_word_in_place_of_the_address_is_no_address() -> None:
+    assert decide(message("From: =?utf-8?q?app=40example=2Ecom?=")) == MISSING
+
+
+# --- tricks with comments and broken syntax -----------------------------------------------------
+
+
+def test_a_comment_is_not_the_address() -> None:
+    assert decide(message(f"From: {FOREIGN} ({OWN})")) == MISMATCH
+
+
+def test_broken_angle_syntax_never_passes_a_foreign_address() -> None:
+    """CVE-2023-27043 shapes: whatever email.utils makes of them, they are not accepted."""
+    for field in (
+        f"From: {FOREIGN})<{OWN}>",
+        f"From: {OWN} <{FOREIGN}>",
+        f"From: <{OWN}>{FOREIGN}",
+        f"From: <{OWN}> <{FOREIGN}>",
+        f"From: <@example.com:{FOREIGN}>",
+    ):
+        assert decide(message(field)) is not None, field
+
+
+# --- Sender and Resent-From: not part of this rule ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        f"Sender: {FOREIGN}",
+        f"Resent-From: {FOREIGN}",
+        f"Resent-Sender: {FOREIGN}",
+        f"Sender: {OWN}",
+        f"Resent-From: {OWN}",
+    ],
+)
+def test_sender_and_resent_fields_are_not_checked(field: str) -> None:
+    """Pinned as the code stands: only From is checked (what DMARC aligns with). A foreign
+    Sender or Resent-From beside an owned From is accepted (reported in issue 18 for a decision:
+    MUAs show "Sender on behalf of From")."""
+    assert decide(message(f"From: {OWN}", field)) is None
+
+
+@pytest.mark.parametrize("field", [f"Sender: {OWN}", f"Resent-From: {OWN}"])
+def test_an_owned_sender_does_not_excuse_a_foreign_from(field: str) -> None:
+    assert decide(message(f"From: {FOREIGN}", field)) == MISMATCH
