@@ -19,6 +19,7 @@ class Dialogue:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.tail = b""  # what closed() read before the end of the stream
 
     @classmethod
     async def open(
@@ -79,9 +80,18 @@ class Dialogue:
         await self.expect_after(f"AUTH PLAIN {blob}", "235 2.7.0")
 
     async def closed(self, within: float = 10) -> bool:
-        """True once the server has closed the connection (reads to EOF)."""
-        data = await asyncio.wait_for(self.reader.read(), within)
-        return data == b"" or data is not None
+        """True if the server closes the connection (EOF, or a reset) within ``within`` seconds;
+        False if it is still open then. Bytes it sent before closing are kept in ``self.tail``."""
+        try:
+            async with asyncio.timeout(within):
+                while chunk := await self.reader.read(65536):
+                    self.tail += chunk
+                    leaks.observe(chunk.decode("utf-8", "replace"))
+        except TimeoutError:
+            return False
+        except ConnectionError:  # reset (or aborted) by the server: closed too
+            return True
+        return True
 
     async def close(self) -> None:
         self.writer.close()
