@@ -192,13 +192,37 @@ async def test_revocation_is_immediate_even_mid_session(
         ("app@example.com", None, "failing", "250 2.0.0 queued as"),
         ("app@example.com", None, "suspended", "550 5.7.1"),
         ("", None, None, "550 5.7.1"),
+        # Raw From fields (EmailMessage would refuse a second From):
+        pytest.param(LOGIN, (), None, "550 5.6.0", id="no-from"),
+        pytest.param(LOGIN, (f"From: {LOGIN}",) * 2, None, "550 5.6.0", id="two-from-fields"),
+        pytest.param(
+            LOGIN,
+            (f"From: {LOGIN}", "From: boss@other.test"),
+            None,
+            "550 5.6.0",
+            id="two-from-fields-one-foreign",
+        ),
+        pytest.param(
+            LOGIN,
+            (f"From: {LOGIN}, boss@other.test",),
+            None,
+            "550 5.7.1",
+            id="from-list-one-foreign",
+        ),
+        pytest.param(
+            LOGIN,
+            (f"From: {LOGIN}, b@example.com",),
+            None,
+            "250 2.0.0 queued as",
+            id="from-list-all-owned",
+        ),
     ],
 )
 async def test_policy_matrix(
     relay: RelayHandle,
     clock: ManualClock,
     sender: str,
-    header_from: str | None,
+    header_from: str | tuple[str, ...] | None,
     setup: str | None,
     expect: str,
 ) -> None:
@@ -214,8 +238,18 @@ async def test_policy_matrix(
         return
     await d.expect_after("RCPT TO:<rcpt@dest.test>", "250 2.1.5")
     await d.expect_after("DATA", "354")
-    await d.expect_after(message(header_from or sender) + b".\r\n", expect)
+    if isinstance(header_from, tuple):
+        data = raw_message(*header_from)
+    else:
+        data = message(header_from or sender)
+    await d.expect_after(data + b".\r\n", expect)
     await d.close()
+
+
+def raw_message(*fields: str) -> bytes:
+    """A message with exactly these origin fields, then To, Subject and a body."""
+    head = [*fields, "To: someone@dest.test", "Subject: hello"]
+    return ("".join(f"{f}\r\n" for f in head) + "\r\nHello there.\r\n").encode()
 
 
 async def set_domain_state(relay: RelayHandle, name: str, state: str, clock: ManualClock) -> None:
