@@ -25,6 +25,7 @@ _LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})+"
 _MAILBOX = re.compile(rf"^({_LOCAL})@({_DOMAIN})$")
+_FROM_FIELD = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def split_address(address: str) -> tuple[str, str] | None:
@@ -76,7 +77,10 @@ def header_from_addresses(message: bytes) -> list[str] | None:
     head = message if end < 0 else message[: end + 4]
     headers = BytesHeaderParser(policy=compat32).parsebytes(head)
     values = headers.get_all("From") or []
-    if len(values) != 1:  # RFC 5322 3.6: exactly one From field
+    # RFC 5322 3.6: exactly one From field. Counted over the raw header block too, as a receiver
+    # may: the parser skips obs-syntax "From :" (4.5.2 obs-from allows WSP before the colon) and
+    # every field after a line that is not a header, so a second From could hide there.
+    if len(values) != 1 or len(_FROM_FIELD.findall(head)) != 1:
         return None
     pairs = email.utils.getaddresses([str(v) for v in values])
     addrs = [addr for _name, addr in pairs if addr]
@@ -85,7 +89,8 @@ def header_from_addresses(message: bytes) -> list[str] | None:
 
 def check_header_from(user_domain: str, addresses: Iterable[str] | None) -> Reply | None:
     """DATA: every header From address must be in the sender's domain (DMARC alignment)."""
-    if addresses is None:
+    addresses = None if addresses is None else list(addresses)
+    if not addresses:  # none at all, or an empty group ("undisclosed-senders: ;")
         return replies.HEADER_FROM_MISSING
     for addr in addresses:
         dom = domain_of(addr)

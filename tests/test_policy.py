@@ -86,6 +86,8 @@ def test_missing_from_is_refused(msg: bytes) -> None:
 
 def test_no_addresses_at_all_is_missing() -> None:
     assert policy.check_header_from(DOMAIN, None) == MISSING
+    assert policy.check_header_from(DOMAIN, []) == MISSING
+    assert policy.check_header_from(DOMAIN, iter(())) == MISSING
 
 
 # --- several From fields: refused, whichever comes first ---------------------------------------
@@ -190,6 +192,32 @@ def test_broken_angle_syntax_never_passes_a_foreign_address() -> None:
         f"From: <@example.com:{FOREIGN}>",
     ):
         assert decide(message(field)) is not None, field
+
+
+# --- obs-syntax: "From :" (RFC 5322 4.5.2, WSP before the colon) --------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (f"From : {OWN}",),
+        (f"From: {OWN}", f"From : {FOREIGN}"),
+        (f"From: {OWN}", f"From\t: {FOREIGN}"),
+        (f"From: {OWN}", f"fRoM  : {OWN}"),
+        (f"From : {FOREIGN}", f"From: {OWN}"),
+    ],
+    ids=["alone", "second-foreign", "second-tab", "second-owned", "first-foreign"],
+)
+def test_obs_syntax_from_counts_as_a_from_field(fields: tuple[str, ...]) -> None:
+    """Python's parser skips a "From :" line; a receiver may read it as a From. So it counts as
+    one: beside a regular From it makes two (refused), and on its own it is refused too (not a
+    From the relay can check)."""
+    assert decide(message(*fields)) == MISSING
+
+
+def test_a_from_hidden_after_a_non_header_line_still_counts() -> None:
+    """The parser ends the header block at a line that is not a field; a receiver may not."""
+    assert decide(message(f"From: {OWN}", "not a header line", f"From: {FOREIGN}")) == MISSING
 
 
 # --- Sender and Resent-From: not part of this rule ---------------------------------------------

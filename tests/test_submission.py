@@ -216,6 +216,13 @@ async def test_revocation_is_immediate_even_mid_session(
             "250 2.0.0 queued as",
             id="from-list-all-owned",
         ),
+        pytest.param(
+            LOGIN,
+            ("From : boss@other.test", f"From: {LOGIN}"),
+            None,
+            "550 5.6.0",
+            id="obs-syntax-second-from",
+        ),
     ],
 )
 async def test_policy_matrix(
