@@ -61,8 +61,27 @@ def _requirements(project: dict[str, Any]) -> tuple[list[Requirement], list[Requ
     runtime = [Requirement(r) for r in project["project"]["dependencies"]]
     extra = project["project"].get("optional-dependencies", {})
     runtime += [Requirement(r) for r in project["build-system"]["requires"]]
-    tests = [Requirement(r) for group in extra.values() for r in group]
+    tests = [Requirement(r) for r in extra["test"]]
     return runtime, tests
+
+
+def mutation_problems(project: dict[str, Any], full_text: str, mutation_text: str) -> list[str]:
+    """requirements-mutation.txt: the full lock, unchanged, plus the mutation tester."""
+    full, mutation = parse(full_text), parse(mutation_text)
+    problems = [
+        f"requirements-mutation.txt pins {name} differently from requirements-test.txt"
+        for name, pin in full.items()
+        if (mutation.get(name) or Pin("")).version != pin.version
+    ]
+    for raw in project["project"]["optional-dependencies"]["mutation"]:
+        req = Requirement(raw)
+        pin = mutation.get(lockinfo.canonical(req.name))
+        if pin is None or not req.specifier.contains(Version(pin.version), prereleases=True):
+            problems.append(f"requirements-mutation.txt does not pin {req} within its range")
+    problems += [
+        f"requirements-mutation.txt: {n} has no hash" for n, p in mutation.items() if not p.hashes
+    ]
+    return problems
 
 
 def lock_problems(project: dict[str, Any], full_text: str, runtime_text: str) -> list[str]:
@@ -119,6 +138,13 @@ def _load() -> tuple[dict[str, Any], str, str]:
 
 def test_lock_agrees_with_pyproject() -> None:
     assert lock_problems(*_load()) == []
+    project, full, _ = _load()
+    mutation = (ROOT / "requirements-mutation.txt").read_text(encoding="utf-8")
+    assert mutation_problems(project, full, mutation) == []
+    bumped = re.sub(r"(?m)^click==\S+", "click==8.1.0", mutation)
+    assert mutation_problems(project, full, bumped) == [
+        "requirements-mutation.txt pins click differently from requirements-test.txt"
+    ]
 
 
 def test_lock_is_complete_for_pip() -> None:
