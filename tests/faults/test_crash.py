@@ -30,9 +30,10 @@ from pathlib import Path
 import pytest
 
 from relay import config as config_mod
+from relay import replies
 from relay.config import Config
 from relay.spool import Spool
-from tests.dialogue import Dialogue
+from tests.dialogue import Dialogue, plain
 from tests.faults.procserver import ServerProcess, relaybox_argv
 from tests.hostile.kit import LOGIN, clean, message
 from tests.sink import Sink
@@ -113,38 +114,66 @@ async def server(setup: Setup) -> AsyncIterator[ServerProcess]:
         clean(line, "server log")
 
 
-async def burst(setup: Setup, port: int, on_ack: Callable[[int], None]) -> Burst:
+class Refused(Exception):
+    """The server refused or went away in a way that is expected once it has been signalled."""
+
+
+async def burst(
+    setup: Setup, port: int, on_ack: Callable[[int], None], signalled: Callable[[], bool]
+) -> Burst:
+    """CLIENTS sessions of PER_CLIENT messages each. Before the signal every step must succeed:
+    a refused connection, a failed login or any unexpected reply fails the test. After it, a
+    session may end early, but only in the ways a killed or draining server ends it: the
+    connection refused, reset or closed, or 421 4.3.2 (shutting down)."""
     result = Burst()
+    shutting_down = str(replies.SHUTTING_DOWN)
+
+    async def step(d: Dialogue, line: str | None, expected: str) -> str:
+        """The reply to ``line`` (or to what was sent before, if None), which must start with
+        ``expected``; Refused if the server is going away after the signal."""
+        try:
+            reply = await (d.reply() if line is None else d.reply_after(line))
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            if signalled():
+                raise Refused from exc
+            raise
+        if reply.startswith(expected):
+            return reply
+        if signalled() and reply == shutting_down:
+            raise Refused
+        sent = "AUTH PLAIN (credentials)" if line and line.startswith("AUTH") else line
+        raise AssertionError(f"expected {expected!r} after {sent!r}, got {reply!r}")
 
     async def client(c: int) -> None:
         try:
-            d = await Dialogue.open(port, tls=setup.ctx)
-            await d.login(LOGIN, setup.password)
-        except (OSError, ConnectionError, AssertionError, TimeoutError):
-            return
+            d = await Dialogue.open(port, tls=setup.ctx, greeting="")
+        except OSError:  # refused: the server is down (only expected after the signal)
+            if signalled():
+                return
+            raise
         try:
+            await step(d, None, "220 ")
+            await step(d, "EHLO client.test", "250")
+            await step(d, f"AUTH PLAIN {plain(LOGIN, setup.password)}", "235 2.7.0")
             for i in range(PER_CLIENT):
                 mid = f"burst-{c}-{i}@example.com"
-                if not (await d.reply_after(f"MAIL FROM:<{LOGIN}>")).startswith("250"):
-                    return
-                if not (await d.reply_after("RCPT TO:<bob@dest.test>")).startswith("250"):
-                    return
-                if not (await d.reply_after("DATA")).startswith("354"):
-                    return
+                await step(d, f"MAIL FROM:<{LOGIN}>", "250")
+                await step(d, "RCPT TO:<bob@dest.test>", "250")
+                await step(d, "DATA", "354")
                 head = f"Message-ID: <{mid}>\r\n".encode()
                 result.attempted.add(mid)
                 d.send_raw(head + message(subject=mid) + b".\r\n")
-                reply = await d.reply()
-                if not reply.startswith("250 2.0.0 queued as "):
-                    return
+                reply = await step(d, None, "250 2.0.0 queued as ")
                 result.acked[mid] = reply.rsplit(" ", 1)[1]
                 on_ack(len(result.acked))
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            return  # the server went away under us
+        except Refused:
+            return  # the server went away under us, as signalled
         finally:
             await d.close()
 
-    await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(CLIENTS))), 120)
+    async with asyncio.timeout(120), asyncio.TaskGroup() as tasks:
+        for c in range(CLIENTS):
+            tasks.create_task(client(c))
     return result
 
 
@@ -214,7 +243,7 @@ async def run_and_signal(
             sent = True
             server.signal(sig)
 
-    result = await burst(setup, server.ports["tls"], on_ack)
+    result = await burst(setup, server.ports["tls"], on_ack, lambda: sent)
     assert sent, f"the burst ended before {SIGNAL_AFTER} acknowledgements"
     rc = await server.wait()
     return result, rc
