@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 
 import dkim
 import dns.resolver
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from relay import dkimkeys
+from relay import dkimkeys, domains
+from relay.clock import ManualClock
+from relay.config import Config
+from relay.db import Database
 from relay.dkim import INLINE_LIMIT, Signer, SigningError, headers_to_sign
 from relay.domains import SigningKey
 from tests import leaks
+from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer
+from tests.relayserver import RelayHandle
 
 MESSAGE = (
     b"Received: from client by relay; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
@@ -179,3 +185,72 @@ def test_unusable_keys_raise_signing_error(key: SigningKey) -> None:
         Signer().sign(MESSAGE, SigningKey("example.com", "s", "rsa", "not a key"))
     with pytest.raises(SigningError):
         Signer().sign(MESSAGE, SigningKey("example.com", "s", "dsa", key.private_pem))
+
+
+# --- the key cache across a domain's removal and re-creation ------------------------------------
+
+
+def _dnsfunc(public_b64: str) -> Callable[..., bytes]:
+    txt = dkimkeys.txt_value("rsa", public_b64).encode()
+    return lambda name, timeout=5: txt
+
+
+async def test_a_readded_domain_signs_with_its_new_key(
+    db: Database, cfg: Config, clock: ManualClock
+) -> None:
+    """Same domain, same selector, new key: one Signer (as the server holds) must sign with the
+    new key, not a cached parse of the old one."""
+    signer = Signer()
+    old = await domains.add(db, "example.com", cfg=cfg, now=clock(), actor="t")
+    old_key = await domains.signing_key(db, "example.com")
+    assert old_key is not None
+    leaks.add(old_key.private_pem)
+    first = signer.sign(MESSAGE, old_key)
+    assert dkim.verify(first, dnsfunc=_dnsfunc(old.dkim_public_key))
+
+    await domains.remove(db, "example.com", with_users=False, now=clock(), actor="t")
+    new = await domains.add(db, "example.com", cfg=cfg, now=clock(), actor="t")
+    new_key = await domains.signing_key(db, "example.com")
+    assert new_key is not None
+    leaks.add(new_key.private_pem)
+    assert (new_key.domain, new_key.selector) == (old_key.domain, old_key.selector)
+    assert new.dkim_public_key != old.dkim_public_key
+
+    second = signer.sign(MESSAGE, new_key)
+    assert dkim.verify(second, dnsfunc=_dnsfunc(new.dkim_public_key))
+    assert not dkim.verify(second, dnsfunc=_dnsfunc(old.dkim_public_key))
+
+
+async def test_the_relay_signs_with_the_key_of_the_readded_domain(
+    relay: RelayHandle, clock: ManualClock
+) -> None:
+    """Through the server: submit, remove the domain (and its user), add both again, submit
+    again; the queued message verifies against the new public key only."""
+    db = relay.server.db
+    spool = relay.server.spool
+    assert db is not None and spool is not None
+
+    async def submit_and_load() -> tuple[bytes, str]:
+        password = await relay.add_user("app@example.com")
+        d = await Dialogue.open(relay.tls_port, tls=relay.client_context())
+        await d.login("app@example.com", password)
+        await d.expect_after("MAIL FROM:<app@example.com>", "250")
+        await d.expect_after("RCPT TO:<bob@example.net>", "250")
+        await d.expect_after("DATA", "354")
+        reply = await d.expect_after(MESSAGE.replace(b"alice@", b"app@") + b".\r\n", "250")
+        await d.close()
+        msg = await spool.load(reply.rsplit(" ", 1)[-1])
+        assert msg is not None and msg.body is not None
+        domain = await domains.get(db, "example.com")
+        key = await domains.signing_key(db, "example.com")
+        assert domain is not None and key is not None
+        leaks.add(key.private_pem)
+        return msg.body, domain.dkim_public_key
+
+    first, old_public = await submit_and_load()
+    assert dkim.verify(first, dnsfunc=_dnsfunc(old_public))
+    await domains.remove(db, "example.com", with_users=True, now=clock(), actor="t")
+    second, new_public = await submit_and_load()
+    assert new_public != old_public
+    assert dkim.verify(second, dnsfunc=_dnsfunc(new_public))
+    assert not dkim.verify(second, dnsfunc=_dnsfunc(old_public))
