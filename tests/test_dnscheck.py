@@ -95,6 +95,43 @@ async def test_spf_not_authorizing_the_ip(
     assert r.reason == "SPF does not authorize 192.0.2.10 (result fail)"
 
 
+@pytest.mark.parametrize(
+    ("record", "spf"),
+    [
+        ("v=spf1 ~all", "softfail"),
+        ("v=spf1 ip4:203.0.113.7 ~all", "softfail"),
+        ("v=spf1 ~ip4:192.0.2.10 -all", "softfail"),
+        ("v=spf1 ?all", "neutral"),
+        ("v=spf1 ?ip4:192.0.2.10 -all", "neutral"),
+        ("v=spf1 ip4:203.0.113.7", "neutral"),  # no "all": the default result is neutral
+    ],
+    ids=[
+        "softfail-all",
+        "softfail-other-ip",
+        "softfail-our-ip",
+        "neutral-all",
+        "neutral-our-ip",
+        "neutral-no-all",
+    ],
+)
+async def test_spf_softfail_and_neutral_are_not_a_pass(
+    dns_server: TestDNSServer,
+    dns_cfg: Config,
+    resolver: dns.asyncresolver.Resolver,
+    record: str,
+    spf: str,
+) -> None:
+    """Only "pass" authorizes an outbound address (RFC 7208 2.6: softfail and neutral do not)."""
+    dns_server.add_txt(D, record)
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == spf  # what pyspf says
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason, r.found) == (
+        "fail",
+        f"SPF does not authorize 192.0.2.10 (result {spf})",
+        record,
+    )
+
+
 async def test_spf_through_include_and_redirect_chain(
     dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
 ) -> None:

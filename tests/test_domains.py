@@ -166,6 +166,29 @@ async def test_verify_passing_domain(
     ]
 
 
+@pytest.mark.parametrize(("qualifier", "spf"), [("~", "softfail"), ("?", "neutral")])
+async def test_verify_spf_softfail_or_neutral_leaves_the_domain_pending(
+    db: Database,
+    cfg_ed: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
+    resolver: dns.asyncresolver.Resolver,
+    qualifier: str,
+    spf: str,
+) -> None:
+    """``domain verify``: an SPF record that gives our outbound address softfail or neutral is a
+    failed spf check, and the domain does not become verified."""
+    d = await added(db, cfg_ed, clock)
+    ip = cfg_ed.dns.outbound_ips[0]
+    dns_server.publish(r for r in domains.records(d, cfg_ed) if r.purpose != "spf")
+    dns_server.add_txt(D, f"v=spf1 {qualifier}ip4:{ip} -all")
+    v = await domains.verify(db, D, resolver=resolver, cfg=cfg_ed, now=clock(), actor="a")
+    assert v.state == "pending" and not v.can_send
+    assert [(c.check, c.result, c.reason) for c in v.checks if c.result != "pass"] == [
+        ("spf", "fail", f"SPF does not authorize {ip} (result {spf})")
+    ]
+
+
 async def test_verify_rsa_record_split_across_strings(
     db: Database,
     dns_cfg: Config,
