@@ -19,7 +19,16 @@ from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
 from tests.dialogue import Dialogue, plain
-from tests.hostile.kit import LOGIN, authed, message, queued, started, stopped, with_auth
+from tests.hostile.kit import (
+    LOGIN,
+    authed,
+    eventually,
+    message,
+    queued,
+    started,
+    stopped,
+    with_auth,
+)
 from tests.relayserver import RelayHandle
 
 SMUGGLED = (
@@ -36,6 +45,32 @@ async def start_data(d: Dialogue, rcpt: str = "r@dest.test") -> None:
     await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250 2.1.0")
     await d.expect_after(f"RCPT TO:<{rcpt}>", "250 2.1.5")
     await d.expect_after("DATA", "354")
+
+
+def server_reader(relay: RelayHandle, d: Dialogue) -> asyncio.StreamReader:
+    """The server side of this client's connection: its session's stream reader (the relay runs
+    in this process, so the test can look at what the server has read)."""
+    me = d.writer.get_extra_info("sockname")
+    (smtp,) = [
+        s
+        for s in relay.server._sessions
+        if s.transport is not None and s.transport.get_extra_info("peername") == me
+    ]
+    reader: asyncio.StreamReader = smtp._reader
+    return reader
+
+
+async def server_waits_holding(relay: RelayHandle, d: Dialogue, unread: bytes) -> None:
+    """Until the server has read everything the client sent except ``unread`` and is waiting for
+    more data: proof that the stream is split exactly there, whatever the timing. Looks at the
+    stdlib StreamReader's buffer and waiter (CPython internals, stable since 3.4), not at any
+    hook in relaybox."""
+    reader = server_reader(relay, d)
+
+    def waiting() -> bool:
+        return reader._waiter is not None and bytes(reader._buffer) == unread  # type: ignore[attr-defined]
+
+    await eventually(waiting, what=f"the server read all but {unread!r} and waits for more")
 
 
 async def assert_one_reply_then_quiet(d: Dialogue, expected: str) -> None:
@@ -117,8 +152,9 @@ async def test_tail_of_an_overlong_line_is_not_an_end_of_data(relay: RelayHandle
     await start_data(d)
     d.send_raw(message(body=b"x" * 3000 + b"."))
     await d.writer.drain()
-    # Let the server read this segment on its own, so the read stops right before the dot.
-    await asyncio.sleep(0.2)  # sleep-ok: deliberately splits the stream at a chosen byte
+    # The split must happen at the dot: the server has consumed the long line up to it and waits
+    # for more. Sent together, the dot and its CRLF arrive as one line and the bug stays hidden.
+    await server_waits_holding(relay, d, b".")
     d.send_raw(b"\r\n" + SMUGGLED)
     await d.writer.drain()
     await assert_one_reply_then_quiet(d, str(replies.LINE_TOO_LONG))
