@@ -6,13 +6,14 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
 from admin import common
 from relay.db import StoreError
 from relay.server import Server
-from relay.supervisor import Supervisor
+from relay.supervisor import Supervisor, watch_supervisor
 
 
 def setup_logging(level: str) -> None:
@@ -30,6 +31,12 @@ def setup_logging(level: str) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # aiosqlite logs every statement with its parameters at DEBUG (hashes, DKIM keys): never.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+
+async def _serve(server: Server, after_bind: Callable[[], None]) -> None:
+    # A worker of `workers = N` stops (drains) when its supervisor is gone, as on SIGTERM.
+    watch_supervisor(server.request_stop)
+    await server.run(after_bind=after_bind)
 
 
 def register(cli: click.Group) -> None:
@@ -54,7 +61,7 @@ def register(cli: click.Group) -> None:
         server = Server(cfg, worker=worker or 0)
         try:
             # As root on a state dir owned by the service user: bind first, then become it.
-            asyncio.run(server.run(after_bind=lambda: common.drop_privileges_for(cfg.state_dir)))
+            asyncio.run(_serve(server, lambda: common.drop_privileges_for(cfg.state_dir)))
         except StoreError as exc:
             raise click.ClickException(f"store error: {exc}") from None
         except OSError as exc:

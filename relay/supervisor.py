@@ -9,6 +9,11 @@ accept and delivery into processes sharing one spool did not help (write-lock co
 This process only supervises: it starts the workers with a private NOTIFY_SOCKET, tells systemd
 READY=1 once every worker is ready, forwards SIGHUP and SIGTERM, and if a worker dies on its own it
 stops the others and exits 1, so systemd's Restart= brings the whole service back.
+
+If the supervisor itself dies (SIGKILL, a crash, outside systemd where no cgroup kill follows),
+its workers must not keep the port: each worker holds the read end of a pipe whose only write end
+is the supervisor's, and treats end-of-file as SIGTERM (:func:`watch_supervisor`). Portable, no
+race with the parent dying before the child installs a parent-death signal.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relay import sdnotify
@@ -31,6 +36,7 @@ from relay.config import Config
 log = logging.getLogger("relaybox.supervisor")
 
 START_TIMEOUT = 120.0
+SUPERVISOR_FD_ENV = "RELAYBOX_SUPERVISOR_FD"
 
 
 def worker_argv(cfg: Config, index: int, log_level: str) -> list[str]:
@@ -53,19 +59,29 @@ class Supervisor:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             sock.bind(path)
             sock.setblocking(False)
+            # The lifeline: workers inherit the read end; the write end is ours alone (os.pipe
+            # makes both non-inheritable) and closes when this process ends, however it ends.
+            lifeline, keep = os.pipe()
             try:
-                return await self._run(sock, path)
+                return await self._run(sock, path, lifeline)
             finally:
                 sock.close()
+                os.close(keep)
 
-    async def _run(self, sock: socket.socket, path: str) -> int:
-        env = dict(os.environ, NOTIFY_SOCKET=path)
+    async def _run(self, sock: socket.socket, path: str, lifeline: int) -> int:
+        env = dict(os.environ, NOTIFY_SOCKET=path, **{SUPERVISOR_FD_ENV: str(lifeline)})
         n = self.cfg.workers
-        for i in range(n):
-            proc = await asyncio.create_subprocess_exec(
-                *worker_argv(self.cfg, i, self.log_level), env=env, stdin=subprocess.DEVNULL
-            )
-            self.procs.append(proc)
+        try:
+            for i in range(n):
+                proc = await asyncio.create_subprocess_exec(
+                    *worker_argv(self.cfg, i, self.log_level),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(lifeline,),
+                )
+                self.procs.append(proc)
+        finally:
+            os.close(lifeline)
         loop = asyncio.get_running_loop()
         exits = [asyncio.create_task(p.wait()) for p in self.procs]
         try:
@@ -135,3 +151,34 @@ class Supervisor:
 
 class _WorkerDied(Exception):
     pass
+
+
+def watch_supervisor(on_gone: Callable[[], None]) -> bool:
+    """In a worker (on its event loop): call ``on_gone`` once the supervisor has exited.
+
+    Reads the lifeline descriptor named in the environment; nothing is ever written to it, so
+    readable means end-of-file: the supervisor is gone. Returns False when not started by one.
+    """
+    raw = os.environ.pop(SUPERVISOR_FD_ENV, None)
+    if raw is None:
+        return False
+    fd = int(raw)
+    os.set_inheritable(fd, False)
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 64):
+                return  # not ours to write; ignore
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        os.close(fd)
+        log.warning("supervisor exited: stopping this worker")
+        on_gone()
+
+    loop.add_reader(fd, readable)
+    return True

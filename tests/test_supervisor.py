@@ -1,0 +1,82 @@
+"""``workers = N`` when the supervisor itself dies: its workers must not keep the port.
+
+Outside systemd (or with KillMode=process) nothing else would stop them: they keep serving with
+nobody to restart the service on the next failure, and a new ``relaybox serve`` cannot bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from relay import config as config_mod
+from tests.faults.procserver import ServerProcess
+from tests.sink import Sink
+from tests.test_workers import LOGIN, _worker_pids, write_config
+from tests.userhelpers import seed_user
+
+
+async def exited(pid: int, within: float) -> bool:
+    """Whether process ``pid`` (not our child) ends within ``within`` seconds: a pidfd becomes
+    readable when it exits, so this waits on the event, not on a poll loop."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    loop.add_reader(fd, gone.set)
+    try:
+        async with asyncio.timeout(within):
+            await gone.wait()
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port any more, and a new server could bind it."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) != errno.ECONNREFUSED:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
+) -> None:
+    path = write_config(tmp_path, tls_files, sink)
+    await seed_user(config_mod.load(path), LOGIN, now=time.time())
+    server = ServerProcess(path, listeners=1)
+    try:
+        await server.start()
+        await server.wait_for_line("all 2 workers ready")
+        port = server.ports["tls"]
+        workers = [int(p) for p in _worker_pids(server)]
+        assert len(workers) == 2 and not port_is_free(port)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
+        assert await server.wait(within=10) == -signal.SIGKILL
+        for pid in workers:
+            assert await exited(pid, within=10), f"worker {pid} outlived its supervisor"
+        assert port_is_free(port)
+        warned = [line for line in server.lines if "supervisor exited: stopping" in line]
+        assert len(warned) == 2, server.lines[-20:]
+    finally:
+        with contextlib.suppress(Exception):
+            await server.ensure_stopped()
