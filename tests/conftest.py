@@ -17,7 +17,7 @@ from relay import config as config_mod
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.db import MAIN_MIGRATIONS, Database
-from tests import leaks
+from tests import leaks, procs
 
 pytest_plugins: list[str] = [
     "tests.dnsserver",
@@ -63,6 +63,13 @@ async def db(cfg: Config) -> AsyncIterator[Database]:
     database = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
     yield database
     await database.close()
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test() -> Iterator[None]:
+    """Every process group a test started (tests/procs.py) is killed when the test ends."""
+    yield
+    procs.kill_all()
 
 
 @pytest.fixture(autouse=True)

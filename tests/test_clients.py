@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import leaks
+from tests import leaks, procs
 from tests.relayserver import RelayHandle
 
 LOGIN = "app@example.com"
@@ -22,7 +22,7 @@ MESSAGE = "From: app@example.com\r\nTo: someone@dest.test\r\nSubject: tool test\
 async def run(*argv: str, stdin: bytes = b"") -> tuple[int, str]:
     if shutil.which(argv[0]) is None:
         pytest.fail(f"{argv[0]} is not installed (scripts/test installs it with apt-get)")
-    proc = await asyncio.create_subprocess_exec(
+    proc = await procs.spawn(
         *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay import __version__
 from relay.config import Config, MetricsConfig
 from relay.metrics import MAX_REASONS, Metrics, parse_listen
+from tests import procs
 from tests.dialogue import Dialogue, plain
 from tests.relayserver import start_relay
 
@@ -180,7 +181,7 @@ async def test_curl_scrapes_it() -> None:
     m.delivered(1.0)
     _, port = await m.start_http("127.0.0.1:0")
     try:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await procs.spawn(
             "curl", "-sS", "--fail", f"http://127.0.0.1:{port}/metrics",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip

@@ -24,6 +24,7 @@ import pytest
 import trustme
 
 from relay import config as config_mod
+from tests import procs
 from tests.dialogue import Dialogue
 from tests.test_systemd_unit import sandboxed
 from tests.userhelpers import seed_user
@@ -91,9 +92,8 @@ class Service:
         return rc
 
     async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+        procs.kill_group(self.proc.pid)
+        await self.proc.wait()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -188,7 +188,7 @@ async def service(
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "RELAYBOX_CONFIG")}
     env["NOTIFY_SOCKET"] = notify_path
     env.update(env_extra or {})
-    proc = await asyncio.create_subprocess_exec(
+    proc = await procs.spawn(
         *prefix, *CLI, "--config", str(box / "relaybox.toml"), "serve",
         cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

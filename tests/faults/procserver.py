@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests import procs
+
 _LISTENING = re.compile(r"listening address=(\S+) port=(\d+) mode=(\w+)")
 
 
@@ -51,7 +53,9 @@ class ServerProcess:
     async def start(self, within: float = 30) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
         self.ports, self._bound = {}, asyncio.Event()
-        self.proc = await asyncio.create_subprocess_exec(
+        # A process group of its own: with workers = N, SIGKILL of the supervisor alone would
+        # orphan its workers (they hold the stderr pipe, so wait() would never return).
+        self.proc = await procs.spawn(
             *relaybox_argv(),
             "--config",
             str(self.config),
@@ -96,11 +100,10 @@ class ServerProcess:
         return rc
 
     async def ensure_stopped(self) -> None:
-        """Teardown: whatever happened, leave no process behind."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
+        """Teardown: whatever happened, leave no process behind (the whole group)."""
+        if self.proc is not None:
+            procs.kill_group(self.proc.pid)
+            await asyncio.wait_for(self.proc.wait(), 10)
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader, 5)
