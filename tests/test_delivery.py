@@ -17,6 +17,7 @@ from relay.clock import ManualClock
 from relay.config import Config, Duration, SmarthostConfig
 from relay.delivery import BACKOFF, Deliverer, retry_at
 from relay.metrics import Metrics
+from relay.outbound import classify
 from relay.spool import Spool
 from tests import leaks
 from tests.dnsserver import TestDNSServer
@@ -219,6 +220,52 @@ async def test_permanent_refusal_bounces_at_once_with_a_dsn(
     assert "Subject: hello" in str(headers)
     assert mail_log(caplog, "bounced")[0].startswith(f"bounced id={msg_id} to=bob@example.net")
     assert len(mail_log(caplog, "bounce queued")) == 1
+
+
+PERMANENT_500_549 = [
+    "500 5.5.2 Syntax error, command unrecognized",
+    "501 5.5.4 Syntax error in parameters",
+    "503 5.5.1 Bad sequence of commands",
+    "521 5.3.2 Host does not accept mail",
+    "530 5.7.0 Authentication required",
+    "541 5.7.1 Rejected by recipient policy",
+    "549 5.7.1 Refused",
+]
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt", "data"])
+@pytest.mark.parametrize("reply", PERMANENT_500_549, ids=lambda r: r[:3])
+async def test_permanent_replies_500_to_549_bounce_at_once(
+    cfg: Config, sink: Sink, run: Runner, stage: str, reply: str
+) -> None:
+    """Any 5xx is permanent (RFC 5321 4.2.1), not only 550-554: no retry, a DSN at once."""
+    if stage == "mail":
+        sink.script_mail(reply)
+    elif stage == "rcpt":
+        sink.script_rcpt("bob@example.net", reply)
+    else:
+        sink.script_data(reply)
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    r = (await spool.show(msg_id)).recipients[0]
+    assert (r.state, r.attempts, r.last_code, r.last_reply) == ("bounced", 1, int(reply[:3]), reply)
+    [dsn] = sink.received  # only the DSN: the message itself was refused
+    assert dsn.mail_from == "" and dsn.rcpt_tos == (SENDER,)
+    fields = dsn_fields(parse_dsn(dsn))
+    assert "Action: failed" in fields and f"Diagnostic-Code: smtp; {reply}" in fields
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(250, "ok"), (251, "ok"), (421, "temp"), (451, "temp"), (499, "temp")]
+    + [(c, "perm") for c in (500, 501, 503, 521, 530, 541, 549, 550, 554, 556, 599)],
+)
+def test_classify_by_reply_code(code: int, kind: str) -> None:
+    result = classify(code, "some  reply\r\n text", "mx.test[192.0.2.1]")
+    assert (result.kind, result.code, result.reply) == (kind, code, f"{code} some reply text")
 
 
 async def test_partial_refusal_bounces_only_the_refused(
