@@ -68,7 +68,8 @@ async def server_waits_holding(relay: RelayHandle, d: Dialogue, unread: bytes) -
     reader = server_reader(relay, d)
 
     def waiting() -> bool:
-        return reader._waiter is not None and bytes(reader._buffer) == unread  # type: ignore[attr-defined]
+        held = bytes(reader._buffer)  # type: ignore[attr-defined]
+        return reader._waiter is not None and held == unread  # type: ignore[attr-defined]
 
     await eventually(waiting, what=f"the server read all but {unread!r} and waits for more")
 
