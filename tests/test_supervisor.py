@@ -18,7 +18,7 @@ from pathlib import Path
 from relay import config as config_mod
 from tests.faults.procserver import ServerProcess
 from tests.sink import Sink
-from tests.test_workers import LOGIN, _worker_pids, write_config
+from tests.test_workers import LOGIN, _worker_pids, held_port, write_config
 from tests.userhelpers import seed_user
 
 
@@ -43,11 +43,12 @@ async def exited(pid: int, within: float) -> bool:
         os.close(fd)
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port any more, and a new server could bind it."""
+def nobody_listens(port: int) -> bool:
     with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) != errno.ECONNREFUSED:
-            return False
+        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
+
+
+def bindable(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -60,23 +61,25 @@ def port_is_free(port: int) -> bool:
 async def test_workers_stop_when_the_supervisor_is_killed(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    path = write_config(tmp_path, tls_files, sink)
-    await seed_user(config_mod.load(path), LOGIN, now=time.time())
-    server = ServerProcess(path, listeners=1)
-    try:
-        await server.start()
-        await server.wait_for_line("all 2 workers ready")
-        port = server.ports["tls"]
-        workers = [int(p) for p in _worker_pids(server)]
-        assert len(workers) == 2 and not port_is_free(port)
-        assert server.proc is not None
-        os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
-        assert await server.wait(within=10) == -signal.SIGKILL
-        for pid in workers:
-            assert await exited(pid, within=10), f"worker {pid} outlived its supervisor"
-        assert port_is_free(port)
-        warned = [line for line in server.lines if "supervisor exited: stopping" in line]
-        assert len(warned) == 2, server.lines[-20:]
-    finally:
-        with contextlib.suppress(Exception):
-            await server.ensure_stopped()
+    with held_port() as port:
+        path = write_config(tmp_path, tls_files, sink, port=port)
+        await seed_user(config_mod.load(path), LOGIN, now=time.time())
+        server = ServerProcess(path, listeners=1)
+        try:
+            await server.start()
+            await server.wait_for_line("all 2 workers ready")
+            workers = [int(p) for p in _worker_pids(server)]
+            assert len(workers) == 2 and not nobody_listens(port)
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
+            assert await server.wait(within=10) == -signal.SIGKILL
+            for pid in workers:
+                assert await exited(pid, within=10), f"worker {pid} outlived its supervisor"
+            assert nobody_listens(port)
+            warned = [line for line in server.lines if "supervisor exited: stopping" in line]
+            assert len(warned) == 2, server.lines[-20:]
+        finally:
+            with contextlib.suppress(Exception):
+                await server.ensure_stopped()
+    # With the test's own placeholder socket gone too, a new server could bind the port.
+    assert bindable(port)
