@@ -243,3 +243,78 @@ def test_sender_and_resent_fields_are_not_checked(field: str) -> None:
 @pytest.mark.parametrize("field", [f"Sender: {OWN}", f"Resent-From: {OWN}"])
 def test_an_owned_sender_does_not_excuse_a_foreign_from(field: str) -> None:
     assert decide(message(f"From: {FOREIGN}", field)) == MISMATCH
+
+
+# --- the header block: where the From rule looks -------------------------------------------------
+
+
+def test_a_from_line_in_the_body_is_not_a_from_field() -> None:
+    """Only the header block counts: "From:" at the start of a body line is content."""
+    body = "From: boss@other.test wrote:\r\n> hi\r\nFrom: someone else\r\n"
+    assert decide(message(f"From: {OWN}", body=body)) is None
+
+
+def test_a_message_of_headers_only_is_read_whole() -> None:
+    """No blank line (no body): the whole message is the header block."""
+    assert decide(f"From: {OWN}\r\nSubject: no body\r\n".encode()) is None
+    assert decide(f"Subject: no body\r\nFrom: {FOREIGN}\r\n".encode()) == MISMATCH
+
+
+# --- MAIL FROM and RCPT TO -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ["app@example.com", "App@EXAMPLE.COM", "x.y+tag@Example.Com"])
+def test_a_sender_in_the_users_domain_may_send(sender: str) -> None:
+    assert policy.check_sender("Example.com", sender, "verified") is None
+    assert policy.check_sender(DOMAIN, sender, "failing") is None  # within its grace period
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "app@aaa.test",  # sorts before example.com
+        "app@zzz.test",  # sorts after it
+        "app@mail.example.com",  # a subdomain is another domain
+        "app@example.com.evil.test",
+        "app@xample.com",
+    ],
+)
+def test_a_sender_outside_the_users_domain_is_refused(sender: str) -> None:
+    assert policy.check_sender(DOMAIN, sender, "verified") == replies.SENDER_NOT_OWNED
+
+
+@pytest.mark.parametrize("state", [None, "pending", "suspended"])
+def test_a_domain_that_may_not_send_is_refused(state: str | None) -> None:
+    assert policy.check_sender(DOMAIN, OWN, state) == replies.SENDER_DOMAIN_UNVERIFIED
+
+
+@pytest.mark.parametrize("sender", ["", "<>"])
+def test_the_null_sender_is_refused(sender: str) -> None:
+    assert policy.check_sender(DOMAIN, sender, "verified") == replies.NULL_SENDER_REFUSED
+
+
+def test_a_sender_that_is_no_mailbox_is_refused() -> None:
+    assert policy.check_sender(DOMAIN, "not an address", "verified") == replies.BAD_SENDER_SYNTAX
+
+
+def test_recipients_up_to_the_limit_and_not_one_more() -> None:
+    rcpt = "someone@dest.test"
+    assert policy.check_recipient(rcpt, 0, 3) is None
+    assert policy.check_recipient(rcpt, 2, 3) is None
+    assert policy.check_recipient(rcpt, 3, 3) == replies.TOO_MANY_RECIPIENTS
+    # Past the limit too (the limit can be lowered by a reload while a session runs).
+    assert policy.check_recipient(rcpt, 7, 3) == replies.TOO_MANY_RECIPIENTS
+    assert policy.check_recipient(rcpt, 300, 3) == replies.TOO_MANY_RECIPIENTS
+    assert policy.check_recipient("no-at-sign", 0, 3) == replies.BAD_RCPT_SYNTAX
+
+
+def test_mailbox_length_limits() -> None:
+    """RFC 5321 4.5.3.1: local part at most 64 octets, a path at most 254 (256 with <>)."""
+    assert policy.split_address("a" * 64 + "@example.com") == ("a" * 64, "example.com")
+    assert policy.split_address("a" * 65 + "@example.com") is None
+    domain = ".".join(["d" * 60] * 3) + ".example.com"  # 195 octets
+    at_limit = "l" * (254 - 1 - len(domain)) + "@" + domain
+    assert len(at_limit) == 254 and policy.split_address(at_limit) is not None
+    assert policy.split_address("l" + at_limit) is None  # 255
+    assert policy.domain_of("App@Example.COM") == "example.com"
+    assert policy.domain_of("nobody") is None
