@@ -318,3 +318,36 @@ def test_mailbox_length_limits() -> None:
     assert policy.split_address("l" + at_limit) is None  # 255
     assert policy.domain_of("App@Example.COM") == "example.com"
     assert policy.domain_of("nobody") is None
+
+
+def test_a_foreign_from_is_refused_whichever_way_it_sorts() -> None:
+    for foreign in ("boss@aaa.test", "boss@zzz.test", "boss@sub.example.com"):
+        assert decide(message(f"From: {foreign}")) == MISMATCH, foreign
+
+
+def test_a_from_field_last_in_the_header_block_is_read_whole() -> None:
+    msg = f"To: someone@dest.test\r\nSubject: hi\r\nFrom: {OWN}\r\n\r\nHello.\r\n".encode()
+    assert decide(msg) is None
+
+
+# --- line endings (the DATA reader refuses these first; this is the second line of defence) -----
+
+
+@pytest.mark.parametrize(
+    ("msg", "refusal"),
+    [
+        (b"Subject: x\r\n\r\nbare LF\nhere\r\n", replies.BARE_LINE_ENDING),
+        (b"Subject: x\r\n\r\nbare CR\rhere\r\n", replies.BARE_LINE_ENDING),
+        (b"Subject: x\r\n\r\nCR CR LF\r\r\n", replies.BARE_LINE_ENDING),
+        (b"Subject: x\r\n\r\nLF CR\n\r", replies.BARE_LINE_ENDING),
+        (b"Subject: x\r\n\r\nNUL\0\r\n", replies.NUL_IN_MESSAGE),
+    ],
+)
+def test_bare_line_endings_and_nul_are_refused(msg: bytes, refusal: Reply) -> None:
+    assert policy.check_line_endings(msg) == refusal
+
+
+def test_crlf_only_messages_pass_however_long() -> None:
+    assert policy.check_line_endings(b"Subject: x\r\n\r\nshort\r\n") is None
+    # Several hundred lines: counts beyond the small integers Python caches.
+    assert policy.check_line_endings(b"Subject: x\r\n\r\n" + b"line\r\n" * 600) is None
