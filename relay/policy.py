@@ -36,7 +36,9 @@ def split_address(address: str) -> tuple[str, str] | None:
     if not m:
         return None
     local, domain = m.group(1), m.group(2)
-    if len(local) > 64 or len(domain) > 253:
+    # The domain needs no check of its own: within 254 octets, after "@" and a local part, it
+    # has at most 252 (its own limit, RFC 1035, is 253).
+    if len(local) > 64:
         return None
     return local, domain.lower()
 
