@@ -46,7 +46,12 @@ class Drift:
 
 def installed_versions() -> dict[str, str]:
     """{canonical name: version} of every distribution in this environment."""
-    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    found: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:  # a broken install can leave a distribution without metadata
+            found.setdefault(canonical(name), dist.version)
+    return found
 
 
 def drift(pins: dict[str, str], installed: dict[str, str], *, extra: bool = False) -> list[Drift]:
