@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+import random
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sized
+from pathlib import Path
 
 import pytest
 
+from relay import db as db_mod
 from relay import events, users
 from relay.auth import Authenticator, Outcome, Throttle
 from relay.clock import ManualClock
-from relay.config import Config, Listener
-from relay.db import Database
+from relay.config import Config, Duration, Listener
+from relay.db import MAIN_MIGRATIONS, Database
 from relay.passwords import Hasher
 from tests import leaks
+from tests.hostile.kit import with_auth
 from tests.userhelpers import make_domain
 
 LOGIN = "app@example.com"
@@ -174,9 +180,332 @@ def test_throttle_counts_only_failures_inside_the_window() -> None:
     assert throttle.failures("k", t0 + 30) == 2
     assert throttle.failures("k", t0 + 60) == 1  # the first is exactly one window old: gone
     assert not throttle.fail("k", t0 + 61)  # 2 inside the window, not 3
+    assert throttle.failures("k", t0 + 100) == 1  # t0+30 is stale, though not dropped yet
     throttle.prune(t0 + 200)  # every failure of "k" is stale: the key is forgotten
     assert throttle.failures("k", t0 + 200) == 0
     assert not throttle.fail("k", t0 + 200)
     assert not throttle.fail("k", t0 + 201)
     assert throttle.fail("k", t0 + 202)  # three inside the window: locked
     assert throttle.locked("k", t0 + 202 + 299) and not throttle.locked("k", t0 + 202 + 300)
+
+
+# --- behaviours the mutation run of relay/auth.py found unguarded --------------------------------
+
+BAD = "bad-password-xx"
+
+
+async def test_an_identity_never_shows_its_password_hash(authn: Authenticator) -> None:
+    """A session's identity may end up in a log line or a traceback: its repr has no hash."""
+    answer = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert answer.identity is not None
+    assert answer.identity.password_hash not in repr(answer.identity)
+    assert answer.identity.password_hash not in repr(answer)
+
+
+async def test_a_failure_exactly_one_window_old_no_longer_counts(
+    authn: Authenticator, clock: ManualClock
+) -> None:
+    limit = authn.cfg.auth.max_failures
+    ip = "192.0.2.3"
+    for _ in range(limit - 1):
+        assert (await authn.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+    clock.advance(float(authn.cfg.auth.failure_window))  # exactly one window later
+    for _ in range(limit - 1):
+        answer = await authn.authenticate(LOGIN, BAD, ip)
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.OK
+
+
+async def test_a_reload_that_lowers_max_failures_counts_the_failures_already_made(
+    authn: Authenticator,
+) -> None:
+    """configure() keeps the counts: with 3 failures counted and a new limit of 2, the next
+    failure locks the address out."""
+    ip = "192.0.2.8"
+    for _ in range(3):
+        assert (await authn.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+    authn.configure(with_auth(authn.cfg, max_failures=2))
+    answer = await authn.authenticate(LOGIN, BAD, ip)
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
+
+
+async def test_a_reload_that_turns_the_cache_off_stops_cache_hits(
+    authn: Authenticator, hasher: Hasher
+) -> None:
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    before = hasher.verifications
+    authn.configure(with_auth(authn.cfg, cache_ttl=Duration(0)))
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before + 1
+
+
+async def test_a_reload_that_keeps_the_cache_on_keeps_cached_logins(
+    authn: Authenticator, hasher: Hasher
+) -> None:
+    """A reload (SIGHUP for a renewed certificate, say) costs no argon2 storm; a short but
+    non-zero cache_ttl still caches."""
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    before = hasher.verifications
+    authn.configure(with_auth(authn.cfg, cache_ttl=Duration(1)))
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before
+
+
+async def test_a_cached_login_expires_at_exactly_cache_ttl(
+    authn: Authenticator, hasher: Hasher, clock: ManualClock
+) -> None:
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    before = hasher.verifications
+    clock.advance(float(authn.cfg.auth.cache_ttl) - 1)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before  # still cached one second before
+    clock.advance(1)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before + 1  # at cache_ttl it is gone
+
+
+async def test_cache_ttl_0_caches_nothing_even_when_the_clock_steps_back(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    nocache = Authenticator(db, hasher, with_auth(cfg, cache_ttl=Duration(0)), clock=clock)
+    assert (await nocache.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    clock.advance(-30)  # the system clock stepped back (an NTP correction)
+    before = hasher.verifications
+    assert (await nocache.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before + 1
+
+
+async def test_the_old_password_stops_at_the_exact_end_of_its_grace_even_when_cached(
+    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+) -> None:
+    """users.verify and the cache agree: the grace window ends at now + grace, exclusive."""
+    ok = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert ok.identity is not None
+    grace = 100.0
+    assert grace < authn.cfg.auth.cache_ttl  # the cached entry outlives the grace window
+    new = leaks.add("Another-password-22")
+    await users.reset_password(db, LOGIN, new, grace=grace, hasher=hasher, now=clock(), actor="t")
+    clock.advance(grace - 1)
+    assert await authn.still_valid(ok.identity)
+    clock.advance(1)
+    assert not await authn.still_valid(ok.identity)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.FAILED
+
+
+async def test_flush_logins_records_the_last_login(
+    authn: Authenticator, db: Database, clock: ManualClock
+) -> None:
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    clock.advance(5)
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    user = await users.get(db, LOGIN)
+    assert user is not None and user.last_login_at is None  # batched, not yet written
+    await authn.flush_logins()
+    user = await users.get(db, LOGIN)
+    assert user is not None and user.last_login_at == clock()
+    assert authn.logins == {}
+
+
+async def test_a_failure_waits_failure_delay_less_its_own_time_plus_a_jitter_of_a_fifth(
+    db: Database,
+    cfg: Config,
+    hasher: Hasher,
+    clock: ManualClock,
+    authn: Authenticator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each failure sleeps failure_delay - (the time it took) + uniform(0, failure_delay / 5).
+
+    asyncio.sleep is replaced by a recorder (it does not wait) and the random module is seeded,
+    so the jitter of each failure is known. The time a failure took is bounded from both sides by
+    loop.time() read around it, so the bounds below hold whatever the load."""
+    delay = 1.0
+    padded = Authenticator(db, hasher, with_auth(cfg, failure_delay=Duration(delay)), clock=clock)
+    loop = asyncio.get_running_loop()
+    asked: list[tuple[float, float]] = []  # (seconds, loop.time() when asked)
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(seconds: float) -> None:
+        asked.append((seconds, loop.time()))
+        await real_sleep(0)
+
+    seed = 20240518
+    rng = random.Random(seed)
+    jitters = [rng.uniform(0, delay / 5) for _ in range(20)]
+    state = random.getstate()
+    random.seed(seed)
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    try:
+        for i, jitter in enumerate(jitters):  # one address each: no lockout
+            before = loop.time()
+            answer = await padded.authenticate(LOGIN, BAD, f"192.0.2.{100 + i}")
+            assert answer.outcome is Outcome.FAILED
+            assert len(asked) == i + 1
+            seconds, at = asked[-1]
+            took_at_most = at - before
+            assert delay - took_at_most + jitter - 1e-9 <= seconds <= delay + jitter + 1e-9
+    finally:
+        monkeypatch.undo()
+        random.setstate(state)
+
+
+@pytest.fixture
+def quick_busy_db(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Databases opened from here on give up on a held write lock after 50 ms, not 5 s."""
+    monkeypatch.setattr(db_mod, "BUSY_TIMEOUT_MS", 50)
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """What a long CLI transaction does: BEGIN IMMEDIATE on a separate connection, held."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def test_an_audit_row_the_store_cannot_write_does_not_fail_the_auth(
+    cfg: Config,
+    hasher: Hasher,
+    clock: ManualClock,
+    authn: Authenticator,
+    quick_busy_db: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lockout and login-failures audit rows cannot be written (the database is write-locked):
+    the AUTH is still answered, the lockout still holds, and the mail log has both events."""
+    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    try:
+        locking = Authenticator(db, hasher, cfg, clock=clock)
+        ip = "192.0.2.5"
+        with write_locked(cfg.db_path):
+            for _ in range(cfg.auth.max_failures - 1):
+                assert (await locking.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+            answer = await locking.authenticate(LOGIN, BAD, ip)
+            assert (answer.outcome, answer.reason) == (
+                Outcome.FAILED,
+                "bad_credentials,ip_now_locked_out",
+            )
+            assert (await locking.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
+        assert [e for e in await events.recent(db) if e.action.startswith("auth.")] == []
+    finally:
+        await db.close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("auth lockout ") for m in logged), logged
+    assert any(m.startswith("auth login-failures ") for m in logged), logged
+
+
+async def test_a_store_fault_in_a_shared_verify_answers_every_caller(
+    authn: Authenticator, db: Database, hasher: Hasher
+) -> None:
+    """Eight simultaneous logins share one verify; its read of the user fails (every statement
+    on the reader is interrupted): each of the eight gets TEMPFAIL, none is left waiting."""
+    await db.reader.set_progress_handler(lambda: 1, 1)
+    before = hasher.verifications
+    try:
+        # A hang guard only: a passing run never waits for it.
+        async with asyncio.timeout(5):
+            answers = await asyncio.gather(
+                *(authn.authenticate(LOGIN, PASSWORD, f"192.0.2.{i}") for i in range(8))
+            )
+    finally:
+        await db.reader.set_progress_handler(lambda: 0, 1)
+    assert [(a.outcome, a.reason) for a in answers] == [(Outcome.TEMPFAIL, "store_error")] * 8
+    assert hasher.verifications == before  # the read failed before any argon2 work
+    assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.1")).outcome is Outcome.OK
+
+
+async def test_prune_keeps_failures_and_lockouts_that_still_count(
+    authn: Authenticator, clock: ManualClock
+) -> None:
+    limit = authn.cfg.auth.max_failures
+    half = float(authn.cfg.auth.failure_window) / 2
+    ip = "192.0.2.6"
+    assert (await authn.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+    clock.advance(half)
+    for _ in range(limit - 2):
+        assert (await authn.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+    clock.advance(half)  # the first failure has aged out, the others have not
+    authn.prune()
+    answer = await authn.authenticate(LOGIN, BAD, ip)
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    answer = await authn.authenticate(LOGIN, BAD, ip)
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    authn.prune()  # inside the lockout
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
+
+
+async def test_prune_keeps_live_cache_entries_and_forgets_expired_ones(
+    authn: Authenticator, hasher: Hasher, clock: ManualClock
+) -> None:
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    clock.advance(float(authn.cfg.auth.cache_ttl) - 1)
+    authn.prune()
+    before = hasher.verifications
+    assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before
+    clock.advance(1)  # expires exactly now
+    authn.prune()
+    assert authn._cache == {}  # memory only: no public view of the cache
+
+
+async def test_prune_forgets_every_stale_key_after_a_spray_of_addresses(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """Memory under a spray of addresses and logins is bounded by prune(). There is no public
+    view of what is tracked, so this counts the keys of the private dicts.
+
+    Window, lockout and cache TTL are equal; a second wave comes one second after the first,
+    and prune() runs when the first wave is one second stale and the second exactly at its end:
+    each is forgotten from the instant it stops counting (as fail(), locked() and the cache
+    lookup already treat it)."""
+    span = Duration(900)
+    sprayed = Authenticator(
+        db,
+        hasher,
+        with_auth(cfg, failure_window=span, lockout=span, cache_ttl=span),
+        clock=clock,
+    )
+
+    def tracked() -> list[int]:
+        t, lf = sprayed.throttle, sprayed.login_failures
+        sizes: list[Sized] = [
+            t._failures,
+            t._locked_until,
+            lf._failures,
+            lf._locked_until,
+            sprayed._cache,
+        ]
+        return [len(d) for d in sizes]
+
+    assert (await sprayed.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    for wave, locked_login in enumerate((LOGIN, "other@example.com")):
+        for i in range(10):
+            answer = await sprayed.authenticate(
+                f"u{wave}{i}@example.com", BAD, f"198.51.{wave}.{i}"
+            )
+            assert answer.outcome is Outcome.FAILED
+        for _ in range(cfg.auth.max_failures):  # one address and one login locked out
+            answer = await sprayed.authenticate(locked_login, BAD, f"192.0.{wave}.4")
+            assert answer.outcome is Outcome.FAILED
+        clock.advance(1)
+    assert tracked() == [22, 2, 22, 2, 1]
+    clock.advance(span - 3)  # one second before the first wave is stale
+    sprayed.prune()
+    assert tracked() == [22, 2, 22, 2, 1]
+    clock.advance(2)  # the first wave one second stale, the second exactly
+    sprayed.prune()
+    assert tracked() == [0, 0, 0, 0, 0]
+
+
+async def test_max_failures_1_locks_an_address_out_at_its_first_failure(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    strict = Authenticator(db, hasher, with_auth(cfg, max_failures=1), clock=clock)
+    answer = await strict.authenticate(LOGIN, BAD, "192.0.2.10")
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (await strict.authenticate(LOGIN, PASSWORD, "192.0.2.10")).outcome is Outcome.THROTTLED
