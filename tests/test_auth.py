@@ -202,6 +202,31 @@ async def test_an_identity_never_shows_its_password_hash(authn: Authenticator) -
     assert answer.identity.password_hash not in repr(answer)
 
 
+async def test_an_answer_and_its_identity_are_frozen(authn: Authenticator) -> None:
+    """A session keeps the identity it authenticated as (and re-checks its hash at MAIL): neither
+    it nor the answer it came in can be changed afterwards."""
+    answer = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
+    assert answer.identity is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        answer.outcome = Outcome.FAILED  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        answer.identity.login = "boss@example.com"  # type: ignore[misc]
+
+
+async def test_a_login_longer_than_an_address_counts_under_its_first_320_characters(
+    authn: Authenticator, db: Database
+) -> None:
+    """An address has at most 320 characters: logins that differ only after that are one login
+    for the per-login failure count, and that is the name the audit row gets."""
+    stem = "X" * 308 + "@example.com"
+    assert len(stem) == 320
+    for i in range(authn.cfg.auth.max_failures):  # one address each: only the login adds up
+        answer = await authn.authenticate(f"{stem}-{i}", BAD, f"192.0.2.{20 + i}")
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    audited = [e.target for e in await events.recent(db) if e.action == "auth.login-failures"]
+    assert audited == [stem.lower()]
+
+
 async def test_a_failure_exactly_one_window_old_no_longer_counts(
     authn: Authenticator, clock: ManualClock
 ) -> None:
