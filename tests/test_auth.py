@@ -290,6 +290,16 @@ async def test_a_cached_login_expires_at_exactly_cache_ttl(
     assert hasher.verifications == before + 1  # at cache_ttl it is gone
 
 
+async def test_a_one_second_cache_ttl_still_caches(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    short = Authenticator(db, hasher, with_auth(cfg, cache_ttl=Duration(1)), clock=clock)
+    assert (await short.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    before = hasher.verifications
+    assert (await short.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+    assert hasher.verifications == before
+
+
 async def test_cache_ttl_0_caches_nothing_even_when_the_clock_steps_back(
     db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
@@ -422,6 +432,29 @@ async def test_an_audit_row_the_store_cannot_write_does_not_fail_the_auth(
     logged = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("auth lockout ") for m in logged), logged
     assert any(m.startswith("auth login-failures ") for m in logged), logged
+
+
+async def test_last_logins_the_store_cannot_write_are_kept_for_the_next_flush(
+    cfg: Config,
+    hasher: Hasher,
+    clock: ManualClock,
+    authn: Authenticator,
+    quick_busy_db: None,
+) -> None:
+    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    try:
+        flushing = Authenticator(db, hasher, cfg, clock=clock)
+        assert (await flushing.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
+        at = clock()
+        with write_locked(cfg.db_path):
+            await flushing.flush_logins()  # the write fails: nothing raised, the batch kept
+        assert flushing.logins == {LOGIN: at}
+        await flushing.flush_logins()
+        user = await users.get(db, LOGIN)
+        assert user is not None and user.last_login_at == at
+        assert flushing.logins == {}
+    finally:
+        await db.close()
 
 
 async def test_a_store_fault_in_a_shared_verify_answers_every_caller(
