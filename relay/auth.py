@@ -115,7 +115,10 @@ class Throttle:
         for key in [k for k, q in self._failures.items() if not q or q[-1] <= now - self.window]:
             del self._failures[key]
         for key in [k for k, t in self._locked_until.items() if t <= now]:
+            # As locked() does when a lockout ends: the failures that caused it go with it, so
+            # what follows does not depend on whether a prune ran in between.
             del self._locked_until[key]
+            self._failures.pop(key, None)
 
 
 class Authenticator:
@@ -172,7 +175,7 @@ class Authenticator:
             # Many failures for one login, maybe from many addresses: nothing is blocked (that
             # would let anyone lock a user out), but operators are told once per window.
             maillog.event("auth login-failures", user=key, ip=ip, limit=self.cfg.auth.max_failures)
-            await self._audit("auth.login-failures", key, f"last ip={ip}")
+            await self._audit("auth.login-failures", maillog.safe(key, 320), f"last ip={ip}")
         if self.throttle.fail(ip, now):
             answer = AuthAnswer(Outcome.FAILED, reason=answer.reason + ",ip_now_locked_out")
             maillog.event("auth lockout", ip=ip, user=key, seconds=int(self.cfg.auth.lockout))
@@ -232,24 +235,28 @@ class Authenticator:
     async def _verify_single_flight(
         self, key: tuple[str, bytes], login: str, password: str
     ) -> users.VerifyResult:
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            result = await users.verify(
-                self.db, login, password, hasher=self.hasher, now=self.clock()
+        """One verify for every simultaneous AUTH with the same credentials.
+
+        The verify runs as a task of its own, not in the first caller: a caller that goes away
+        (its client disconnected, so aiosmtpd cancelled its handler) must not cancel the verify
+        that the other callers are waiting for.
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(
+                users.verify(self.db, login, password, hasher=self.hasher, now=self.clock())
             )
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
-            raise
-        else:
-            fut.set_result(result)
-            return result
-        finally:
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._verify_done(key, t))
+        return await asyncio.shield(task)
+
+    def _verify_done(
+        self, key: tuple[str, bytes], task: asyncio.Future[users.VerifyResult]
+    ) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: if every caller left, nobody logs "never retrieved"
 
     async def _still_matches(self, login: str, password_hash: str, now: float) -> str | None:
         """Which stored password ``password_hash`` still is ("current"/"previous"), or None."""

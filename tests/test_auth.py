@@ -567,3 +567,55 @@ async def test_max_failures_1_locks_an_address_out_at_its_first_failure(
     answer = await strict.authenticate(LOGIN, BAD, "192.0.2.10")
     assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
     assert (await strict.authenticate(LOGIN, PASSWORD, "192.0.2.10")).outcome is Outcome.THROTTLED
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_shared_verify(
+    authn: Authenticator, hasher: Hasher
+) -> None:
+    """aiosmtpd cancels a session's handler when its client disconnects: the other sessions
+    waiting on the same verify (one app's parallel logins) still get their answer."""
+    before = hasher.verifications
+    first = asyncio.create_task(authn.authenticate(LOGIN, PASSWORD, "192.0.2.1"))
+    second = asyncio.create_task(authn.authenticate(LOGIN, PASSWORD, "192.0.2.2"))
+    # One turn of the loop: each task runs to its first suspension, which is the shared verify
+    # (nothing in authenticate() awaits before it). The verify itself needs a thread: not done.
+    await asyncio.sleep(0)  # sleep-ok: a turn of the loop, not a wait for time
+    assert len(authn._inflight) == 1 and waiting(first) and waiting(second)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    answer = await asyncio.wait_for(second, 30)
+    assert answer.outcome is Outcome.OK
+    assert hasher.verifications == before + 1
+    assert authn._inflight == {}
+
+
+def waiting(task: asyncio.Task[object]) -> bool:
+    """The task has started and is suspended (not done)."""
+    return not task.done() and task.get_stack() != []
+
+
+def test_a_lockout_that_ends_takes_its_failures_with_it_pruned_or_not() -> None:
+    """With lockout shorter than the failure window, the first failure after a lockout counts
+    from one, whether or not the periodic prune ran in between."""
+    for prune_in_between in (False, True):
+        t = Throttle(max_failures=3, window=900, lockout=60)
+        assert [t.fail("192.0.2.9", 0) for _ in range(3)] == [False, False, True]
+        if prune_in_between:
+            t.prune(61)
+        assert not t.locked("192.0.2.9", 61)
+        assert t.fail("192.0.2.9", 61) is False, prune_in_between
+        assert t.failures("192.0.2.9", 61) == 1
+
+
+async def test_the_login_failures_audit_row_names_the_login_sanitised(
+    authn: Authenticator, db: Database
+) -> None:
+    """A login is client input: control characters never reach the audit trail (or the terminal
+    that `relaybox audit` prints it on)."""
+    login = "ev\x1b[31mil\n@example.com"
+    for i in range(authn.cfg.auth.max_failures):
+        await authn.authenticate(login, BAD, f"192.0.2.{40 + i}")
+    audited = [e.target for e in await events.recent(db) if e.action == "auth.login-failures"]
+    assert len(audited) == 1 and not any(ord(c) < 32 or ord(c) == 127 for c in audited[0])
+    assert audited[0].startswith("ev?") and audited[0].endswith("@example.com")
