@@ -141,3 +141,54 @@ async def test_hashing_runs_in_a_bounded_pool_off_the_loop(cfg: Config) -> None:
         assert ticks > 12
     finally:
         h.close()
+
+
+def test_generated_passwords_are_26_characters_of_151_bits() -> None:
+    password = passwords.generate_password()
+    assert len(password) == 26 and set(password) <= set(passwords.ALPHABET)
+    assert passwords.entropy_bits() == pytest.approx(151.6, abs=0.1)
+
+
+def test_a_generated_password_of_128_bits_is_the_shortest_allowed() -> None:
+    """22 characters carry 128.3 bits: allowed; 21 carry 122.5: refused."""
+    assert len(passwords.generate_password(22)) == 22
+    with pytest.raises(ValueError, match="128 bits"):
+        passwords.generate_password(21)
+
+
+def test_password_length_limits_are_inclusive() -> None:
+    passwords.check_password("k" + "x" * 11, min_length=12)  # exactly the minimum
+    with pytest.raises(Invalid, match="too short"):
+        passwords.check_password("k" + "x" * 10, min_length=12)
+    at_limit = "k" + "x" * (passwords.MAX_PASSWORD_BYTES - 1)
+    assert passwords.MAX_PASSWORD_BYTES == 1024
+    passwords.check_password(at_limit, min_length=12)  # exactly 1024 bytes
+    with pytest.raises(Invalid, match="at most 1024 bytes"):
+        passwords.check_password(at_limit + "x", min_length=12)
+    # Counted in UTF-8 bytes, not characters: 512 two-byte characters are 1024 bytes.
+    passwords.check_password("é" * 511 + "k", min_length=12)
+    with pytest.raises(Invalid, match="too long"):
+        passwords.check_password("é" * 512 + "k", min_length=12)
+
+
+def test_a_new_hasher_has_counted_no_verification(cfg: Config) -> None:
+    h = Hasher(cfg.auth)
+    try:
+        assert h.verifications == 0
+    finally:
+        h.close()
+
+
+async def test_close_waits_for_the_running_hash_and_cancels_the_queued(cfg: Config) -> None:
+    auth = dataclasses.replace(
+        cfg.auth, verify_threads=1, argon2=Argon2Params(time_cost=2, memory_kib=8192)
+    )
+    h = Hasher(auth)
+    tasks = [asyncio.create_task(h.hash(f"queued-password-{i}")) for i in range(4)]
+    await asyncio.sleep(0)  # sleep-ok: one turn: each task hands its hash to the pool
+    h.close()
+    # wait=True: the pool's one thread has finished by the time close() returns.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("argon2")] == []
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], str)  # the running one finished
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[1:]), results
