@@ -11,7 +11,9 @@ Loaded as a pytest plugin (``pytest_plugins`` in tests/conftest.py). Fixtures:
         dns_server.add_mx("example.com", 10, "mx1.example.com")
         dns_server.add_a("mx1.example.com", "127.0.0.1")
         dns_server.remove("example.com", "TXT")     # or remove("example.com") for every type
+        dns_server.add_ptr("10.2.0.192.in-addr.arpa", "mail.example.com")
         dns_server.servfail("example.com")          # SERVFAIL for that name; servfail(None): all
+        dns_server.servfail("example.com", rtype="A")  # SERVFAIL for A queries only
         dns_server.blackhole(True)                  # drop every query: clients time out
 
     Answers follow real servers: a name that exists with other types gets NOERROR with an empty
@@ -37,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import pytest
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 from relay.config import Config, Duration
@@ -45,12 +47,20 @@ from relay.config import Config, Duration
 log = logging.getLogger("tests.dnsserver")
 
 TTL = 60
-_SUPPORTED = ("A", "AAAA", "MX", "TXT", "CNAME")
+_SUPPORTED = ("A", "AAAA", "MX", "TXT", "CNAME", "PTR")
 
 
 def _key(name: str) -> str:
     """Zone keys: lowercase, no final dot (DNS names compare case-insensitively)."""
     return name.lower().rstrip(".")
+
+
+def _edns(request: DNSRecord) -> tuple[int, int, int] | None:
+    """(UDP payload size, version, flags) of the query's EDNS OPT record (RFC 6891 6.1.3)."""
+    for rr in request.ar:
+        if rr.rtype == QTYPE.OPT:
+            return rr.rclass, (rr.ttl >> 16) & 0xFF, rr.ttl & 0xFFFF
+    return None
 
 
 class _Zone:
@@ -60,9 +70,11 @@ class _Zone:
         self.lock = threading.Lock()
         self.rrs: dict[str, list[tuple[str, Any]]] = {}
         self.servfail_names: set[str] = set()
+        self.servfail_types: set[tuple[str, str]] = set()
         self.servfail_all = False
         self.drop = False
         self.queries: list[tuple[str, str]] = []
+        self.edns: list[tuple[int, int, int] | None] = []
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         qname = str(request.q.qname)
@@ -70,7 +82,12 @@ class _Zone:
         reply = request.reply()
         with self.lock:
             self.queries.append((_key(qname), qtype))
-            if self.servfail_all or _key(qname) in self.servfail_names:
+            self.edns.append(_edns(request))
+            if (
+                self.servfail_all
+                or _key(qname) in self.servfail_names
+                or (_key(qname), qtype) in self.servfail_types
+            ):
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
             name = qname
@@ -192,6 +209,9 @@ class TestDNSServer:
     def add_cname(self, name: str, target: str) -> None:
         self._add(name, "CNAME", CNAME(target))
 
+    def add_ptr(self, name: str, target: str) -> None:
+        self._add(name, "PTR", PTR(target))
+
     def add_name(self, name: str) -> None:
         """Make ``name`` exist with no records of its own (every query for it is NODATA)."""
         with self._zone.lock:
@@ -216,10 +236,18 @@ class TestDNSServer:
                 entries = self._zone.rrs[_key(name)]
                 entries[:] = [(t, rd) for t, rd in entries if t != rtype]
 
-    def servfail(self, name: str | None, on: bool = True) -> None:
-        """Answer SERVFAIL for ``name`` (``None``: for every name); ``on=False`` undoes it."""
+    def servfail(self, name: str | None, on: bool = True, rtype: str | None = None) -> None:
+        """Answer SERVFAIL for ``name`` (``None``: for every name), or only for its queries of
+        ``rtype``; ``on=False`` undoes it."""
         with self._zone.lock:
-            if name is None:
+            if rtype is not None:
+                if name is None:
+                    raise ValueError("servfail by type needs a name")
+                if on:
+                    self._zone.servfail_types.add((_key(name), rtype))
+                else:
+                    self._zone.servfail_types.discard((_key(name), rtype))
+            elif name is None:
                 self._zone.servfail_all = on
             elif on:
                 self._zone.servfail_names.add(_key(name))
@@ -235,6 +263,13 @@ class TestDNSServer:
         """(name, type) of every query answered or refused so far, oldest first."""
         with self._zone.lock:
             return list(self._zone.queries)
+
+    @property
+    def edns(self) -> list[tuple[int, int, int] | None]:
+        """For each query of :attr:`queries`, in the same order: its EDNS (UDP payload size,
+        version, flags), or None for a query without EDNS."""
+        with self._zone.lock:
+            return list(self._zone.edns)
 
 
 class _RecordLike(Protocol):
