@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
+import dns.name
 import pytest
 
 from relay import dkimkeys, dnscheck
@@ -41,7 +49,7 @@ async def test_txt_strings_are_joined_without_separator(
 
 
 async def test_txt_nodata_nxdomain_servfail_timeout(
-    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
 ) -> None:
     dns_server.add_a(D, "192.0.2.1")
     nodata = await dnscheck.lookup_txt(resolver, D)
@@ -63,6 +71,15 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
     bound = float(resolver.lifetime)
     assert 0.9 * bound <= elapsed < 6 * bound, (elapsed, bound)
 
+    # The same bound holds for the lookups pyspf makes (its own hook, a blocking twin resolver);
+    # a short dns.timeout shows that nothing lengthens it (such as a floor of a second).
+    short = dnscheck.make_resolver(with_dns(dns_cfg, timeout=Duration(0.1)))
+    started = time.monotonic()
+    assert (await dnscheck.spf_result(short, "192.0.2.10", D))[0] == "temperror"
+    elapsed = time.monotonic() - started
+    bound = float(short.lifetime)
+    assert 0.9 * bound <= elapsed < 6 * bound, (elapsed, bound)
+
 
 async def test_no_nameservers_is_a_temperror(cfg: Config) -> None:
     resolver = dnscheck.make_resolver(cfg)
@@ -76,6 +93,124 @@ def test_make_resolver_uses_config(dns_cfg: Config) -> None:
     assert [str(ns) for ns in r.nameservers] == ["127.0.0.1"]
     assert r.port == dns_cfg.dns.port
     assert r.lifetime == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("port", [1, 52, 53, 54, 5353, 65535])
+def test_make_resolver_without_nameservers_uses_the_configured_port(cfg: Config, port: int) -> None:
+    """No ``dns.nameservers``: the servers come from /etc/resolv.conf, the port from ``dns.port``
+    whatever it is (53 is dnspython's default; the neighbours of 53 are the boundary)."""
+    r = dnscheck.make_resolver(with_dns(cfg, nameservers=(), port=port))
+    assert r.port == port
+
+
+async def test_queries_advertise_edns0_with_a_1232_byte_buffer(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Every query, ours and pyspf's, carries EDNS version 0 with the DNS-flag-day buffer of 1232
+    bytes (a 2048-bit DKIM record fits one UDP answer) and no flags (no DNSSEC OK bit)."""
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
+    await dnscheck.lookup_txt(resolver, D)
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "pass"
+    assert (await dnscheck.check_spf(resolver, D, dns_cfg)).result == "pass"
+    assert len(dns_server.queries) >= 3
+    assert dns_server.edns == [(1232, 0, 0)] * len(dns_server.queries)
+
+
+async def test_lookups_never_try_the_host_domain(
+    dns_server: TestDNSServer, dns_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host named box.corp.test, dnspython's resolver takes corp.test as its domain. A name
+    that does not exist must stay NXDOMAIN: it is never retried as <name>.corp.test (another
+    zone, whose records say nothing about the domain asked about)."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "box.corp.test")
+    resolver = dnscheck.make_resolver(dns_cfg)
+    assert resolver.domain == dns.name.from_text("corp.test")  # the host this test stands for
+    dns_server.add_txt("example.com.corp.test", "v=spf1 ip4:192.0.2.10 -all")
+    dns_server.add_txt("_dmarc.example.com.corp.test", "v=DMARC1; p=reject")
+    assert await dnscheck.lookup_txt(resolver, D) == dnscheck.TxtAnswer(nxdomain=True)
+    assert (await dnscheck.check_dmarc(resolver, D)).reason == "no TXT record"
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "none"  # pyspf's lookups
+    assert [q for q in dns_server.queries if q[0].endswith("corp.test")] == []
+
+
+_RESOLV_CONF_PROBE = r"""
+import asyncio, json, sys
+from relay import config, dnscheck
+
+async def main(port: int) -> None:
+    out = {}
+    for label, nameservers in (("configured", ["127.0.0.1"]), ("resolv.conf", [])):
+        cfg = config.from_dict(
+            {"state_dir": "/nonexistent", "public_hostname": "relay.test",
+             "dns": {"nameservers": nameservers, "port": port, "timeout": "2s"}},
+            source="(test)",
+        )
+        resolver = dnscheck.make_resolver(cfg)
+        txt = await dnscheck.lookup_txt(resolver, "example.com")
+        spf, _ = await dnscheck.spf_result(resolver, "192.0.2.10", "example.com")
+        out[label] = [list(txt.records), txt.temperror, spf]
+    print(json.dumps(out))
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+_BIND_OVER_RESOLV_CONF = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+
+
+@pytest.mark.parametrize(
+    ("resolv_conf", "expected"),
+    [
+        (
+            "",
+            {
+                "configured": [["v=spf1 ip4:192.0.2.10 -all"], "", "pass"],
+                "resolv.conf": [[], "no nameserver answered", "temperror"],
+            },
+        ),
+        (
+            "nameserver 127.0.0.1\n",
+            {
+                "configured": [["v=spf1 ip4:192.0.2.10 -all"], "", "pass"],
+                "resolv.conf": [["v=spf1 ip4:192.0.2.10 -all"], "", "pass"],
+            },
+        ),
+    ],
+    ids=["no-nameserver-in-resolv.conf", "resolv.conf-names-loopback"],
+)
+def test_resolv_conf_is_read_only_without_dns_nameservers(
+    dns_server: TestDNSServer, tmp_path: Path, resolv_conf: str, expected: dict[str, Any]
+) -> None:
+    """With ``dns.nameservers`` the host's /etc/resolv.conf plays no part, even when it names no
+    server; without them its servers are asked at ``dns.port``, and a resolv.conf that names no
+    server makes every lookup a temperror, not a crash. Run in a mount namespace whose
+    /etc/resolv.conf is ``resolv_conf`` (the host's file is untouched)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare(1) is not installed")
+    prefix = [unshare, "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(resolv_conf)
+    probe = subprocess.run(
+        [*prefix, "sh", "-c", _BIND_OVER_RESOLV_CONF, str(conf), "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace to replace /etc/resolv.conf in: {probe.stderr.strip()}")
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
+    root = Path(dnscheck.__file__).resolve().parents[1]  # the checkout under test
+    run = subprocess.run(
+        [*prefix, "sh", "-c", _BIND_OVER_RESOLV_CONF, str(conf),
+         sys.executable, "-c", _RESOLV_CONF_PROBE, str(dns_server.port)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == expected
 
 
 # --- SPF ----------------------------------------------------------------------------------------
