@@ -72,8 +72,8 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
     assert 0.9 * bound <= elapsed < 6 * bound, (elapsed, bound)
 
     # The same bound holds for the lookups pyspf makes (its own hook, a blocking twin resolver);
-    # a short dns.timeout shows that nothing lengthens it (such as a floor of a second).
-    short = dnscheck.make_resolver(with_dns(dns_cfg, timeout=Duration(0.1)))
+    # a short dns.timeout shows that nothing lengthens it (6x 0.15 s stays under one second).
+    short = dnscheck.make_resolver(with_dns(dns_cfg, timeout=Duration(0.15)))
     started = time.monotonic()
     assert (await dnscheck.spf_result(short, "192.0.2.10", D))[0] == "temperror"
     elapsed = time.monotonic() - started
@@ -375,6 +375,95 @@ async def test_concurrent_spf_checks_use_their_own_resolvers(dns_cfg: Config) ->
         b.stop()
 
 
+async def test_spf_ptr_mechanism(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """pyspf's PTR lookups go through our hook too: ``ptr`` matches when the address's name (no
+    final dot) is under the domain and resolves back to the address (RFC 7208 5.5)."""
+    dns_server.add_txt(D, "v=spf1 ptr -all")
+    dns_server.add_ptr("10.2.0.192.in-addr.arpa", "mail.example.com")
+    dns_server.add_a("mail.example.com", "192.0.2.10")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("pass", "")
+    assert ("10.2.0.192.in-addr.arpa", "PTR") in dns_server.queries
+
+
+@pytest.mark.parametrize(
+    ("outbound_ips", "include", "expected"),
+    [
+        ((), "", "v=spf1 mx ~all"),
+        ((), "_spf.relay.test", "v=spf1 include:_spf.relay.test ~all"),
+        (("192.0.2.10", "2001:db8::25"), "", "v=spf1 ip4:192.0.2.10 ip6:2001:db8::25 ~all"),
+        (("192.0.2.10",), "_spf.relay.test", "v=spf1 ip4:192.0.2.10 include:_spf.relay.test ~all"),
+    ],
+    ids=["nothing-configured", "include-only", "addresses-only", "both"],
+)
+def test_spf_suggestion(
+    cfg: Config, outbound_ips: tuple[str, ...], include: str, expected: str
+) -> None:
+    """With neither addresses nor an include configured, the suggestion authorizes the MX hosts."""
+    assert dnscheck.spf_suggestion(
+        with_dns(cfg, outbound_ips=outbound_ips, spf_include=include)
+    ) == (expected)
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        "include:spf.mailer.example",  # another provider's include
+        "include:_spf.relay.test:x",  # not a name ending at the ":"
+        "redirect=_spf.relay.test=x",  # nor at the "="
+    ],
+)
+async def test_spf_include_of_another_name_is_not_ours(
+    dns_server: TestDNSServer,
+    dns_cfg: Config,
+    resolver: dns.asyncresolver.Resolver,
+    term: str,
+) -> None:
+    """Only ``include:`` (or ``redirect=``) of exactly ``dns.spf_include`` reaches it. The term
+    stands in a provider's record, which pyspf never reads here (the ip4 matches first), so its
+    syntax is ours alone to judge."""
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 -all")
+    dns_server.add_txt("spf.mailer.example", "v=spf1 ip4:198.51.100.0/24 -all")
+    provider = f"v=spf1 {term}" + ("" if term.startswith("redirect") else " -all")
+    dns_server.add_txt("provider.example", provider)
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 include:provider.example -all")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
+    assert ("provider.example", "TXT") in dns_server.queries  # the term was read
+
+
+async def test_spf_include_is_found_before_a_later_branch_fails(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Includes are followed in the order of evaluation: a first provider's record reaching our
+    include counts, though a second provider's own include has no answer (SERVFAIL)."""
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    dns_server.add_txt(D, "v=spf1 include:first.example include:second.example -all")
+    dns_server.add_txt("first.example", "v=spf1 include:_spf.relay.test -all")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 -all")
+    dns_server.add_txt("second.example", "v=spf1 include:broken.example -all")
+    dns_server.servfail("broken.example")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("pass", "")
+
+
+async def test_spf_include_through_a_name_with_two_spf_records_is_not_reached(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """A name with two SPF records is a permerror (RFC 7208 4.5): its records reach nothing,
+    whichever of them names our include."""
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 include:dup.example -all")
+    dns_server.add_txt("dup.example", "v=spf1 -all")
+    dns_server.add_txt("dup.example", "v=spf1 include:_spf.relay.test -all")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 -all")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
+
+
 # --- ownership, DKIM, DMARC -----------------------------------------------------------------------
 
 
@@ -388,6 +477,25 @@ async def test_ownership(dns_server: TestDNSServer, resolver: dns.asyncresolver.
     dns_server.add_txt("_relaybox.example.com", "relaybox-", "verification=tok123")
     r = await dnscheck.check_ownership(resolver, D, "tok123")
     assert (r.result, r.expected) == ("pass", "relaybox-verification=tok123")
+
+
+async def test_ownership_needs_the_exact_token(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Neither a longer token (ours with more after it) nor another one passes, whatever their
+    order; surrounding whitespace is no part of the value."""
+    name = "_relaybox.example.com"
+    for other in ("tok1234", "tok124", "zzz"):
+        dns_server.add_txt(name, f"relaybox-verification={other}")
+        r = await dnscheck.check_ownership(resolver, D, "tok123")
+        assert (r.result, r.reason, r.found) == (
+            "fail",
+            "token mismatch",
+            f"relaybox-verification={other}",
+        )
+        dns_server.remove(name, "TXT")
+    dns_server.add_txt(name, " relaybox-verification=tok123 ")
+    assert (await dnscheck.check_ownership(resolver, D, "tok123")).result == "pass"
 
 
 async def test_dkim_split_across_strings(
@@ -429,6 +537,59 @@ async def test_dkim_failures(
     assert (await dnscheck.check_dkim(resolver, D, "sel", "ed25519", pub)).result == "pass"
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=DKIM2; k=ed25519; p={pub}",  # another version (RFC 6376 3.6.1: DKIM1 only)
+        "v=DKIM; k=ed25519; p={pub}",
+        "v=DKIM1; k=ed25519",  # no p= at all (an empty p= is a revoked key, tested above)
+        "v=DKIM1; k=ed25519; p={pub}; junk",  # not a tag-list (RFC 6376 3.2)
+        "v=DKIM1; k=ed25519; p={pub}; p={pub}",  # a tag twice
+    ],
+    ids=["v=DKIM2", "v=DKIM", "no-p", "not-a-tag-list", "duplicate-tag"],
+)
+async def test_dkim_records_that_are_not_a_dkim1_key(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver, record: str
+) -> None:
+    pub = dkimkeys.generate("ed25519").public_b64
+    value = record.format(pub=pub)
+    dns_server.add_txt("sel._domainkey.example.com", value)
+    r = await dnscheck.check_dkim(resolver, D, "sel", "ed25519", pub)
+    assert (r.result, r.reason, r.found) == ("fail", "no DKIM record", value)
+
+
+async def test_dkim_multiple_records_empty_tags_and_key_mismatches(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    name = "sel._domainkey.example.com"
+    key = dkimkeys.generate("rsa")
+    pub = key.public_b64
+
+    async def check() -> tuple[str, str]:
+        r = await dnscheck.check_dkim(resolver, D, "sel", "rsa", pub)
+        return r.result, r.reason
+
+    # Two key records at one selector (here ours, and ours again in testing mode): which one a
+    # verifier uses is undefined (RFC 6376 3.6.2.2).
+    dns_server.add_txt_value(name, dkimkeys.txt_value("rsa", pub))
+    dns_server.add_txt_value(name, f"v=DKIM1; k=rsa; t=y; p={pub}")
+    assert await check() == ("fail", "multiple DKIM records")
+    dns_server.remove(name, "TXT")
+    # An empty tag (a doubled ";") is allowed anywhere in a tag-list.
+    dns_server.add_txt_value(name, f"v=DKIM1;; k=rsa; ;p={pub};")
+    assert await check() == ("pass", "")
+    dns_server.remove(name, "TXT")
+    # Our key, declared as another type.
+    dns_server.add_txt_value(name, f"v=DKIM1; k=ed25519; p={pub}")
+    assert await check() == ("fail", "DKIM key type is ed25519, not rsa")
+    dns_server.remove(name, "TXT")
+    # Only the first string of the record published (a DNS panel that keeps one string).
+    parts = dkimkeys.split_txt(dkimkeys.txt_value("rsa", pub))
+    assert len(parts) == 2
+    dns_server.add_txt(name, parts[0])
+    assert await check() == ("fail", "DKIM key does not match")
+
+
 async def test_dmarc(dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver) -> None:
     assert (await dnscheck.check_dmarc(resolver, D)).reason == "no TXT record"
     dns_server.add_txt("_dmarc.example.com", "v=DMARC1; rua=mailto:x@example.com")
@@ -436,6 +597,17 @@ async def test_dmarc(dns_server: TestDNSServer, resolver: dns.asyncresolver.Reso
     dns_server.remove("_dmarc.example.com")
     dns_server.add_txt("_dmarc.example.com", "v=DMARC1; p=reject")
     assert (await dnscheck.check_dmarc(resolver, D)).result == "pass"
+
+
+async def test_dmarc_multiple_records(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Two v=DMARC1 records: no policy applies (RFC 7489 6.6.3)."""
+    dns_server.add_txt("_dmarc.example.com", "v=DMARC1; p=reject")
+    dns_server.add_txt("_dmarc.example.com", "v=DMARC1; p=none")
+    r = await dnscheck.check_dmarc(resolver, D)
+    assert (r.result, r.reason) == ("fail", "multiple DMARC records")
+    assert r.found == "v=DMARC1; p=reject | v=DMARC1; p=none"
 
 
 # --- MX -----------------------------------------------------------------------------------------
@@ -492,6 +664,41 @@ async def test_resolve_addresses(
     dns_server.blackhole(True)
     res = await dnscheck.lookup_addresses(resolver, "mx.example.com")
     assert res.temperror and not res.addresses
+
+
+async def test_implicit_mx_address_lookup_failure_is_a_temperror(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """No MX, and the A lookup fails (SERVFAIL) while AAAA has none: defer, never bounce."""
+    dns_server.add_txt(D, "v=spf1 -all")  # the name exists: MX and AAAA are NODATA
+    dns_server.servfail(D, rtype="A")
+    mx = await dnscheck.resolve_mx(resolver, D)
+    assert mx == dnscheck.MxResult(temperror=True, reason="address lookup failed")
+    dns_server.servfail(D, on=False, rtype="A")
+    mx = await dnscheck.resolve_mx(resolver, D)
+    assert mx == dnscheck.MxResult(reason="no MX and no address records")
+
+
+async def test_answers_are_frozen_values(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """What the lookups return cannot be changed by whoever holds it, and can be a dict key."""
+    dns_server.add_mx(D, 10, "mx.example.com")
+    dns_server.add_a("mx.example.com", "192.0.2.25")
+    mx = await dnscheck.resolve_mx(resolver, D)
+    addrs = await dnscheck.lookup_addresses(resolver, "mx.example.com")
+    txt = await dnscheck.lookup_txt(resolver, D)
+    dmarc = await dnscheck.check_dmarc(resolver, D)
+    assert mx.hosts == ("mx.example.com",) and addrs.addresses == ("192.0.2.25",)
+    assert len({mx, addrs, txt, dmarc}) == 4  # hashable
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mx.hosts = ()  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        addrs.temperror = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        txt.nxdomain = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dmarc.result = "pass"  # type: ignore[misc]
 
 
 def test_dns_cfg_fixture(dns_cfg: Config, dns_server: TestDNSServer) -> None:
