@@ -309,12 +309,14 @@ async def test_drain_lets_a_command_in_progress_finish(relay: RelayHandle) -> No
     idle = await Dialogue.open(relay.tls_port, tls=ctx)
     await idle.expect_after("EHLO idle", "250")
     stopping = asyncio.create_task(relay.server.shutdown())
-    await idle.expect("421 4.3.2")  # the idle pass went over every session
-    assert await idle.closed()
-    assert await busy.reply_after(b64(LOGIN)) == "334 " + b64("Password:")
-    assert await busy.reply_after(b64(password)) == str(replies.AUTH_OK)
-    assert await busy.reply_after("NOOP") == str(replies.SHUTTING_DOWN)
-    assert await busy.closed()
-    await asyncio.wait_for(stopping, 10)
-    await busy.close()
-    await idle.close()
+    try:
+        await idle.expect("421 4.3.2")  # the idle pass went over every session
+        assert await idle.closed()
+        assert await busy.reply_after(b64(LOGIN)) == "334 " + b64("Password:")
+        assert await busy.reply_after(b64(password)) == str(replies.AUTH_OK)
+        assert await busy.reply_after("NOOP") == str(replies.SHUTTING_DOWN)
+        assert await busy.closed()
+    finally:
+        await busy.close()
+        await idle.close()
+        await asyncio.wait_for(stopping, 40)  # the fixture's shutdown would not wait for it
