@@ -92,6 +92,32 @@ def test_normalize_login_rejects(raw: str) -> None:
         users.normalize_login(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        pytest.param("x" * 99, "x" * 99, id="99"),
+        pytest.param("x" * 100, "x" * 100, id="100"),
+        pytest.param("x" * 101, "x" * 100 + "...", id="101"),
+        pytest.param("x" * 150, "x" * 100 + "...", id="150"),
+    ],
+)
+def test_an_error_shows_at_most_100_characters_of_the_login(raw: str, shown: str) -> None:
+    with pytest.raises(Invalid) as exc:
+        users.normalize_login(raw)
+    assert str(exc.value) == f"login {shown!r} must look like name@domain"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "@", "no-at-sign", "@example.com", "app@"],
+    ids=["empty", "at", "no-at", "no-name", "no-domain"],
+)
+def test_a_login_needs_a_name_and_a_domain(raw: str) -> None:
+    with pytest.raises(Invalid) as exc:
+        users.normalize_login(raw)
+    assert str(exc.value) == f"login {raw!r} must look like name@domain"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=120) | st.from_regex(r"[a-zA-Z0-9.+-]{0,70}@[a-zA-Z0-9.-]{0,70}"))
 def test_normalize_login_only_ever_raises_invalid(raw: str) -> None:
@@ -283,6 +309,12 @@ async def test_unknown_and_malformed_logins_cost_one_verify(
         result = await users.verify(db, login, pw, hasher=hasher, now=clock())
         assert result == users.VerifyResult(None)
         assert hasher.verifications == before + 1, login
+
+
+async def test_malformed_logins_have_no_hash_and_no_credentials(db: Database, user: str) -> None:
+    for raw in ("not a login", "@example.com", "x" * 200):
+        assert await users.current_hash(db, raw) is None
+        assert await users.credentials(db, raw) is None
 
 
 async def test_verify_result_carries_the_matched_hash(
