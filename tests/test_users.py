@@ -218,6 +218,44 @@ async def test_old_password_works_until_the_grace_ends(
     assert after.grace_until(t0 + HOUR) is None
 
 
+async def test_old_password_fails_once_the_window_has_passed(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    t0 = clock()
+    await _reset(db, hasher, user, P2, HOUR, t0)
+    for later in (t0 + HOUR + 1, t0 + 30 * 86400):
+        assert await _which(db, hasher, user, P1, later) is None
+        assert await _which(db, hasher, user, P2, later) == "current"
+    u = await users.get(db, user)
+    assert u is not None and u.old_password_valid_until == t0 + HOUR  # as stored
+    assert not u.old_password_works(t0 + HOUR + 1)
+    assert u.grace_until(t0 + HOUR + 1) is None
+    await users.revoke_old(db, user, now=t0 + HOUR + 1, actor="test")
+    rows = await db.fetchall("SELECT detail FROM events WHERE action = 'user.revoke-old'")
+    assert [r["detail"] for r in rows] == ["no window was running"]
+
+
+@pytest.mark.parametrize("grace", [0.5, 1.0])
+async def test_a_grace_of_a_second_or_less_still_keeps_the_old_password(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str, grace: float
+) -> None:
+    t0 = clock()
+    u = await _reset(db, hasher, user, P2, grace, t0)
+    assert u.old_password_valid_until == t0 + grace
+    assert await _which(db, hasher, user, P1, t0) == "previous"
+    assert await _which(db, hasher, user, P1, t0 + grace) is None
+
+
+@pytest.mark.parametrize("grace", [-1.0, -0.5])
+async def test_a_negative_grace_is_refused(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str, grace: float
+) -> None:
+    with pytest.raises(Invalid, match="grace cannot be negative"):
+        await _reset(db, hasher, user, P2, grace, clock())
+    assert await _which(db, hasher, user, P1, clock()) == "current"
+    assert await _which(db, hasher, user, P2, clock()) is None
+
+
 async def test_grace_zero_revokes_at_once(
     db: Database, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
@@ -309,6 +347,34 @@ async def test_unknown_and_malformed_logins_cost_one_verify(
         result = await users.verify(db, login, pw, hasher=hasher, now=clock())
         assert result == users.VerifyResult(None)
         assert hasher.verifications == before + 1, login
+
+
+async def test_verify_result_ok_means_a_password_matched(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).ok
+    await _reset(db, hasher, user, P2, HOUR, clock())
+    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).ok  # the previous one
+    for login, pw in ((user, P3), ("nobody@example.com", P1), ("not a login", P1)):
+        assert not (await users.verify(db, login, pw, hasher=hasher, now=clock())).ok
+
+
+async def test_what_the_store_returns_is_frozen_and_hashable(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    u = await users.get(db, user)
+    creds = await users.credentials(db, user)
+    result = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    assert u is not None and creds is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        u.disabled = True  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        creds.current_hash = "replaced"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.matched = "previous"  # type: ignore[misc]
+    assert {u: 1}[await users.get(db, user)] == 1  # type: ignore[index]
+    assert {creds: 1}[await users.credentials(db, user)] == 1  # type: ignore[index]
+    assert {result: 1}[await users.verify(db, user, P1, hasher=hasher, now=clock())] == 1
 
 
 async def test_malformed_logins_have_no_hash_and_no_credentials(db: Database, user: str) -> None:
