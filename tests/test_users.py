@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import users
+from relay import domains, users
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import Database
+from relay.db import Database, StoreError
 from relay.errors import Conflict, Invalid, NotFound
 from relay.passwords import Hasher
 from tests import leaks
@@ -52,6 +55,36 @@ async def _reset(
     return await users.reset_password(
         db, login, pw, grace=grace, hasher=hasher, now=now, actor="test"
     )
+
+
+@asynccontextmanager
+async def _stale_reader(db: Database) -> AsyncIterator[None]:
+    """Hold a read transaction on the reader: its reads keep seeing the database as it is now,
+    while the writer commits. Reads made through it stand for reads that happened before those
+    commits (the interleaving a race would produce, without timing)."""
+    await db.reader.execute_fetchall("BEGIN")
+    try:
+        await db.reader.execute_fetchall("SELECT COUNT(*) FROM users")  # the snapshot starts here
+        yield
+    finally:
+        await db.reader.execute_fetchall("ROLLBACK")
+
+
+@asynccontextmanager
+async def _refused(db: Database, action: int, table: str) -> AsyncIterator[None]:
+    """A store fault in the middle of a write: the writer connection (the one db.transaction()
+    hands out) refuses to prepare statements doing ``action`` on ``table`` (sqlite3.Error)."""
+    async with db.transaction() as writer:
+        pass
+
+    def authorize(code: int, arg1: str | None, *_: str | None) -> int:
+        return sqlite3.SQLITE_DENY if (code, arg1) == (action, table) else sqlite3.SQLITE_OK
+
+    await writer.set_authorizer(authorize)
+    try:
+        yield
+    finally:
+        await writer.set_authorizer(None)
 
 
 # --- logins ---------------------------------------------------------------------------------------
@@ -174,6 +207,33 @@ async def test_create_needs_a_verified_domain(
     assert await users.list_all(db) == []
 
 
+async def test_a_domain_removed_after_the_check_is_reported_as_unknown(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    """create() checks the domain, hashes, then inserts: a domain removed in between fails the
+    insert's foreign key, which is the unknown domain it is (a Conflict), not a store fault."""
+    async with _stale_reader(db):  # create's checks read the domain as it was before the removal
+        await domains.remove(db, domain, with_users=False, now=clock(), actor="test")
+        with pytest.raises(Conflict) as exc:
+            await users.create(
+                db, f"app@{domain}", P1, hasher=hasher, cfg=cfg, now=clock(), actor="t"
+            )
+    assert str(exc.value) == f"domain {domain} is not known: run `relaybox domain add {domain}`"
+    assert await users.list_all(db) == []
+
+
+async def test_a_store_fault_during_create_is_a_store_error(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    with pytest.raises(StoreError, match="^users: not authorized$"):
+        async with _refused(db, sqlite3.SQLITE_INSERT, "users"):
+            await users.create(
+                db, f"app@{domain}", P1, hasher=hasher, cfg=cfg, now=clock(), actor="t"
+            )
+    assert await users.list_all(db) == []
+    assert await db.fetchall("SELECT * FROM events WHERE action = 'user.add'") == []
+
+
 async def test_create_enforces_the_password_policy(
     db: Database, cfg: Config, hasher: Hasher, domain: str
 ) -> None:
@@ -253,6 +313,16 @@ async def test_a_negative_grace_is_refused(
     with pytest.raises(Invalid, match="grace cannot be negative"):
         await _reset(db, hasher, user, P2, grace, clock())
     assert await _which(db, hasher, user, P1, clock()) == "current"
+    assert await _which(db, hasher, user, P2, clock()) is None
+
+
+async def test_a_store_fault_during_a_reset_is_a_store_error(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    with pytest.raises(StoreError, match="^users: not authorized$"):
+        async with _refused(db, sqlite3.SQLITE_UPDATE, "users"):
+            await _reset(db, hasher, user, P2, HOUR, clock())
+    assert await _which(db, hasher, user, P1, clock()) == "current"  # rolled back
     assert await _which(db, hasher, user, P2, clock()) is None
 
 
@@ -428,6 +498,65 @@ async def test_successful_login_rehashes_with_new_parameters(
         dearer.close()
 
 
+async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
+    db: Database,
+    cfg: Config,
+    hasher: Hasher,
+    clock: ManualClock,
+    user: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CLI holds the write lock during a login that would rehash: the login still succeeds,
+    with the old hash, and the next login upgrades it."""
+    old_hash = await users.current_hash(db, user)
+    async with db.transaction() as conn:
+        await conn.execute("PRAGMA busy_timeout = 0")  # the writer gives up on a held lock at once
+    params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
+    dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
+    cli = sqlite3.connect(cfg.db_path, isolation_level=None, timeout=0)
+    try:
+        cli.execute("BEGIN IMMEDIATE")
+        result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        cli.execute("ROLLBACK")
+        assert result.matched == "current" and result.password_hash == old_hash
+        assert await users.current_hash(db, user) == old_hash
+        assert "rehash skipped user=app@example.com reason=StoreError" in caplog.messages
+        again = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        assert again.password_hash != old_hash
+        assert again.password_hash == await users.current_hash(db, user)
+    finally:
+        cli.close()
+        dearer.close()
+
+
+async def test_a_reset_that_ran_meanwhile_wins_over_the_rehash(
+    db: Database,
+    cfg: Config,
+    hasher: Hasher,
+    clock: ManualClock,
+    user: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """verify read the old hash, a reset committed, then the rehash's compare-and-set finds
+    another hash: the reset stands, and the login's result carries the hash it matched."""
+    old_hash = await users.current_hash(db, user)
+    params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
+    dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
+    try:
+        async with _stale_reader(db):  # verify reads the user as it was before the reset
+            await _reset(db, hasher, user, P2, 0, clock())
+            result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+    finally:
+        dearer.close()
+    assert result.matched == "current" and result.password_hash == old_hash
+    creds = await users.credentials(db, user)
+    assert creds is not None and creds.previous_hash is None
+    assert creds.current_hash not in (old_hash, None)
+    assert await _which(db, hasher, user, P2, clock()) == "current"
+    assert await _which(db, hasher, user, P1, clock()) is None
+    assert not [m for m in caplog.messages if m.startswith("rehash")]
+
+
 async def test_record_logins_in_a_batch(
     db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
@@ -441,6 +570,15 @@ async def test_record_logins_in_a_batch(
     await users.record_logins(db, {user: t + 5})  # a late, older flush never moves it back
     assert (await users.get(db, user)).last_login_at == t + 10  # type: ignore[union-attr]
     await users.record_logins(db, {})
+
+
+async def test_a_store_fault_while_recording_logins_is_a_store_error(
+    db: Database, clock: ManualClock, user: str
+) -> None:
+    with pytest.raises(StoreError, match="^users: not authorized$"):
+        async with _refused(db, sqlite3.SQLITE_UPDATE, "users"):
+            await users.record_logins(db, {user: clock()})
+    assert (await users.get(db, user)).last_login_at is None  # type: ignore[union-attr]
 
 
 # --- the audit trail ------------------------------------------------------------------------------
