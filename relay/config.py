@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -64,6 +65,8 @@ def parse_duration(value: object) -> Duration:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError("expected a duration such as 90s, 15m, 1h or 5d")
+    if not math.isfinite(seconds):  # TOML has nan and inf: neither is a duration
+        raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return Duration(seconds)

@@ -175,3 +175,10 @@ def test_frozen() -> None:
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.public_hostname = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_duration_must_be_finite(value: str) -> None:
+    """TOML has nan and inf; as a duration (say auth.reset_grace) they would reach the store."""
+    with pytest.raises(config_mod.ConfigError, match="reset_grace.*finite"):
+        config_mod.from_dict({"auth": {"reset_grace": float(value)}})
