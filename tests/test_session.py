@@ -260,8 +260,13 @@ async def test_auth_response_lines_up_to_12288_octets(relay: RelayHandle) -> Non
         await d.expect_after("AUTH PLAIN", "334 ")
         assert await send_line_apart(relay, d, line, end) == str(replies.AUTH_MALFORMED)
         assert await d.reply_after("NOOP") == "250 OK"
+    # Its rest is read to the CRLF however long, in one piece or coming later in more.
     await d.expect_after("AUTH PLAIN", "334 ")
     assert await d.reply_after(blob * 3) == str(replies.AUTH_MALFORMED)
+    assert await d.reply_after("NOOP") == "250 OK"
+    await d.expect_after("AUTH PLAIN", "334 ")
+    more = b"x" * 5000 + b"\r\n"
+    assert await send_line_apart(relay, d, blob + b" ", more) == str(replies.AUTH_MALFORMED)
     assert await d.reply_after("NOOP") == "250 OK"
     await d.close()
 
