@@ -59,12 +59,12 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
 
     dns_server.servfail(D)
     failed = await dnscheck.lookup_txt(resolver, D)
-    assert failed.temperror == "DNS server failure (SERVFAIL)"
+    assert failed == dnscheck.TxtAnswer(temperror="DNS server failure (SERVFAIL)")  # not NXDOMAIN
 
     dns_server.blackhole(True)
     started = time.monotonic()
     timed_out = await dnscheck.lookup_txt(resolver, "missing.example.com")
-    assert timed_out.temperror == "DNS timeout"
+    assert timed_out == dnscheck.TxtAnswer(temperror="DNS timeout")
     elapsed = time.monotonic() - started
     # dns.timeout ended the lookup: not sooner (it waited for an answer), and not dnspython's
     # default lifetime of 5 s (6x the configured 0.5 s still leaves room for a loaded machine).
@@ -79,6 +79,22 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
     elapsed = time.monotonic() - started
     bound = float(short.lifetime)
     assert 0.9 * bound <= elapsed < 6 * bound, (elapsed, bound)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 64 + ".example.com", ".".join(["a" * 60] * 5), "a..example.com"],
+    ids=["label-over-63", "name-over-255", "empty-label"],
+)
+async def test_a_name_that_cannot_exist_has_no_records(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver, name: str
+) -> None:
+    """A definite "no such name" (like NXDOMAIN, not a temperror), without asking any server."""
+    assert await dnscheck.lookup_txt(resolver, name) == dnscheck.TxtAnswer(nxdomain=True)
+    assert await dnscheck.resolve_mx(resolver, name) == dnscheck.MxResult(
+        reason="domain does not exist"
+    )
+    assert dns_server.queries == []
 
 
 async def test_no_nameservers_is_a_temperror(cfg: Config) -> None:
@@ -407,6 +423,62 @@ def test_spf_suggestion(
     ) == (expected)
 
 
+async def test_spf_mx_mechanism(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """pyspf's MX lookups go through our hook: ``mx`` matches the addresses of the MX hosts."""
+    dns_server.add_txt(D, "v=spf1 mx -all")
+    dns_server.add_mx(D, 10, "mx.example.com")
+    dns_server.add_a("mx.example.com", "192.0.2.10")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("pass", "")
+    assert ("mx.example.com", "A") in dns_server.queries
+
+
+async def test_spf_include_beyond_the_lookup_limit_is_not_reached(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Our include as the 12th DNS-querying term (a hub, ten providers, the last of which names
+    ours) is past the limit of 10 (RFC 7208 4.6.4): an evaluation that needs it is a permerror,
+    so it does not count. As the 10th term it does."""
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 ip4:198.51.100.7 -all")
+    dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 include:hub.example -all")
+
+    def providers(n: int) -> None:
+        dns_server.remove("hub.example")
+        includes = " ".join(f"include:p{i}.example" for i in range(1, n + 1))
+        dns_server.add_txt("hub.example", f"v=spf1 {includes} -all")
+        for i in range(1, n + 1):
+            dns_server.remove(f"p{i}.example")
+            record = "v=spf1 include:_spf.relay.test -all" if i == n else "v=spf1 -all"
+            dns_server.add_txt(f"p{i}.example", record)
+
+    providers(10)
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
+    # pyspf agrees, for an address that only our include authorizes.
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "permerror"
+
+    providers(8)
+    assert (await dnscheck.check_spf(resolver, D, cfg)).result == "pass"
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "pass"
+
+
+async def test_spf_includes_with_macros_are_skipped(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """A name with macros (RFC 7208 7) means something only when expanded for one sender: it is
+    never looked up as written, and the terms after it still count."""
+    cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
+    macro = "include:%{ir}.%{v}._spf.mailer.example"
+    dns_server.add_txt(D, f"v=spf1 ip4:192.0.2.10 {macro} include:_spf.relay.test -all")
+    dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 -all")
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("pass", "")
+    assert [name for name, _ in dns_server.queries if "%" in name] == []
+
+
 @pytest.mark.parametrize(
     "term",
     [
@@ -626,6 +698,8 @@ async def test_mx_order_by_preference(
         assert mx.hosts[-1] == "backup.example.com"
         assert sorted(mx.hosts[:3]) == ["a.example.com", "b.example.com", "c.example.com"]
         seen.add(mx.hosts[:3])
+        # The shuffle is the caller's rng: the same seed gives the same order.
+        assert (await dnscheck.resolve_mx(resolver, D, rng=random.Random(seed))) == mx
     assert len(seen) > 1  # equal preferences are shuffled
 
 
