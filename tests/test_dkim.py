@@ -9,6 +9,8 @@ from collections.abc import Callable
 import dkim
 import dns.resolver
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from relay import dkimkeys, domains
@@ -254,3 +256,94 @@ async def test_the_relay_signs_with_the_key_of_the_readded_domain(
     assert new_public != old_public
     assert dkim.verify(second, dnsfunc=_dnsfunc(new_public))
     assert not dkim.verify(second, dnsfunc=_dnsfunc(old_public))
+
+
+# --- which header fields are signed: the header block only ---------------------------------------
+
+
+def _h_tag(signed: bytes) -> list[bytes]:
+    m = re.search(rb"\bh=([^;]+);", signed)
+    assert m is not None
+    return [h.strip() for h in re.sub(rb"\s+", b"", m.group(1)).split(b":")]
+
+
+def _verifies(signed: bytes, keypair: dkimkeys.KeyPair) -> bool:
+    return bool(dkim.verify(signed, dnsfunc=lambda name, timeout=5: _txt(keypair)))
+
+
+def test_header_like_lines_in_the_body_are_not_signed(
+    key: SigningKey, keypair: dkimkeys.KeyPair
+) -> None:
+    message = (
+        b"From: Alice <alice@example.com>\r\n"
+        b"Subject: s\r\n"
+        b"\r\n"
+        b"To: not-a-header@example.net\r\n"
+        b"Cc: nor-this@example.net\r\n"
+        b"Subject: quoted\r\n"
+    )
+    assert headers_to_sign(message) == [b"from", b"subject", b"from"]
+    signed = Signer().sign(message, key)
+    assert _h_tag(signed) == [b"from", b"subject", b"from"]
+    assert _verifies(signed, keypair)
+
+
+def test_header_like_lines_after_an_empty_header_block_are_not_signed() -> None:
+    assert headers_to_sign(b"\r\n\r\nTo: bob@example.net\r\nSubject: s\r\n") == [b"from"]
+
+
+def test_a_message_without_a_body_has_all_its_headers_signed(
+    key: SigningKey, keypair: dkimkeys.KeyPair
+) -> None:
+    message = b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: only\r\n"
+    assert headers_to_sign(message) == [b"from", b"to", b"subject", b"from"]
+    signed = Signer().sign(message, key)
+    assert _h_tag(signed) == [b"from", b"to", b"subject", b"from"]
+    assert _verifies(signed, keypair)
+    assert not _verifies(signed.replace(b"Subject: only", b"Subject: else"), keypair)
+    assert not _verifies(signed.replace(b"bob@", b"eve@"), keypair)
+
+
+def test_an_empty_last_header_field_is_signed(key: SigningKey, keypair: dkimkeys.KeyPair) -> None:
+    message = b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject:\r\n\r\nbody\r\n"
+    assert headers_to_sign(message) == [b"from", b"to", b"subject", b"from"]
+    signed = Signer().sign(message, key)
+    assert _verifies(signed, keypair)
+    assert not _verifies(signed.replace(b"Subject:\r\n", b"Subject: added\r\n"), keypair)
+
+
+# --- keys that cannot sign ------------------------------------------------------------------------
+
+
+def test_a_key_of_the_other_algorithm_is_reported_as_a_mismatch(key: SigningKey) -> None:
+    ed = dkimkeys.generate("ed25519")
+    leaks.add(ed.private_pem)
+    with pytest.raises(SigningError, match="does not match ed25519"):
+        Signer().sign(MESSAGE, SigningKey("example.com", "s", "ed25519", key.private_pem))
+    with pytest.raises(SigningError, match="does not match rsa"):
+        Signer().sign(MESSAGE, SigningKey("example.com", "s", "rsa", ed.private_pem))
+
+
+def test_an_rsa_key_too_short_for_a_sha256_signature_raises_signing_error() -> None:
+    """A 480-bit modulus cannot hold an EMSA-PKCS1-v1_5 SHA-256 block (62 bytes): dkimpy refuses
+    it (ParameterError); the `cryptography` step raises ValueError, which must become SigningError
+    too, not escape as an unexpected error."""
+    p, q, e = 2**239 + 29, 2**240 + 115, 65537
+    d = pow(e, -1, (p - 1) * (q - 1))
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+    )
+    pem = (
+        numbers.private_key()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    leaks.add(pem)
+    with pytest.raises(dkim.DKIMException):  # plain dkimpy refuses it as well
+        dkim.sign(MESSAGE, b"s", b"example.com", pem.encode(), include_headers=[b"from"])
+    with pytest.raises(SigningError, match="cannot DKIM-sign for example.com"):
+        Signer().sign(MESSAGE, SigningKey("example.com", "s", "rsa", pem))
