@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import dkim
 import dns.resolver
@@ -347,3 +349,60 @@ def test_an_rsa_key_too_short_for_a_sha256_signature_raises_signing_error() -> N
         dkim.sign(MESSAGE, b"s", b"example.com", pem.encode(), include_headers=[b"from"])
     with pytest.raises(SigningError, match="cannot DKIM-sign for example.com"):
         Signer().sign(MESSAGE, SigningKey("example.com", "s", "rsa", pem))
+
+
+# --- where sign_async signs: on the loop up to 256 KiB, in a thread above -------------------------
+
+
+@dataclass
+class _ThreadRecordingKey:
+    """A SigningKey that records the thread its private key is read in (where signing runs)."""
+
+    inner: SigningKey
+    threads: set[int] = field(default_factory=set)
+
+    @property
+    def domain(self) -> str:
+        return self.inner.domain
+
+    @property
+    def selector(self) -> str:
+        return self.inner.selector
+
+    @property
+    def algorithm(self) -> str:
+        return self.inner.algorithm
+
+    @property
+    def private_pem(self) -> str:
+        self.threads.add(threading.get_ident())
+        return self.inner.private_pem
+
+
+def _message_of(size: int) -> bytes:
+    """MESSAGE with a body of 1000-byte lines padded to exactly `size` bytes."""
+    rest = size - len(MESSAGE) - 2
+    assert rest >= 0
+    lines, tail = divmod(rest, 1000)
+    message = MESSAGE + (b"x" * 998 + b"\r\n") * lines + b"y" * tail + b"\r\n"
+    assert len(message) == size
+    return message
+
+
+@pytest.mark.parametrize(
+    ("size", "on_the_loop"),
+    [(10_000, True), (256 * 1024, True), (256 * 1024 + 1, False)],
+    ids=["10kB", "256KiB", "256KiB+1"],
+)
+async def test_sign_async_signs_on_the_loop_up_to_256_kib_and_in_a_thread_above(
+    key: SigningKey, keypair: dkimkeys.KeyPair, size: int, on_the_loop: bool
+) -> None:
+    loop_thread = threading.get_ident()
+    recording = _ThreadRecordingKey(key)
+    signed = await Signer().sign_async(_message_of(size), recording)
+    assert recording.threads
+    if on_the_loop:
+        assert recording.threads == {loop_thread}
+    else:
+        assert loop_thread not in recording.threads
+    assert _verifies(signed, keypair)
