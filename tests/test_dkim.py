@@ -406,3 +406,63 @@ async def test_sign_async_signs_on_the_loop_up_to_256_kib_and_in_a_thread_above(
     else:
         assert loop_thread not in recording.threads
     assert _verifies(signed, keypair)
+
+
+# --- the key cache: each key parsed once while there is room, 1024 keys by default ---------------
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every PEM `cryptography` is asked to parse (calls through to the real parser)."""
+    seen: list[bytes] = []
+    real = serialization.load_pem_private_key
+
+    def counting(data: bytes, *args: object, **kwargs: object) -> object:
+        seen.append(bytes(data))
+        return real(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serialization, "load_pem_private_key", counting)
+    return seen
+
+
+def test_a_signer_parses_each_key_once(key: SigningKey, parses: list[bytes]) -> None:
+    ed = dkimkeys.generate("ed25519")
+    leaks.add(ed.private_pem)
+    other = SigningKey("example.org", "relaybox", "ed25519", ed.private_pem)
+    signer = Signer()
+    for _ in range(3):
+        signer.sign(MESSAGE, key)
+        signer.sign(MESSAGE, other)
+    assert parses == [key.private_pem.encode(), ed.private_pem.encode()]
+
+
+def test_the_default_key_cache_holds_1024_keys_then_starts_over(parses: list[bytes]) -> None:
+    ed = dkimkeys.generate("ed25519")
+    leaks.add(ed.private_pem)
+    keys = [SigningKey("example.com", f"s{i}", "ed25519", ed.private_pem) for i in range(1025)]
+    signer = Signer()
+    for k in keys[:1024]:
+        signer.sign(MESSAGE, k)
+    assert len(parses) == 1024
+    for k in keys[:1024]:  # all 1024 still held
+        signer.sign(MESSAGE, k)
+    assert len(parses) == 1024
+    signer.sign(MESSAGE, keys[1024])  # the 1025th: the cache is full, it starts over
+    assert len(parses) == 1025
+    signer.sign(MESSAGE, keys[0])
+    assert len(parses) == 1026
+
+
+def test_a_cache_size_below_one_still_bounds_the_cache(
+    key: SigningKey, parses: list[bytes]
+) -> None:
+    """cache_size=0 keeps at most the last key (it starts over at every new key), never more."""
+    ed = dkimkeys.generate("ed25519")
+    leaks.add(ed.private_pem)
+    other = SigningKey("example.org", "relaybox", "ed25519", ed.private_pem)
+    signer = Signer(cache_size=0)
+    for _ in range(2):
+        signer.sign(MESSAGE, key)
+        signer.sign(MESSAGE, key)  # the last key is held
+        signer.sign(MESSAGE, other)
+    assert parses == [key.private_pem.encode(), ed.private_pem.encode()] * 2
