@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dkim
 import dns.resolver
@@ -24,6 +27,7 @@ from relay.domains import SigningKey
 from tests import leaks
 from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer
+from tests.procs import spawn
 from tests.relayserver import RelayHandle
 
 MESSAGE = (
@@ -466,3 +470,38 @@ def test_a_cache_size_below_one_still_bounds_the_cache(
         signer.sign(MESSAGE, key)  # the last key is held
         signer.sign(MESSAGE, other)
     assert parses == [key.private_pem.encode(), ed.private_pem.encode()] * 2
+
+
+# --- the dkimpy version the wrappers were written against ----------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+_IMPORT_WITH_DKIMPY_VERSION = """
+import importlib.metadata, sys
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: sys.argv[1] if name == "dkimpy" else real(name)
+try:
+    import relay.dkim
+except RuntimeError as exc:
+    print("refused:", exc)
+else:
+    print("loaded")
+"""
+
+
+@pytest.mark.parametrize("version", ["1.1.7", "1.1.9"])
+async def test_relay_dkim_refuses_to_load_with_another_dkimpy_version(version: str) -> None:
+    """The wrappers patch dkimpy 1.1.8's internals: any other version, older or newer, is refused
+    at import (the reported version is faked in a fresh interpreter; the installed one is 1.1.8)."""
+    proc = await spawn(
+        sys.executable,
+        "-c",
+        _IMPORT_WITH_DKIMPY_VERSION,
+        version,
+        cwd=_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert out.decode().strip() == (
+        f"refused: relay.dkim was written for dkimpy 1.1.8, found {version}"
+    )
