@@ -1,0 +1,316 @@
+"""relay/outbound.py through its public API (``Outbound``, ``classify``) against real peers on
+loopback: the aiosmtpd sink (tests/sink.py), the DNS server (tests/dnsserver.py) and, where a peer
+must misbehave at an exact point (drop the connection at a given command, refuse STARTTLS), a small
+scripted SMTP server below. These guard what the first mutation run of outbound.py found unguarded.
+
+Idle connections age by ``time.monotonic``, which outbound.py reads through its module-level
+``time``; the pool tests swap that name for a manual monotonic clock (the stdlib and the event loop
+keep the real one), so ageing is a clock step, not a wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from relay import outbound
+from relay.config import Config, Duration, SmarthostConfig
+from relay.outbound import Outbound, Result, classify
+
+SENDER = "alice@example.com"
+KEEP = 5.0  # seconds an idle connection is kept (outbound.CONN_KEEP, the documented value)
+MAX_ADDRESSES = 6  # MX addresses tried per attempt (outbound.MAX_ADDRESSES)
+BODY = b"From: <alice@example.com>\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+class Upstream:
+    """A scripted SMTP peer (raw asyncio, loopback, ephemeral port). It answers 250 to every
+    command and 354 to DATA, and records every line per connection. ``drop_at`` holds
+    ``(connection, verb, n)``: at the n-th ``verb`` of that connection (1-based) it closes the
+    connection without replying; the verb ``"."`` is the end of a message (its content is recorded
+    first, as a real server that crashed before its reply would have it)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        extensions: tuple[str, ...] = ("SIZE 10240000", "8BITMIME", "SMTPUTF8"),
+        starttls_reply: bytes | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.extensions = extensions + (("STARTTLS",) if starttls_reply else ())
+        self.starttls_reply = starttls_reply
+        self.drop_at: set[tuple[int, str, int]] = set()
+        self.lines: list[tuple[int, str]] = []  # (connection number, command line)
+        self.messages: list[tuple[int, bytes]] = []  # (connection number, content)
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def commands(self, conn: int) -> list[str]:
+        return [line for n, line in self.lines if n == conn]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        seen: dict[str, int] = {}
+        self._writers.add(writer)
+
+        def drop(verb: str) -> bool:
+            seen[verb] = seen.get(verb, 0) + 1
+            return (conn, verb, seen[verb]) in self.drop_at
+
+        try:
+            writer.write(b"220 upstream.test ESMTP\r\n")
+            while line := await reader.readline():
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                self.lines.append((conn, text))
+                verb = text.split(" ", 1)[0].upper()
+                if drop(verb):
+                    return
+                if verb == "EHLO":
+                    ext = ["upstream.test", *self.extensions]
+                    reply = "".join(
+                        f"250{'-' if i < len(ext) - 1 else ' '}{e}\r\n" for i, e in enumerate(ext)
+                    )
+                    writer.write(reply.encode())
+                elif verb == "STARTTLS" and self.starttls_reply:
+                    writer.write(self.starttls_reply)
+                elif verb == "DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    content = b""
+                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                        content += chunk
+                    self.messages.append((conn, content))
+                    if drop("."):
+                        return
+                    writer.write(b"250 2.0.0 accepted\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 2.0.0 OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[UpstreamFactory]:
+    started: list[Upstream] = []
+
+    async def make(host: str = "127.0.0.1", port: int = 0, **kw: object) -> Upstream:
+        up = Upstream(host, port, **kw)  # type: ignore[arg-type]
+        await up.start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        await up.stop()
+
+
+@pytest.fixture
+async def upstream(upstream_factory: UpstreamFactory) -> Upstream:
+    return await upstream_factory()
+
+
+OutboundFactory = Callable[[Config], Awaitable[Outbound]]
+
+
+@pytest.fixture
+async def outbound_for() -> AsyncIterator[OutboundFactory]:
+    """Started Outbound objects; every pooled connection is closed at teardown."""
+    made: list[Outbound] = []
+
+    async def make(cfg: Config) -> Outbound:
+        out = Outbound(cfg)
+        await out.start()
+        made.append(out)
+        return out
+
+    yield make
+    for out in made:
+        await out.close_idle(everything=True)
+
+
+def smarthost_cfg(cfg: Config, port: int, security: str = "none") -> Config:
+    d = dataclasses.replace(
+        cfg.delivery,
+        mode="smarthost",
+        smarthost=SmarthostConfig(host="127.0.0.1", port=port, security=security),
+        connect_timeout=Duration(2),
+        command_timeout=Duration(5),
+    )
+    return dataclasses.replace(cfg, delivery=d)
+
+
+def mx_cfg(dns_cfg: Config, port: int, tls: str = "opportunistic") -> Config:
+    d = dataclasses.replace(
+        dns_cfg.delivery,
+        mode="mx",
+        port=port,
+        tls=tls,
+        connect_timeout=Duration(2),
+        command_timeout=Duration(5),
+    )
+    return dataclasses.replace(dns_cfg, delivery=d)
+
+
+# --- classify ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(199, "temp"), (200, "ok"), (299, "ok"), (300, "temp"), (399, "temp"), (400, "temp")]
+    + [(499, "temp"), (500, "perm"), (599, "perm"), (600, "temp")],
+)
+def test_classify_boundaries(code: int, kind: str) -> None:
+    """2xx is success from 200 on; 5xx is permanent; everything else is temporary."""
+    assert classify(code, "x", "r") == Result(kind, f"{code} x", "r")
+
+
+# --- the connection pool -----------------------------------------------------------------------
+
+
+class ManualMonotonic:
+    """Stands in for the ``time`` module inside relay/outbound.py only."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def mono(monkeypatch: pytest.MonkeyPatch) -> ManualMonotonic:
+    m = ManualMonotonic()
+    monkeypatch.setattr(outbound, "time", m)
+    return m
+
+
+async def test_a_new_outbound_reuses_its_connection(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    for _ in range(3):
+        assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == [
+            "ok"
+        ]
+    assert upstream.connections == 1 and len(upstream.messages) == 3
+
+
+async def test_an_idle_connection_is_kept_for_conn_keep_seconds(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    mono.now += KEEP - 0.5  # still fresh: neither the sweep nor the next message drops it
+    await out.close_idle()
+    assert "QUIT" not in upstream.commands(1)
+    assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == ["ok"]
+    assert upstream.connections == 1 and len(upstream.messages) == 2
+
+
+async def test_a_connection_idle_too_long_is_not_reused(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    mono.now += KEEP + 1
+    assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == ["ok"]
+    assert upstream.connections == 2
+    assert [n for n, _ in upstream.messages] == [1, 2]
+
+
+async def test_the_sweep_quits_connections_idle_too_long(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    mono.now += KEEP + 1
+    await out.close_idle()  # QUIT politely (RFC 5321 4.1.1.10); close_idle awaits the 221
+    assert upstream.commands(1)[-1] == "QUIT"
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert upstream.connections == 2
+
+
+# --- a connection lost: stale pooled connections are retried, nothing else ---------------------
+
+
+async def test_a_pooled_connection_lost_before_mail_is_retried_on_a_new_one(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    upstream.drop_at.add((1, "MAIL", 2))  # the server went away while the connection was idle
+    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test", "c@x.test"])
+    assert [r.kind for r in results] == ["ok", "ok"]
+    assert results[0].reply == "250 2.0.0 accepted"
+    assert upstream.connections == 2 and [n for n, _ in upstream.messages] == [1, 2]
+
+
+async def test_a_new_connection_lost_at_mail_is_a_temporary_failure(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    upstream.drop_at.add((1, "MAIL", 1))
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test", "c@x.test"])
+    assert [r.kind for r in results] == ["temp", "temp"]
+    assert results[0].reply.startswith("451 4.4.2 connection lost (")
+    assert results[0].relay == "127.0.0.1[127.0.0.1]"
+    assert upstream.connections == 1 and upstream.messages == []
+
+
+async def test_a_pooled_connection_lost_after_the_message_is_not_sent_again(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    """Lost after the content went out (the server may have it): a temporary failure, never a
+    second copy in the same attempt."""
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    upstream.drop_at.add((1, ".", 2))
+    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert [r.kind for r in results] == ["temp"]
+    assert results[0].reply.startswith("451 4.4.2 connection lost (")
+    assert upstream.connections == 1 and [n for n, _ in upstream.messages] == [1, 1]
+
+
+async def test_a_pooled_connection_lost_at_rcpt_is_not_retried(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    upstream.drop_at.add((1, "RCPT", 2))
+    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert [r.kind for r in results] == ["temp"]
+    assert results[0].reply.startswith("451 4.4.2 connection lost (")
+    assert upstream.connections == 1
