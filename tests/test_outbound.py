@@ -314,3 +314,68 @@ async def test_a_pooled_connection_lost_at_rcpt_is_not_retried(
     assert [r.kind for r in results] == ["temp"]
     assert results[0].reply.startswith("451 4.4.2 connection lost (")
     assert upstream.connections == 1
+
+
+# --- MAIL parameters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpt"),
+    [(SENDER, "bø@x.test"), ("ålice@example.com", "b@x.test")],
+    ids=["utf8-recipient", "utf8-sender"],
+)
+async def test_an_utf8_address_on_either_side_uses_smtputf8(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, sender: str, rcpt: str
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    [result] = await out.deliver("smarthost", sender, BODY, [rcpt])
+    assert result.kind == "ok"
+    mail = next(c for c in upstream.commands(1) if c.startswith("MAIL"))
+    assert mail == f"MAIL FROM:<{sender}> SIZE={len(BODY)} SMTPUTF8"
+    assert f"RCPT TO:<{rcpt}>" in upstream.commands(1)
+
+
+async def test_an_ascii_envelope_does_not_ask_for_smtputf8(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert f"MAIL FROM:<{SENDER}> SIZE={len(BODY)}" in upstream.commands(1)
+
+
+@pytest.mark.parametrize(
+    ("extensions", "body", "mail"),
+    [
+        (("8BITMIME",), "Grüße\r\n".encode(), f"MAIL FROM:<{SENDER}> BODY=8BITMIME"),
+        (("8BITMIME",), b"Hello\r\n", f"MAIL FROM:<{SENDER}>"),
+        ((), "Grüße\r\n".encode(), f"MAIL FROM:<{SENDER}>"),
+    ],
+    ids=["8bit-offered", "7bit-offered", "8bit-not-offered"],
+)
+async def test_body_8bitmime_only_for_an_8bit_body_when_offered(
+    cfg: Config,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+    extensions: tuple[str, ...],
+    body: bytes,
+    mail: str,
+) -> None:
+    up = await upstream_factory(extensions=extensions)
+    out = await outbound_for(smarthost_cfg(cfg, up.port))
+    [result] = await out.deliver("smarthost", SENDER, body, ["b@x.test"])
+    assert result.kind == "ok"
+    assert [c for c in up.commands(1) if c.startswith("MAIL")] == [mail]
+
+
+# --- failure reasons -----------------------------------------------------------------------------
+
+
+async def test_an_unreachable_smarthost_says_why(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    port = upstream.port
+    await upstream.stop()
+    out = await outbound_for(smarthost_cfg(cfg, port))
+    [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert result.kind == "temp"
+    assert result.reply.startswith(f"451 4.4.1 Error connecting to 127.0.0.1 on port {port}")
