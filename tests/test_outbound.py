@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from relay import outbound
 from relay.config import Config, Duration, SmarthostConfig
 from relay.outbound import Outbound, Result, classify
+from tests.dnsserver import TestDNSServer
+from tests.sink import SinkFactory
 
 SENDER = "alice@example.com"
 KEEP = 5.0  # seconds an idle connection is kept (outbound.CONN_KEEP, the documented value)
@@ -379,3 +383,120 @@ async def test_an_unreachable_smarthost_says_why(
     [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
     assert result.kind == "temp"
     assert result.reply.startswith(f"451 4.4.1 Error connecting to 127.0.0.1 on port {port}")
+
+
+# --- MX routing ------------------------------------------------------------------------------
+
+
+async def test_mx_mode_routes_every_domain_by_mx(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+) -> None:
+    """Only the key "smarthost" means the smarthost; any domain (whatever it sorts after) is
+    routed by its MX."""
+    up = await upstream_factory("127.0.0.2")
+    dns_server.add_a("mx.route.test", "127.0.0.2")
+    out = await outbound_for(mx_cfg(dns_cfg, up.port))
+    for domain in ("alpha.test", "smarthost.test", "zulu.test"):
+        dns_server.add_mx(domain, 10, "mx.route.test")
+        [result] = await out.deliver(domain, SENDER, BODY, [f"b@{domain}"])
+        assert (result.kind, result.relay) == ("ok", "mx.route.test[127.0.0.2]")
+
+
+@pytest.fixture
+async def mx_chain(
+    dns_server: TestDNSServer, upstream_factory: UpstreamFactory
+) -> Callable[[int], Awaitable[Upstream]]:
+    """``chain(n)``: example.net has n+1 MX hosts, one address each, lowest preference first;
+    only the last one listens (the others refuse connections on that port)."""
+
+    async def chain(n: int) -> Upstream:
+        up = await upstream_factory(f"127.0.0.{n + 2}")
+        for i in range(n + 1):
+            dns_server.add_mx("example.net", 10 * (i + 1), f"mx{i}.example.net")
+            dns_server.add_a(f"mx{i}.example.net", f"127.0.0.{i + 2}")
+        return up
+
+    return chain
+
+
+async def test_mx_tries_max_addresses_addresses(
+    dns_cfg: Config, mx_chain: Callable[[int], Awaitable[Upstream]], outbound_for: OutboundFactory
+) -> None:
+    up = await mx_chain(MAX_ADDRESSES - 1)  # the last address allowed answers
+    out = await outbound_for(mx_cfg(dns_cfg, up.port))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    assert (result.kind, result.relay) == ("ok", f"mx{MAX_ADDRESSES - 1}.example.net[{up.host}]")
+
+
+async def test_mx_gives_up_after_max_addresses_addresses(
+    dns_cfg: Config, mx_chain: Callable[[int], Awaitable[Upstream]], outbound_for: OutboundFactory
+) -> None:
+    up = await mx_chain(MAX_ADDRESSES)  # one address too far
+    out = await outbound_for(mx_cfg(dns_cfg, up.port))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    assert result.kind == "temp" and result.reply.startswith("451 4.4.1 Error connecting to")
+    assert result.relay == f"mx{MAX_ADDRESSES - 1}.example.net"  # the last one tried
+    assert up.connections == 0
+
+
+# --- STARTTLS policy to MX hosts -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_tls_none_does_not_use_offered_starttls(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    sink_factory: SinkFactory,
+    outbound_for: OutboundFactory,
+    ca: trustme.CA,
+) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.example.net").configure_cert(ctx)
+    sink = await sink_factory("127.0.0.2", tls_context=ctx)
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    out = await outbound_for(mx_cfg(dns_cfg, sink.port, tls="none"))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    assert result.kind == "ok"
+    [got] = sink.received
+    assert not got.tls
+
+
+async def test_opportunistic_tls_falls_back_to_plain_when_starttls_fails(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+) -> None:
+    up = await upstream_factory("127.0.0.2", starttls_reply=b"454 4.7.0 TLS not available\r\n")
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    out = await outbound_for(mx_cfg(dns_cfg, up.port))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    assert (result.kind, result.relay) == ("ok", "mx.example.net[127.0.0.2]")
+    assert "STARTTLS" in up.commands(1) and up.messages and up.messages[0][0] == 2
+    assert "STARTTLS" not in up.commands(2)  # the retry is plain, as RFC 7435 allows
+
+
+async def test_required_tls_defers_when_starttls_fails(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+) -> None:
+    up = await upstream_factory("127.0.0.2", starttls_reply=b"454 4.7.0 TLS not available\r\n")
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    out = await outbound_for(mx_cfg(dns_cfg, up.port, tls="required"))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    assert result.kind == "temp"
+    assert result.reply.startswith("451 4.7.5 STARTTLS with mx.example.net failed: ")
+    assert "454" in result.reply and "TLS not available" in result.reply
+    assert up.connections == 1 and up.messages == []
