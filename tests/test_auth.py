@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sized
@@ -619,3 +620,27 @@ async def test_the_login_failures_audit_row_names_the_login_sanitised(
     audited = [e.target for e in await events.recent(db) if e.action == "auth.login-failures"]
     assert len(audited) == 1 and not any(ord(c) < 32 or ord(c) == 127 for c in audited[0])
     assert audited[0].startswith("ev?") and audited[0].endswith("@example.com")
+
+
+async def test_a_failed_verify_whose_callers_all_left_logs_nothing(
+    authn: Authenticator, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every caller of a shared verify went away (cancelled), then the verify failed: its error is
+    retrieved, so asyncio never logs "Task exception was never retrieved" for it."""
+    await db.reader.set_progress_handler(lambda: 1, 1)  # every read on the reader fails
+    try:
+        caller = asyncio.create_task(authn.authenticate(LOGIN, PASSWORD, "192.0.2.77"))
+        await asyncio.sleep(0)  # sleep-ok: one turn: the caller starts the shared verify
+        (verify,) = authn._inflight.values()
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        # Wait for it without retrieving its error (asyncio.wait does not): that is the point.
+        done, _ = await asyncio.wait({verify}, timeout=5)  # the timeout is a hang guard only
+        assert done == {verify}
+    finally:
+        await db.reader.set_progress_handler(lambda: 0, 1)
+    assert authn._inflight == {}
+    del verify
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
