@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trustme
@@ -45,9 +46,14 @@ class Upstream:
         *,
         extensions: tuple[str, ...] = ("SIZE 10240000", "8BITMIME", "SMTPUTF8"),
         starttls_reply: bytes | None = None,
+        ehlo_reply: bytes | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.ehlo_reply = ehlo_reply  # e.g. a 502: a server that knows only HELO
+        self.tls_context = tls_context  # implicit TLS (RFC 8314) from the first byte
+        self.tls: list[bool] = []  # per connection: was it TLS
         self.extensions = extensions + (("STARTTLS",) if starttls_reply else ())
         self.starttls_reply = starttls_reply
         self.drop_at: set[tuple[int, str, int]] = set()
@@ -61,7 +67,9 @@ class Upstream:
         return [line for n, line in self.lines if n == conn]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, ssl=self.tls_context
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -75,6 +83,7 @@ class Upstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = self.connections
+        self.tls.append(writer.get_extra_info("ssl_object") is not None)
         seen: dict[str, int] = {}
         self._writers.add(writer)
 
@@ -90,7 +99,9 @@ class Upstream:
                 verb = text.split(" ", 1)[0].upper()
                 if drop(verb):
                     return
-                if verb == "EHLO":
+                if verb == "EHLO" and self.ehlo_reply:
+                    writer.write(self.ehlo_reply)
+                elif verb == "EHLO":
                     ext = ["upstream.test", *self.extensions]
                     reply = "".join(
                         f"250{'-' if i < len(ext) - 1 else ' '}{e}\r\n" for i, e in enumerate(ext)
@@ -163,6 +174,11 @@ async def outbound_for() -> AsyncIterator[OutboundFactory]:
     yield make
     for out in made:
         await out.close_idle(everything=True)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
 
 
 def smarthost_cfg(cfg: Config, port: int, security: str = "none") -> Config:
@@ -385,6 +401,41 @@ async def test_an_unreachable_smarthost_says_why(
     assert result.reply.startswith(f"451 4.4.1 Error connecting to 127.0.0.1 on port {port}")
 
 
+async def test_a_server_that_refuses_ehlo_gets_helo(
+    cfg: Config, upstream_factory: UpstreamFactory, outbound_for: OutboundFactory
+) -> None:
+    """RFC 5321 3.2: an old server answers EHLO with 502; the client falls back to HELO."""
+    up = await upstream_factory(ehlo_reply=b"502 5.5.2 EHLO not recognized\r\n")
+    out = await outbound_for(smarthost_cfg(cfg, up.port))
+    [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert result.kind == "ok"
+    assert up.commands(1)[:3] == ["EHLO relay.test", "HELO relay.test", f"MAIL FROM:<{SENDER}>"]
+    assert len(up.messages) == 1
+
+
+async def test_smarthost_implicit_tls_is_verified_and_needs_no_starttls(
+    cfg: Config,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """security = "tls" (RFC 8314): TLS from the first byte, certificate verified; the
+    connection is already private, so no STARTTLS is asked for (nor refused for lack of it)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    up = await upstream_factory(tls_context=ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the system trust store, for this test
+    out = await outbound_for(smarthost_cfg(cfg, up.port, security="tls"))
+    [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert (result.kind, result.relay) == ("ok", "127.0.0.1[127.0.0.1]")
+    assert up.tls == [True] and "STARTTLS" not in up.commands(1)
+    assert len(up.messages) == 1
+
+
 # --- MX routing ------------------------------------------------------------------------------
 
 
@@ -443,11 +494,6 @@ async def test_mx_gives_up_after_max_addresses_addresses(
 
 
 # --- STARTTLS policy to MX hosts -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 async def test_tls_none_does_not_use_offered_starttls(
