@@ -194,6 +194,8 @@ class DNSConfig:
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
+        if not 0.05 <= float(self.timeout) <= 60:  # 0 would make every lookup a temperror
+            raise ValueError(f"timeout: {format_duration(self.timeout)} is outside 50ms..60s")
         for ns in self.nameservers:
             _check_ip("nameservers", ns)
         for ip in self.outbound_ips:

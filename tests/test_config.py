@@ -182,3 +182,10 @@ def test_a_duration_must_be_finite(value: str) -> None:
     """TOML has nan and inf; as a duration (say auth.reset_grace) they would reach the store."""
     with pytest.raises(config_mod.ConfigError, match="reset_grace.*finite"):
         config_mod.from_dict({"auth": {"reset_grace": float(value)}})
+
+
+@pytest.mark.parametrize("value", ["0", "10ms", "2m"])
+def test_dns_timeout_is_bounded(value: str) -> None:
+    """dns.timeout = 0 would make every lookup an instant temperror (domains never verify)."""
+    with pytest.raises(config_mod.ConfigError, match=r"timeout: .* is outside 50ms\.\.60s"):
+        config_mod.from_dict({"dns": {"timeout": value}})
