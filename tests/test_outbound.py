@@ -48,12 +48,14 @@ class Upstream:
         starttls_reply: bytes | None = None,
         ehlo_reply: bytes | None = None,
         tls_context: ssl.SSLContext | None = None,
+        answer_quit: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.ehlo_reply = ehlo_reply  # e.g. a 502: a server that knows only HELO
         self.tls_context = tls_context  # implicit TLS (RFC 8314) from the first byte
         self.tls: list[bool] = []  # per connection: was it TLS
+        self.answer_quit = answer_quit  # False: a hung peer that never answers QUIT
         self.extensions = extensions + (("STARTTLS",) if starttls_reply else ())
         self.starttls_reply = starttls_reply
         self.drop_at: set[tuple[int, str, int]] = set()
@@ -118,6 +120,8 @@ class Upstream:
                     if drop("."):
                         return
                     writer.write(b"250 2.0.0 accepted\r\n")
+                elif verb == "QUIT" and not self.answer_quit:
+                    continue  # until the client gives up and hangs up
                 elif verb == "QUIT":
                     writer.write(b"221 2.0.0 bye\r\n")
                     await writer.drain()
@@ -281,6 +285,25 @@ async def test_the_sweep_quits_connections_idle_too_long(
     assert upstream.commands(1)[-1] == "QUIT"
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
     assert upstream.connections == 2
+
+
+async def test_the_sweep_waits_two_seconds_for_an_unanswered_quit(
+    cfg: Config,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+    mono: ManualMonotonic,
+) -> None:
+    """A peer slow to answer QUIT gets 2 s before the connection is dropped (a lower bound
+    only: load can only make it later)."""
+    up = await upstream_factory(answer_quit=False)
+    out = await outbound_for(smarthost_cfg(cfg, up.port))
+    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    mono.now += KEEP + 1
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await out.close_idle()
+    assert loop.time() - t0 >= 2.0
+    assert up.commands(1)[-1] == "QUIT"
 
 
 # --- a connection lost: stale pooled connections are retried, nothing else ---------------------
