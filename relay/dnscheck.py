@@ -224,11 +224,12 @@ async def _reaches(
 
     Only terms that can take effect count: a "+" (or unqualified) include before any "all", and a
     redirect only in a record without "all" (RFC 7208 5.1, 6.1). Names with macros are skipped.
-    At most 10 records are fetched (the lookup limit of RFC 7208 4.6.4). Returns (found, temperror).
+    Our include must be at most the 10th lookup (the limit of RFC 7208 4.6.4).
+    Returns (found, temperror).
     """
     target = target.lower().rstrip(".")
     queue, seen = [record], set[str]()
-    while queue and len(seen) <= 10:
+    while queue and len(seen) < 10:  # each name fetched was one lookup; ours would be the next
         terms = queue.pop(0).split()[1:]
         names: list[str] = []
         redirect = ""

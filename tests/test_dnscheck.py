@@ -440,7 +440,7 @@ async def test_spf_include_beyond_the_lookup_limit_is_not_reached(
 ) -> None:
     """Our include as the 12th DNS-querying term (a hub, ten providers, the last of which names
     ours) is past the limit of 10 (RFC 7208 4.6.4): an evaluation that needs it is a permerror,
-    so it does not count. As the 10th term it does."""
+    so it does not count, nor as the 11th. As the 10th term it does."""
     cfg = with_dns(dns_cfg, spf_include="_spf.relay.test")
     dns_server.add_txt("_spf.relay.test", "v=spf1 ip4:192.0.2.10 ip4:198.51.100.7 -all")
     dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 include:hub.example -all")
@@ -458,6 +458,11 @@ async def test_spf_include_beyond_the_lookup_limit_is_not_reached(
     r = await dnscheck.check_spf(resolver, D, cfg)
     assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
     # pyspf agrees, for an address that only our include authorizes.
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "permerror"
+
+    providers(9)  # ours is the 11th term: one past the limit
+    r = await dnscheck.check_spf(resolver, D, cfg)
+    assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
     assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "permerror"
 
     providers(8)
