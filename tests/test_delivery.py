@@ -7,6 +7,7 @@ import email
 import email.policy
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 import trustme
 
 from relay.clock import ManualClock
-from relay.config import Config, Duration, SmarthostConfig
-from relay.delivery import BACKOFF, Deliverer, retry_at
+from relay.config import Config, Duration, SmarthostConfig, SpoolConfig
+from relay.delivery import BACKOFF, DEPTH_INTERVAL, PURGE_INTERVAL, Deliverer, retry_at
+from relay.errors import NotFound
 from relay.metrics import Metrics
 from relay.outbound import classify
 from relay.spool import Spool
@@ -609,3 +611,51 @@ async def test_metrics_count_outcomes_and_queue_depth(
     finally:
         await deliverer.stop()
         await spool.close()
+
+
+async def test_the_queue_depth_gauge_is_refreshed_at_most_every_depth_interval(
+    cfg: Config, sink: Sink, clock: ManualClock
+) -> None:
+    """The gauge costs a query: taken on the loop's first turn, then not again for
+    DEPTH_INTERVAL (monotonic time), however often the loop turns meanwhile."""
+    sink.script_rcpt("later@example.net", "451 4.3.0 later")
+    c = smarthost_cfg(cfg, sink)
+    spool = await Spool.open(c, clock=clock)
+    metrics = Metrics()
+    deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
+    try:
+        started = time.monotonic()
+        deliverer.start()
+        await settle(deliverer)  # first turn: the empty queue
+        await spool.enqueue(sender="", recipients=["later@example.net"], body=body(), user=None)
+        await settle(deliverer)  # deferred, and the loop turned again since
+        assert (await spool.depth())["deferred"] == 1
+        text = metrics.render().decode()
+        if time.monotonic() - started < DEPTH_INTERVAL:  # only an upper bound can make it due
+            assert 'relaybox_queue_depth{state="deferred"} 0.0' in text
+    finally:
+        await deliverer.stop()
+        await spool.close()
+
+
+async def test_done_messages_are_purged_by_the_hourly_sweep_once_past_retention(
+    cfg: Config, sink: Sink, run: Runner, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = smarthost_cfg(cfg, sink)
+    c = dataclasses.replace(c, spool=SpoolConfig(retention=Duration(60)))
+    spool, deliverer = await run(c)  # the first sweep runs on the loop's first turn
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    assert (await spool.show(msg_id)).done_at == clock()
+    clock.advance(PURGE_INTERVAL - 1)  # long past retention, but the next sweep is not due
+    await settle(deliverer)
+    assert (await spool.show(msg_id)).recipients[0].state == "delivered"
+    clock.advance(1)  # exactly PURGE_INTERVAL after the first sweep
+    await settle(deliverer)
+    with pytest.raises(NotFound):
+        await spool.show(msg_id)
+    assert any(
+        r.getMessage() == "spool purge: 1 message(s) past retention removed" for r in caplog.records
+    )
