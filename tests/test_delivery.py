@@ -659,3 +659,21 @@ async def test_done_messages_are_purged_by_the_hourly_sweep_once_past_retention(
     assert any(
         r.getMessage() == "spool purge: 1 message(s) past retention removed" for r in caplog.records
     )
+
+
+def sink_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The command lines the sinks read (aiosmtpd logs each at INFO on "mail.log")."""
+    return [r.getMessage() for r in caplog.records if r.name == "mail.log" and " >> " in r.msg]
+
+
+async def test_stop_quits_the_pooled_connections(
+    cfg: Config, sink: Sink, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mail.log")
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    await spool.enqueue(sender=SENDER, recipients=["b@example.net"], body=body(), user=None)
+    await settle(deliverer)
+    assert len(sink.received) == 1
+    assert not any("QUIT" in line for line in sink_lines(caplog))  # kept open for reuse
+    await deliverer.stop()  # returns once the 221 came back: the sink has read the QUIT
+    assert "QUIT" in sink_lines(caplog)[-1]
