@@ -16,7 +16,7 @@ import trustme
 
 from relay.clock import ManualClock
 from relay.config import Config, Duration, SmarthostConfig, SpoolConfig
-from relay.delivery import BACKOFF, DEPTH_INTERVAL, PURGE_INTERVAL, Deliverer, retry_at
+from relay.delivery import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
 from relay.errors import NotFound
 from relay.metrics import Metrics
 from relay.outbound import classify
@@ -649,10 +649,10 @@ async def test_done_messages_are_purged_by_the_hourly_sweep_once_past_retention(
     )
     await settle(deliverer)
     assert (await spool.show(msg_id)).done_at == clock()
-    clock.advance(PURGE_INTERVAL - 1)  # long past retention, but the next sweep is not due
+    clock.advance(3600 - 1)  # long past retention, but the next (hourly) sweep is not due
     await settle(deliverer)
     assert (await spool.show(msg_id)).recipients[0].state == "delivered"
-    clock.advance(1)  # exactly PURGE_INTERVAL after the first sweep
+    clock.advance(1)  # exactly an hour after the first sweep
     await settle(deliverer)
     with pytest.raises(NotFound):
         await spool.show(msg_id)
