@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import email
 import email.policy
@@ -677,3 +679,212 @@ async def test_stop_quits_the_pooled_connections(
     assert not any("QUIT" in line for line in sink_lines(caplog))  # kept open for reuse
     await deliverer.stop()  # returns once the 221 came back: the sink has read the QUIT
     assert "QUIT" in sink_lines(caplog)[-1]
+
+
+class HeldUpstream:
+    """A scripted SMTP peer that answers each MAIL FROM only when the test lets one through
+    (``release``): a transaction stays open exactly as long as the test wants, no timing."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.connections = 0
+        self.mails = 0  # MAIL commands read
+        self.held = 0  # of which waiting for a release now
+        self.open = 0  # transactions between MAIL and the end of DATA (or RSET, or hang-up)
+        self.max_open = 0
+        self.messages = 0
+        self.free = False  # answer every MAIL at once from now on
+        self._tokens = asyncio.Semaphore(0)
+        self._cond = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._tokens.release()
+
+    def release_all(self) -> None:
+        self.free = True
+        self.release(self.held)
+
+    async def wait_for(self, pred: Callable[[HeldUpstream], bool]) -> None:
+        async with asyncio.timeout(10), self._cond:
+            await self._cond.wait_for(lambda: pred(self))
+
+    async def _changed(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        in_tx = False
+
+        async def end_tx() -> None:
+            nonlocal in_tx
+            if in_tx:
+                in_tx = False
+                self.open -= 1
+                await self._changed()
+
+        try:
+            writer.write(b"220 held.test ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line.decode("ascii", "replace").split(" ", 1)[0].strip().upper()
+                if verb == "EHLO":
+                    writer.write(b"250-held.test\r\n250 8BITMIME\r\n")
+                elif verb == "MAIL":
+                    self.mails += 1
+                    in_tx = True
+                    self.open += 1
+                    self.max_open = max(self.max_open, self.open)
+                    if not self.free:
+                        self.held += 1
+                        await self._changed()
+                        await self._tokens.acquire()
+                        self.held -= 1
+                    writer.write(b"250 2.1.0 OK\r\n")
+                    await self._changed()
+                elif verb == "DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    while await reader.readline() not in (b".\r\n", b""):
+                        pass
+                    self.messages += 1
+                    writer.write(b"250 2.0.0 accepted\r\n")
+                    await end_tx()
+                elif verb == "RSET":
+                    writer.write(b"250 2.0.0 OK\r\n")
+                    await end_tx()
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 2.0.0 OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            await end_tx()
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[HeldUpstream]:
+    server = HeldUpstream()
+    await server.start()
+    yield server
+    server.release_all()
+    await server.stop()
+
+
+def held_cfg(cfg: Config, server: HeldUpstream, **delivery: object) -> Config:
+    d = dataclasses.replace(
+        cfg.delivery,
+        mode="smarthost",
+        smarthost=SmarthostConfig(host=server.host, port=server.port, security="none"),
+        connect_timeout=Duration(2),
+        command_timeout=Duration(30),
+        **delivery,  # type: ignore[arg-type]
+    )
+    return dataclasses.replace(cfg, delivery=d)
+
+
+async def test_stop_without_a_drain_window_hands_back_running_and_waiting_jobs(
+    cfg: Config, held: HeldUpstream, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One transaction held open upstream, one job waiting for the destination's only slot:
+    stop(timeout=0) cancels both, hands both recipients back unattempted, and logs no error."""
+    c = held_cfg(cfg, held, per_destination=1)
+    spool = await Spool.open(c, clock=clock)
+    deliverer = Deliverer(spool, c, clock=clock)
+    try:
+        ids = [
+            await spool.enqueue(
+                sender=SENDER, recipients=[f"r{i}@example.net"], body=body(), user=None
+            )
+            for i in range(2)
+        ]
+        deliverer.start()
+        deliverer.wake()
+        await held.wait_for(lambda h: h.held == 1)  # one MAIL waits; the other job, for the slot
+        await deliverer.stop(timeout=0)
+        for msg_id in ids:
+            [r] = (await spool.show(msg_id)).recipients
+            assert (r.state, r.attempts, r.in_flight) == ("queued", 0, False)
+        assert held.mails == 1 and held.messages == 0
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+    finally:
+        await deliverer.stop()
+        await spool.close()
+
+
+async def test_a_job_claimed_later_waits_for_the_destination_slot(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    sink_factory: SinkFactory,
+    run: Runner,
+) -> None:
+    """per_destination=1 holds for jobs claimed while earlier ones of the destination still run
+    or wait, not only for those claimed together."""
+    gated = HeldUpstream("127.0.0.2")
+    await gated.start()
+    try:
+        other = await sink_factory("127.0.0.3", gated.port)
+        dns_server.add_mx("gated.test", 10, "mx.gated.test")
+        dns_server.add_a("mx.gated.test", "127.0.0.2")
+        dns_server.add_a("other.test", "127.0.0.3")
+        spool, deliverer = await run(mx_cfg(dns_cfg, gated.port, per_destination=1))
+        for rcpt in ("a@gated.test", "b@gated.test"):
+            await spool.enqueue(sender=SENDER, recipients=[rcpt], body=body(), user=None)
+        deliverer.wake()
+        await gated.wait_for(lambda g: g.held == 1)  # a's MAIL; b waits for the slot
+        # Queued meanwhile, claimed once a is done (its job's end wakes the loop): c must wait
+        # for b, d (another destination) goes at once and marks when c would have started.
+        for rcpt in ("c@gated.test", "d@other.test"):
+            await spool.enqueue(sender=SENDER, recipients=[rcpt], body=body(), user=None)
+        gated.release()
+        await other.wait_received(1)
+        gated.release_all()
+        await settle(deliverer)
+        assert gated.messages == 3 and gated.max_open == 1
+    finally:
+        gated.release_all()
+        await gated.stop()
+
+
+async def test_an_unexpected_error_while_delivering_defers_instead_of_stranding(
+    cfg: Config, sink: Sink, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtplib refuses to put an address with a space on a command line (ValueError, which
+    outbound does not expect): the recipient is deferred with a 451, not left claimed."""
+    spool, deliverer = await run(smarthost_cfg(cfg, sink))
+    msg_id = await spool.enqueue(
+        sender=SENDER, recipients=["bad address@example.net"], body=body(), user=None
+    )
+    await settle(deliverer)
+    [r] = (await spool.show(msg_id)).recipients
+    assert (r.state, r.attempts, r.in_flight) == ("deferred", 1, False)
+    assert r.last_reply == "451 4.3.0 internal error in delivery"
+    assert any(
+        rec.getMessage() == f"delivery of {msg_id} failed unexpectedly" for rec in caplog.records
+    )
+    assert sink.received == []
