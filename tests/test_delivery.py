@@ -690,6 +690,7 @@ class HeldUpstream:
         self.port = port
         self.connections = 0
         self.mails = 0  # MAIL commands read
+        self.senders: list[str] = []  # their reverse-paths, in order
         self.held = 0  # of which waiting for a release now
         self.open = 0  # transactions between MAIL and the end of DATA (or RSET, or hang-up)
         self.max_open = 0
@@ -748,6 +749,9 @@ class HeldUpstream:
                     writer.write(b"250-held.test\r\n250 8BITMIME\r\n")
                 elif verb == "MAIL":
                     self.mails += 1
+                    self.senders.append(
+                        line.decode("ascii", "replace").split("<", 1)[1].split(">")[0]
+                    )
                     in_tx = True
                     self.open += 1
                     self.max_open = max(self.max_open, self.open)
@@ -832,6 +836,38 @@ async def test_stop_without_a_drain_window_hands_back_running_and_waiting_jobs(
         assert held.mails == 1 and held.messages == 0
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == []
+    finally:
+        await deliverer.stop()
+        await spool.close()
+
+
+async def test_stop_lets_the_started_transaction_finish_and_hands_back_the_waiting_job(
+    cfg: Config, held: HeldUpstream, clock: ManualClock
+) -> None:
+    c = held_cfg(cfg, held, per_destination=1)
+    spool = await Spool.open(c, clock=clock)
+    deliverer = Deliverer(spool, c, clock=clock)
+    try:
+        senders = ["first@example.com", "second@example.com"]
+        ids = {
+            s: await spool.enqueue(sender=s, recipients=["r@example.net"], body=body(), user=None)
+            for s in senders
+        }
+        deliverer.start()
+        deliverer.wake()
+        await held.wait_for(lambda h: h.held == 1)
+        [running] = held.senders  # its MAIL waits upstream; the other job waits for the slot
+        [waiting] = [s for s in senders if s != running]
+        # Let the started transaction go on only once stop() has ended the waiting job (the
+        # deliverer names each job's task after its message).
+        [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"deliver-{ids[waiting]}"]
+        task.add_done_callback(lambda _t: held.release_all())
+        await deliverer.stop()  # the default drain window: the started transaction finishes
+        [r] = (await spool.show(ids[running])).recipients
+        assert (r.state, r.attempts) == ("delivered", 1)
+        [w] = (await spool.show(ids[waiting])).recipients
+        assert (w.state, w.attempts, w.in_flight) == ("queued", 0, False)
+        assert held.senders == [running] and held.messages == 1
     finally:
         await deliverer.stop()
         await spool.close()
