@@ -214,11 +214,25 @@ def mx_cfg(dns_cfg: Config, port: int, tls: str = "opportunistic") -> Config:
 @pytest.mark.parametrize(
     ("code", "kind"),
     [(199, "temp"), (200, "ok"), (299, "ok"), (300, "temp"), (399, "temp"), (400, "temp")]
-    + [(499, "temp"), (500, "perm"), (599, "perm"), (600, "temp")],
+    + [(499, "temp"), (500, "perm"), (599, "perm"), (600, "temp"), (601, "temp"), (999, "temp")],
 )
 def test_classify_boundaries(code: int, kind: str) -> None:
     """2xx is success from 200 on; 5xx is permanent; everything else is temporary."""
     assert classify(code, "x", "r") == Result(kind, f"{code} x", "r")
+
+
+async def test_a_result_shared_by_several_recipients_is_immutable(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    """A failed dial gives every recipient the same Result object: it must be a frozen value."""
+    port = upstream.port
+    await upstream.stop()
+    out = await outbound_for(smarthost_cfg(cfg, port))
+    first, second = await out.deliver("smarthost", SENDER, BODY, ["b@x.test", "c@x.test"])
+    assert first == second and first.kind == "temp"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.kind = "ok"  # type: ignore[misc]
+    assert second.kind == "temp" and len({first, second}) == 1
 
 
 # --- the connection pool -----------------------------------------------------------------------
@@ -457,6 +471,23 @@ async def test_smarthost_implicit_tls_is_verified_and_needs_no_starttls(
     assert (result.kind, result.relay) == ("ok", "127.0.0.1[127.0.0.1]")
     assert up.tls == [True] and "STARTTLS" not in up.commands(1)
     assert len(up.messages) == 1
+
+
+async def test_a_long_failure_reason_is_cut_to_200_characters(
+    dns_cfg: Config,
+    dns_server: TestDNSServer,
+    upstream_factory: UpstreamFactory,
+    outbound_for: OutboundFactory,
+) -> None:
+    text = "4.7.0 " + "x" * 400
+    up = await upstream_factory("127.0.0.2", starttls_reply=f"454 {text}\r\n".encode())
+    dns_server.add_mx("example.net", 10, "mx.example.net")
+    dns_server.add_a("mx.example.net", "127.0.0.2")
+    out = await outbound_for(mx_cfg(dns_cfg, up.port, tls="required"))
+    [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
+    prefix = "451 4.7.5 STARTTLS with mx.example.net failed: "
+    assert result.reply.startswith(prefix) and "x" * 100 in result.reply
+    assert len(result.reply) == len(prefix) + 200
 
 
 # --- MX routing ------------------------------------------------------------------------------
