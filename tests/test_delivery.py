@@ -189,6 +189,7 @@ async def test_deferral_then_success(
     assert r.next_attempt_at == clock() + BACKOFF[0]
     [line] = mail_log(caplog, "deferred")
     assert f"id={msg_id}" in line and "reply=451?4.3.0?Try?again?later" in line
+    assert f" retry_in={BACKOFF[0]:.0f} " in line
 
     clock.advance(BACKOFF[0] - 1)
     await settle(deliverer)
