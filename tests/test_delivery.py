@@ -8,6 +8,7 @@ import dataclasses
 import email
 import email.policy
 import logging
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from relay import db as db_mod
 from relay.clock import ManualClock
 from relay.config import Config, Duration, SmarthostConfig, SpoolConfig
 from relay.delivery import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
@@ -925,3 +927,55 @@ async def test_an_unexpected_error_while_delivering_defers_instead_of_stranding(
         rec.getMessage() == f"delivery of {msg_id} failed unexpectedly" for rec in caplog.records
     )
     assert sink.received == []
+
+
+class _Seen(logging.Handler):
+    """Sets an event when a log message starting with ``prefix`` is emitted (in the loop's
+    thread, where the deliverer logs): waiting for a log line, not for a time."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.event.set()
+
+
+async def test_recipients_whose_outcome_could_not_be_written_are_handed_back(
+    cfg: Config, held: HeldUpstream, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool is locked (a long CLI transaction) when the outcome is written: the recipient
+    is not left claimed until a restart; once the store answers again it is delivered (again:
+    at least once)."""
+    monkeypatch.setattr(db_mod, "BUSY_TIMEOUT_MS", 200)  # give up on the lock quickly
+    c = held_cfg(cfg, held)
+    spool = await Spool.open(c, clock=clock)
+    deliverer = Deliverer(spool, c, clock=clock)
+    seen = _Seen("could not record delivery outcomes")
+    logging.getLogger("relaybox.delivery").addHandler(seen)
+    try:
+        msg_id = await spool.enqueue(
+            sender=SENDER, recipients=["r@example.net"], body=body(), user=None
+        )
+        deliverer.start()
+        deliverer.wake()
+        await held.wait_for(lambda h: h.held == 1)
+        lock = sqlite3.connect(c.spool_path(0), isolation_level=None, timeout=0)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            held.release_all()
+            async with asyncio.timeout(10):
+                await seen.event.wait()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        await settle(deliverer)
+        [r] = (await spool.show(msg_id)).recipients
+        assert (r.state, r.attempts, r.in_flight) == ("delivered", 1, False)
+        assert held.messages == 2
+    finally:
+        logging.getLogger("relaybox.delivery").removeHandler(seen)
+        await deliverer.stop()
+        await spool.close()
