@@ -278,23 +278,33 @@ async def test_an_idle_connection_is_kept_for_conn_keep_seconds(
     assert upstream.connections == 1 and len(upstream.messages) == 2
 
 
+@pytest.mark.parametrize("idle", [KEEP, KEEP + 1], ids=["exactly-keep", "past-keep"])
 async def test_a_connection_idle_too_long_is_not_reused(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
+    cfg: Config,
+    upstream: Upstream,
+    outbound_for: OutboundFactory,
+    mono: ManualMonotonic,
+    idle: float,
 ) -> None:
     out = await outbound_for(smarthost_cfg(cfg, upstream.port))
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    mono.now += KEEP + 1
+    mono.now += idle
     assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == ["ok"]
     assert upstream.connections == 2
     assert [n for n, _ in upstream.messages] == [1, 2]
 
 
+@pytest.mark.parametrize("idle", [KEEP, KEEP + 1], ids=["exactly-keep", "past-keep"])
 async def test_the_sweep_quits_connections_idle_too_long(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
+    cfg: Config,
+    upstream: Upstream,
+    outbound_for: OutboundFactory,
+    mono: ManualMonotonic,
+    idle: float,
 ) -> None:
     out = await outbound_for(smarthost_cfg(cfg, upstream.port))
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    mono.now += KEEP + 1
+    mono.now += idle
     await out.close_idle()  # QUIT politely (RFC 5321 4.1.1.10); close_idle awaits the 221
     assert upstream.commands(1)[-1] == "QUIT"
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
