@@ -236,7 +236,9 @@ class RelaySMTP(SMTP):
                 buf += await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 buf += await self._reader.readexactly(exc.consumed)
-                if len(buf) > _AUTH_LINE_LIMIT:
+                # With the LF already in the buffer, what was consumed ends in the line's CR:
+                # that octet is the terminator's, not the line's.
+                if len(buf) - buf.endswith(b"\r") > _AUTH_LINE_LIMIT:
                     await self._discard_line(0)
                     return None
                 continue
@@ -332,7 +334,7 @@ class RelaySMTP(SMTP):
             elif len(line) - line.startswith(b".") > _MAX_LINE:
                 # The reader's limit lets a few octets more through than RFC 5321 4.5.3.1.6.
                 problem = replies.LINE_TOO_LONG
-            elif len(buf) + len(line) > limit:
+            elif len(buf) + len(line) - line.startswith(b".") > limit:  # as stored: unstuffed
                 problem = replies.MESSAGE_TOO_BIG
             if problem is not None:
                 buf.clear()
