@@ -192,6 +192,7 @@ async def test_deferral_then_success(
     [line] = mail_log(caplog, "deferred")
     assert f"id={msg_id}" in line and "reply=451?4.3.0?Try?again?later" in line
     assert f" retry_in={BACKOFF[0]:.0f} " in line
+    assert " delay=0.00 " in line
 
     clock.advance(BACKOFF[0] - 1)
     await settle(deliverer)
@@ -201,6 +202,8 @@ async def test_deferral_then_success(
     assert len(sink.received) == 1
     r = (await spool.show(msg_id)).recipients[0]
     assert (r.state, r.attempts, r.last_code) == ("delivered", 2, 250)
+    [line] = mail_log(caplog, "delivered")  # the delay counts from queueing, retries included
+    assert line.endswith(f" delay={BACKOFF[0]:.2f} attempts=2")
 
 
 async def test_permanent_refusal_bounces_at_once_with_a_dsn(
