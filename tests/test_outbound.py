@@ -266,6 +266,20 @@ async def test_a_new_outbound_reuses_its_connection(
     assert upstream.connections == 1 and len(upstream.messages) == 3
 
 
+async def test_once_closing_a_connection_is_not_kept_after_its_transaction(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    """``closing`` (set by the deliverer's stop): transactions still finish, but no connection
+    goes back to the pool."""
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    out.closing = True
+    for _ in range(2):
+        assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == [
+            "ok"
+        ]
+    assert upstream.connections == 2 and [n for n, _ in upstream.messages] == [1, 2]
+
+
 async def test_an_idle_connection_is_kept_for_conn_keep_seconds(
     cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, mono: ManualMonotonic
 ) -> None:
