@@ -59,6 +59,8 @@ class Upstream:
         self.extensions = extensions + (("STARTTLS",) if starttls_reply else ())
         self.starttls_reply = starttls_reply
         self.drop_at: set[tuple[int, str, int]] = set()
+        self.hang_at: set[tuple[int, str, int]] = set()  # read on, never answer again
+        self.replies: dict[str, bytes] = {}  # verb -> a scripted reply instead of 250
         self.lines: list[tuple[int, str]] = []  # (connection number, command line)
         self.messages: list[tuple[int, bytes]] = []  # (connection number, content)
         self.connections = 0
@@ -101,6 +103,14 @@ class Upstream:
                 verb = text.split(" ", 1)[0].upper()
                 if drop(verb):
                     return
+                if (conn, verb, seen[verb]) in self.hang_at:
+                    while await reader.readline():
+                        pass
+                    return
+                if verb in self.replies:
+                    writer.write(self.replies[verb])
+                    await writer.drain()
+                    continue
                 if verb == "EHLO" and self.ehlo_reply:
                     writer.write(self.ehlo_reply)
                 elif verb == "EHLO":
@@ -395,6 +405,32 @@ async def test_a_pooled_connection_lost_at_rcpt_is_not_retried(
     assert [r.kind for r in results] == ["temp"]
     assert results[0].reply.startswith("451 4.4.2 connection lost (")
     assert upstream.connections == 1
+
+
+async def test_a_421_at_mail_is_a_temporary_failure_for_every_recipient(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    """421 closes the connection (aiosmtplib does): the RSET that follows a refused MAIL then
+    fails too, and still nothing raises."""
+    upstream.replies["MAIL"] = b"421 4.3.2 shutting down\r\n"
+    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
+    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test", "c@x.test"])
+    assert [(r.kind, r.reply) for r in results] == [("temp", "421 4.3.2 shutting down")] * 2
+    assert upstream.messages == []
+
+
+async def test_a_peer_that_stops_answering_mid_transaction_is_a_temporary_failure(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+) -> None:
+    upstream.hang_at.add((1, "RCPT", 1))
+    c = smarthost_cfg(cfg, upstream.port)
+    c = dataclasses.replace(
+        c, delivery=dataclasses.replace(c.delivery, command_timeout=Duration(0.5))
+    )
+    out = await outbound_for(c)
+    [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
+    assert result.kind == "temp" and result.reply.startswith("451 4.4.2 ")
+    assert "Timed out" in result.reply and upstream.messages == []
 
 
 # --- MAIL parameters -------------------------------------------------------------------------
