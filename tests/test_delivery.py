@@ -982,3 +982,30 @@ async def test_recipients_whose_outcome_could_not_be_written_are_handed_back(
         logging.getLogger("relaybox.delivery").removeHandler(seen)
         await deliverer.stop()
         await spool.close()
+
+
+async def test_the_deliverer_claims_up_to_twice_its_concurrency(
+    cfg: Config, held: HeldUpstream, clock: ManualClock
+) -> None:
+    """concurrency=1: one job runs, one more is claimed and waits for the slot, the rest stay
+    queued (due, not in flight) until there is room."""
+    c = held_cfg(cfg, held, concurrency=1)
+    spool = await Spool.open(c, clock=clock)
+    deliverer = Deliverer(spool, c, clock=clock)
+    try:
+        for i in range(4):
+            await spool.enqueue(
+                sender=SENDER, recipients=[f"r{i}@example.net"], body=body(), user=None
+            )
+        deliverer.start()
+        await held.wait_for(lambda h: h.held == 1)
+        stats = await spool.stats()
+        assert stats.in_flight == 2 and stats.recipients["queued"] == 4
+        held.release_all()
+        await settle(deliverer)
+        assert held.messages == 4 and held.max_open == 1
+        assert (await spool.stats()).recipients["delivered"] == 4
+    finally:
+        held.release_all()  # a failed assertion must not leave stop() draining a held job
+        await deliverer.stop()
+        await spool.close()
