@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 from collections.abc import AsyncIterator
 
 import pytest
 
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import StoreError
+from relay.db import Database, Migration, StoreError
 from relay.errors import Invalid, NotFound
-from relay.spool import NewMessage, Outcome, Spool, new_id
+from relay.spool import SPOOL_MIGRATIONS, DueRecipient, Message, NewMessage, Outcome, Spool, new_id
 
 BODY = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: t\r\n\r\nhello\r\n"
 
@@ -236,3 +238,159 @@ async def test_depth_counts_pending_recipients(spool: Spool) -> None:
     [c1, c2] = await spool.claim_due(10)
     await spool.record([Outcome(a, 0, "deferred", 451, "451 x", "", 0.0)])
     assert await spool.depth() == {"queued": 1, "deferred": 1}
+
+
+# --- behaviours the mutation run of relay/spool.py found unguarded -------------------------------
+
+
+async def test_ids_are_16_base32hex_characters() -> None:
+    for now in (1.0, 1_800_000_000.0, 4_000_000_000.123):
+        assert re.fullmatch(r"[0-9a-v]{16}", new_id(now)), now
+
+
+async def test_ids_one_millisecond_apart_sort_by_time() -> None:
+    """The time part has millisecond resolution: an id made 1 ms later always sorts after
+    (were the two in one time slot, the random part would order them half of the time)."""
+    t = 1_800_000_000.0
+    for _ in range(64):
+        assert new_id(t) < new_id(t + 0.001)
+
+
+async def test_each_commit_is_counted_once(spool: Spool) -> None:
+    for i in range(3):  # one after another: each is its own transaction
+        await spool.enqueue(sender="s@x.test", recipients=[f"{i}@a.test"], body=BODY, user=None)
+    assert (spool.batches, spool.batched_ops) == (3, 3)
+
+
+async def test_one_transaction_holds_at_most_1024_writes(spool: Spool) -> None:
+    """1025 writes submitted at once are written in two transactions, 1024 then 1."""
+    await spool.enqueue(sender="s@x.test", recipients=["0@a.test"], body=BODY, user=None)
+    batches, ops = spool.batches, spool.batched_ops
+    ids = await asyncio.gather(
+        *(
+            spool.enqueue(sender="s@x.test", recipients=[f"{i}@a.test"], body=BODY, user=None)
+            for i in range(1025)
+        )
+    )
+    assert len(set(ids)) == 1025
+    assert (spool.batches - batches, spool.batched_ops - ops) == (2, 1025)
+
+
+async def test_close_writes_what_was_already_submitted(cfg: Config, clock: ManualClock) -> None:
+    """An enqueue submitted just before close() is committed, and close() returns."""
+    sp = await Spool.open(cfg, clock=clock)
+    await sp.enqueue(sender="s@x.test", recipients=["0@a.test"], body=BODY, user=None)
+    enqueue = sp.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    # gather starts the enqueue first: it is in the writer's queue when close() runs. The bound
+    # only turns a hang into a failure (close() takes milliseconds).
+    async with asyncio.timeout(30):
+        msg_id, _ = await asyncio.gather(enqueue, sp.close())
+    sp = await Spool.open(cfg, clock=clock)
+    try:
+        assert [r.address for r in (await sp.show(msg_id)).recipients] == ["1@a.test"]
+    finally:
+        await sp.close()
+
+
+async def test_an_enqueue_while_closing_is_refused(cfg: Config, clock: ManualClock) -> None:
+    """Submitted after close() began, a write would never be taken: it fails at once instead."""
+    sp = await Spool.open(cfg, clock=clock)
+    await sp.enqueue(sender="s@x.test", recipients=["0@a.test"], body=BODY, user=None)
+    enqueue = sp.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    async with asyncio.timeout(30):  # turns a hang into a failure (this takes milliseconds)
+        _, refused = await asyncio.gather(sp.close(), enqueue, return_exceptions=True)
+    assert isinstance(refused, StoreError)
+
+
+async def test_a_cancelled_enqueue_does_not_stop_the_writer(spool: Spool) -> None:
+    """A client that goes away while its message is being committed cancels the enqueue; the
+    writer still commits it and serves the next ones."""
+    await spool.enqueue(sender="s@x.test", recipients=["0@a.test"], body=BODY, user=None)
+    task = asyncio.create_task(
+        spool.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    )
+    # runs after the task submitted its write, before the writer takes it
+    asyncio.get_running_loop().call_soon(task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with asyncio.timeout(30):  # turns a hang into a failure (this takes milliseconds)
+        msg_id = await spool.enqueue(
+            sender="s@x.test", recipients=["2@a.test"], body=BODY, user=None
+        )
+    assert (await spool.show(msg_id)).recipients[0].address == "2@a.test"
+    assert (await spool.stats()).messages == 3
+
+
+@pytest.mark.parametrize("state", ["delivered", "bounced"])
+async def test_a_final_outcome_is_never_due_again(
+    spool: Spool, clock: ManualClock, state: str
+) -> None:
+    """A next_attempt_at is only for "deferred": a final outcome that carries one is still final."""
+    a = await spool.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    [c] = await spool.claim_due(10)
+    await spool.record([Outcome(a, c.idx, state, 250, "reply", "r", clock())])
+    assert await spool.next_due() is None
+    assert await spool.claim_due(10) == []
+    r = (await spool.show(a)).recipients[0]
+    assert (r.state, r.next_attempt_at) == (state, None)
+    assert (await spool.show(a)).done_at == clock()
+
+
+async def test_the_default_worker_is_worker_0(cfg: Config, clock: ManualClock) -> None:
+    sp = await Spool.open(cfg, clock=clock)
+    try:
+        msg_id = await sp.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+    finally:
+        await sp.close()
+    assert cfg.spool_path(0).exists()
+    sp = await Spool.open(cfg, worker=0, clock=clock, recover=False)
+    try:
+        assert (await sp.show(msg_id)).sender == "s@x.test"
+    finally:
+        await sp.close()
+
+
+async def test_a_spool_file_of_schema_version_1_opens_with_its_queue(
+    cfg: Config, clock: ManualClock
+) -> None:
+    """A spool left by the first release (schema version 1) is not migrated again."""
+    path = cfg.spool_path(0)
+    old = await Database.open(path, (Migration(1, SPOOL_MIGRATIONS[0].sql),))
+    try:
+        async with old.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO messages (id, sender, user, size, created_at, body) "
+                "VALUES ('old1', 's@x.test', NULL, 3, 1.0, x'616263')"
+            )
+            await conn.execute(
+                "INSERT INTO recipients (message_id, idx, address, domain, next_attempt_at) "
+                "VALUES ('old1', 0, 'r@a.test', 'a.test', 1.0)"
+            )
+    finally:
+        await old.close()
+    sp = await Spool.open(cfg, clock=clock)
+    try:
+        assert [(c.message_id, c.address) for c in await sp.claim_due(10)] == [("old1", "r@a.test")]
+        loaded = await sp.load("old1")
+        assert loaded is not None and loaded.body == b"abc"
+    finally:
+        await sp.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        DueRecipient("m", 0, "r@a.test", "a.test", 0),
+        Message("m", "s@x.test", None, 1, 1.0, b"x"),
+        Outcome("m", 0, "delivered", 250, "250 ok", "r"),
+        NewMessage("s@x.test", ("r@a.test",), b"x"),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_the_spool_values_are_frozen_and_hashable(value: object) -> None:
+    """They are handed between the spool and the deliverer: nobody can change one in passing,
+    and they can be kept in sets and as keys."""
+    assert hash(value) == hash(dataclasses.replace(value))  # type: ignore[type-var]
+    field = dataclasses.fields(value)[0].name  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(value, field, "changed")
