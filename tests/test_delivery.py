@@ -1009,3 +1009,38 @@ async def test_the_deliverer_claims_up_to_twice_its_concurrency(
         held.release_all()  # a failed assertion must not leave stop() draining a held job
         await deliverer.stop()
         await spool.close()
+
+
+async def test_a_locked_spool_pauses_the_loop_and_it_carries_on_afterwards(
+    cfg: Config, sink: Sink, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's own spool writes (purge, claim) fail while a CLI transaction holds the lock:
+    logged, and the loop goes on; once the lock is gone the queued mail is delivered."""
+    monkeypatch.setattr(db_mod, "BUSY_TIMEOUT_MS", 200)
+    c = smarthost_cfg(cfg, sink)
+    spool = await Spool.open(c, clock=clock)
+    deliverer = Deliverer(spool, c, clock=clock)
+    seen = _Seen("delivery: spool unavailable")
+    logging.getLogger("relaybox.delivery").addHandler(seen)
+    try:
+        msg_id = await spool.enqueue(
+            sender=SENDER, recipients=["r@example.net"], body=body(), user=None
+        )
+        lock = sqlite3.connect(c.spool_path(0), isolation_level=None, timeout=0)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            deliverer.start()
+            async with asyncio.timeout(10):
+                await seen.event.wait()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        await settle(deliverer)
+        assert (await spool.show(msg_id)).recipients[0].state == "delivered"
+        assert len(sink.received) == 1
+    finally:
+        logging.getLogger("relaybox.delivery").removeHandler(seen)
+        try:
+            await deliverer.stop()
+        finally:
+            await spool.close()
