@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from admin import common
-from relay import clock, events
+from relay import clock
+from relay.store import events
 
 
 def register(cli: click.Group) -> None:

@@ -17,8 +17,8 @@ import click
 
 from relay import config as config_mod
 from relay.config import Config, ConfigError
-from relay.db import MAIN_MIGRATIONS, Database, StoreError
 from relay.errors import RelayboxError
+from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -29,9 +29,11 @@ import click
 from cryptography import x509
 
 from admin import common, lockinfo
-from relay import dnscheck, domains, tlsutil, users
+from relay import dnscheck
 from relay.config import Config, Listener
 from relay.metrics import parse_listen
+from relay.service import tlsutil
+from relay.store import domains, users
 
 EXPIRY_WARN_DAYS = 14  # Let's Encrypt renews at 30 days left: below 14, renewal is failing
 MIN_FREE_BYTES = 1024**3

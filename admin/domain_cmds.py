@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 import click
 
 from admin import common
-from relay import clock, dkimkeys, dnscheck, domains, events
+from relay import clock, dkimkeys, dnscheck
 from relay.config import Config
-from relay.db import Database
-from relay.domains import CheckResult, Domain
+from relay.store import domains, events
+from relay.store.db import Database
+from relay.store.domains import CheckResult, Domain
 
 T = TypeVar("T")
 

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import click
 
 from admin import common
-from relay import clock, events
+from relay import clock
 from relay.config import Config
 from relay.errors import NotFound
-from relay.spool import PENDING, STATES, MessageInfo, Spool, Stats
+from relay.store import events
+from relay.store.spool import PENDING, STATES, MessageInfo, Spool, Stats
 
 T = TypeVar("T")
 _SPOOL_FILE = re.compile(r"^spool-(\d+)\.db$")

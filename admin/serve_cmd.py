@@ -11,9 +11,9 @@ from collections.abc import Callable
 import click
 
 from admin import common
-from relay.db import StoreError
-from relay.server import Server
-from relay.supervisor import Supervisor, watch_supervisor
+from relay.service.server import Server
+from relay.service.supervisor import Supervisor, watch_supervisor
+from relay.store.db import StoreError
 
 
 def setup_logging(level: str) -> None:

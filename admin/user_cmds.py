@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 import click
 
 from admin import common
-from relay import clock, events, passwords, users
+from relay import clock
 from relay.config import Config, parse_duration
-from relay.db import Database
-from relay.passwords import Hasher
-from relay.users import User
+from relay.store import events, passwords, users
+from relay.store.db import Database
+from relay.store.passwords import Hasher
+from relay.store.users import User
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import json
 import time
 
 from relay.config import AuthConfig
-from relay.passwords import Hasher
+from relay.store.passwords import Hasher
 
 
 async def measure(seconds: float) -> dict[str, float]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Config
-from relay.spool import DueRecipient, Outcome, Spool
+from relay.store.spool import DueRecipient, Outcome, Spool
 
 CLAIM_LIMIT = 100
 

@@ -34,7 +34,7 @@ from relay import dkimkeys
 from relay.config import Config
 
 if TYPE_CHECKING:
-    from relay.domains import Domain
+    from relay.store.domains import Domain
 
 OWNERSHIP_LABEL = "_relaybox"
 OWNERSHIP_PREFIX = "relaybox-verification="

@@ -16,7 +16,7 @@ import pytest
 from relay import config as config_mod
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
+from relay.store.db import MAIN_MIGRATIONS, Database
 from tests import leaks, procs
 
 pytest_plugins: list[str] = [

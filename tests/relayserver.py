@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import trustme
 
-from relay import domains, users
 from relay.clock import Clock, ManualClock
 from relay.config import Config
-from relay.passwords import Hasher, generate_password
-from relay.server import Server
+from relay.service.server import Server
+from relay.store import domains, users
+from relay.store.passwords import Hasher, generate_password
 from tests import leaks
 
 

@@ -6,10 +6,10 @@ import email
 import email.policy
 from email.message import EmailMessage
 
-from relay import bounce
-from relay.bounce import Failure
 from relay.config import Config
-from relay.spool import Message
+from relay.delivery import bounce
+from relay.delivery.bounce import Failure
+from relay.store.spool import Message
 
 ORIGINAL = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: Report\r\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.db import Database, Migration, StoreError
+from relay.store.db import Database, Migration, StoreError
 
 SCHEMA = (Migration(1, "CREATE TABLE t (x INTEGER)"),)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay import db as db_mod
 from relay.clock import ManualClock
 from relay.config import Config, Duration, SmarthostConfig, SpoolConfig
-from relay.delivery import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
+from relay.delivery.outbound import classify
+from relay.delivery.scheduler import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
 from relay.errors import NotFound
 from relay.metrics import Metrics
-from relay.outbound import classify
-from relay.spool import Spool
+from relay.store import db as db_mod
+from relay.store.spool import Spool
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.sink import Received, Sink, SinkFactory

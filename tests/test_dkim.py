@@ -18,12 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from relay import dkimkeys, domains
+from relay import dkimkeys
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import Database
 from relay.dkim import INLINE_LIMIT, Signer, SigningError, headers_to_sign
-from relay.domains import SigningKey
+from relay.store import domains
+from relay.store.db import Database
+from relay.store.domains import SigningKey
 from tests import leaks
 from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer

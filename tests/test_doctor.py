@@ -22,9 +22,9 @@ from click.testing import CliRunner, Result
 from admin.cli import cli
 from admin.doctor_cmd import name_matches, readable_by, stray_files
 from relay import config as config_mod
-from relay import domains
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
+from relay.store import domains
+from relay.store.db import MAIN_MIGRATIONS, Database
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay
 from tests.userhelpers import make_domain

@@ -7,12 +7,13 @@ import dataclasses
 import dns.asyncresolver
 import pytest
 
-from relay import dkimkeys, dnscheck, domains, events, users
+from relay import dkimkeys, dnscheck
 from relay.clock import ManualClock
 from relay.config import Config, Duration
-from relay.db import Database
 from relay.errors import Conflict, Invalid, NotFound
-from relay.passwords import Hasher
+from relay.store import domains, events, users
+from relay.store.db import Database
+from relay.store.passwords import Hasher
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 

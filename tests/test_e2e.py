@@ -13,10 +13,10 @@ from pathlib import Path
 import dkim
 import dns.resolver
 
-from relay import domains
 from relay.clock import ManualClock
 from relay.config import Config, Duration
-from relay.db import Database
+from relay.store import domains
+from relay.store.db import Database
 from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay

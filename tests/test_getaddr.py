@@ -8,7 +8,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.session import RelaySMTP
+from relay.smtp.session import RelaySMTP
 from tests.dialogue import Dialogue
 from tests.relayserver import RelayHandle
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay import outbound
 from relay.config import Config, Duration, SmarthostConfig
-from relay.outbound import Outbound, Result, classify
+from relay.delivery import outbound
+from relay.delivery.outbound import Outbound, Result, classify
 from tests.dnsserver import TestDNSServer
 from tests.sink import SinkFactory
 

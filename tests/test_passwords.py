@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from relay import passwords
 from relay.config import Argon2Params, Config
 from relay.errors import Invalid
-from relay.passwords import Hasher
+from relay.store import passwords
+from relay.store.passwords import Hasher
 from tests import leaks
 
 

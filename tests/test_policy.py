@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay import policy, replies
+from relay import replies
 from relay.replies import Reply
+from relay.smtp import policy
 
 DOMAIN = "example.com"
 OWN = "app@example.com"

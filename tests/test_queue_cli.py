@@ -15,7 +15,7 @@ from admin.cli import cli
 from relay import config as config_mod
 from relay.clock import iso
 from relay.config import Config
-from relay.spool import Outcome, Spool
+from relay.store.spool import Outcome, Spool
 
 BODY = b"From: a@example.com\r\nSubject: q\r\n\r\nx\r\n"
 SUMMARY_KEYS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import sdnotify
+from relay.service import sdnotify
 
 
 class FakeSystemd:

@@ -15,7 +15,7 @@ import tracemalloc
 import pytest
 
 from relay import replies
-from relay.session import MemoryBudget, RelaySMTP
+from relay.smtp.session import MemoryBudget, RelaySMTP
 from tests.dialogue import Dialogue, b64, plain
 from tests.hostile.kit import LOGIN, authed, eventually, message, queued, with_limits
 from tests.relayserver import RelayHandle

@@ -11,9 +11,17 @@ import pytest
 
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import Database, Migration, StoreError
 from relay.errors import Invalid, NotFound
-from relay.spool import SPOOL_MIGRATIONS, DueRecipient, Message, NewMessage, Outcome, Spool, new_id
+from relay.store.db import Database, Migration, StoreError
+from relay.store.spool import (
+    SPOOL_MIGRATIONS,
+    DueRecipient,
+    Message,
+    NewMessage,
+    Outcome,
+    Spool,
+    new_id,
+)
 
 BODY = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: t\r\n\r\nhello\r\n"
 

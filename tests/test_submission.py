@@ -12,9 +12,10 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay import replies, users
+from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
+from relay.store import users
 from tests.dialogue import Dialogue, b64, plain
 from tests.relayserver import RelayHandle, start_relay
 
@@ -261,7 +262,7 @@ def raw_message(*fields: str) -> bytes:
 
 async def set_domain_state(relay: RelayHandle, name: str, state: str, clock: ManualClock) -> None:
     """Drive the real state machine to ``state`` with recorded check results."""
-    from relay import domains
+    from relay.store import domains
 
     db = relay.server.db
     assert db is not None
@@ -356,7 +357,7 @@ async def test_throttle_locks_out_an_ip(
 
 @pytest.mark.parametrize("state", ["pending", "suspended", None])
 def test_unverified_domains_cannot_send(state: str | None) -> None:
-    from relay import policy
+    from relay.smtp import policy
 
     assert (
         policy.check_sender("example.com", "a@example.com", state)

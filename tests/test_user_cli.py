@@ -14,10 +14,10 @@ from click.testing import CliRunner, Result
 
 from admin.cli import cli
 from relay import config as config_mod
-from relay import users
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
-from relay.passwords import Hasher
+from relay.store import users
+from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store.passwords import Hasher
 from tests import leaks
 from tests.userhelpers import make_domain_sync
 

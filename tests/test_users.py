@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import domains, users
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.db import Database, StoreError
 from relay.errors import Conflict, Invalid, NotFound
-from relay.passwords import Hasher
+from relay.store import domains, users
+from relay.store.db import Database, StoreError
+from relay.store.passwords import Hasher
 from tests import leaks
 from tests.userhelpers import make_domain
 

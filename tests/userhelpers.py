@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
-from relay.passwords import Hasher
+from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store.passwords import Hasher
 
 DOMAIN = "example.com"
 
@@ -25,7 +25,7 @@ async def make_domain(
 ) -> str:
     """Add ``name`` (pending); with ``verified``, record a pass for every required check."""
     # Imported here so loading this plugin never depends on the domains module being importable.
-    from relay import domains
+    from relay.store import domains
 
     await domains.add(db, name, cfg=cfg, now=now, actor="test")
     if verified:
@@ -50,8 +50,8 @@ def make_domain_sync(cfg: Config, name: str = DOMAIN, *, now: float, verified: b
 async def seed_user(cfg: Config, login: str, *, now: float) -> str:
     """Before a ``relaybox serve`` process starts: a verified domain and a user with a generated
     password in ``cfg``'s state dir. Returns the password, registered for the leak check."""
-    from relay import users
-    from relay.passwords import generate_password
+    from relay.store import users
+    from relay.store.passwords import generate_password
     from tests import leaks
 
     password = leaks.add(generate_password())

@@ -32,7 +32,7 @@ import pytest
 from relay import config as config_mod
 from relay import replies
 from relay.config import Config
-from relay.spool import Spool
+from relay.store.spool import Spool
 from tests.dialogue import Dialogue, plain
 from tests.faults.procserver import ServerProcess, relaybox_argv
 from tests.hostile.kit import LOGIN, clean, message

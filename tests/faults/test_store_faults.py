@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import db as db_mod
 from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
+from relay.store import db as db_mod
 from tests.dialogue import Dialogue
 from tests.hostile.kit import LOGIN, authed, message, queued, started, stopped
 from tests.relayserver import RelayHandle

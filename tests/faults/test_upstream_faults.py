@@ -12,7 +12,7 @@ import pytest
 
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.delivery import BACKOFF
+from relay.delivery.scheduler import BACKOFF
 from tests.faults.flow import copies, delivering, idle, state_of, submit
 from tests.faults.upstream import BadUpstream
 from tests.hostile.kit import LOGIN, queued, started, stopped

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay import spool as spool_mod
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.spool import MessageInfo
+from relay.store import spool as spool_mod
+from relay.store.spool import MessageInfo
 from tests import leaks
 from tests.dialogue import Dialogue
 from tests.relayserver import RelayHandle, start_relay

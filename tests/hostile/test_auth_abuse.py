@@ -19,10 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import policy, replies, users
+from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Invalid
+from relay.smtp import policy
+from relay.store import users
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.hostile.kit import LOGIN, authed, no_errors_logged, started, stopped, with_auth
@@ -139,7 +141,7 @@ async def test_ten_kilobyte_login(relay: RelayHandle) -> None:
 async def test_longest_allowed_password_logs_in(relay: RelayHandle) -> None:
     """RFC 4954 4: a server must accept responses as long as its mechanisms produce. A password
     of MAX_PASSWORD_BYTES makes a PLAIN response of about 1.4 kB, over the 1000-octet SMTP line."""
-    from relay.passwords import MAX_PASSWORD_BYTES
+    from relay.store.passwords import MAX_PASSWORD_BYTES
 
     password = leaks.add(("Long-passw0rd-" * 80)[:MAX_PASSWORD_BYTES])
     leaks.add_auth_payload(LOGIN, password)

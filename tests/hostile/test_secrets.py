@@ -23,9 +23,9 @@ from click.testing import CliRunner
 
 from admin.cli import cli
 from relay import config as config_mod
-from relay import domains, users
 from relay.config import Config
-from relay.db import MAIN_MIGRATIONS, Database
+from relay.store import domains, users
+from relay.store.db import MAIN_MIGRATIONS, Database
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.faults.procserver import ServerProcess

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import aiosqlite
 
-from relay import domains, events, maillog
+from relay import maillog
 from relay.config import Config, format_duration
-from relay.db import Database, StoreError
 from relay.errors import Conflict, Invalid, NotFound
-from relay.passwords import Hasher
+from relay.store import domains, events
+from relay.store.db import Database, StoreError
+from relay.store.passwords import Hasher
 
 # RFC 5321 section 4.1.2 Dot-string: atoms of atext (RFC 5322 section 3.2.3) joined by single dots.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"

@@ -24,18 +24,20 @@ from typing import Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
-from relay import dnscheck, domains, replies, sdnotify, tlsutil
-from relay.auth import Authenticator
+from relay import dnscheck, replies
 from relay.clock import Clock
 from relay.config import Config, Listener
-from relay.db import MAIN_MIGRATIONS, Database, StoreError
 from relay.dkim import Signer
-from relay.handler import Handler
 from relay.metrics import Metrics
-from relay.passwords import Hasher
 from relay.replies import Reply
-from relay.session import MemoryBudget, RelaySMTP
-from relay.spool import Spool
+from relay.service import sdnotify, tlsutil
+from relay.smtp.auth import Authenticator
+from relay.smtp.handler import Handler
+from relay.smtp.session import MemoryBudget, RelaySMTP
+from relay.store import domains
+from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
+from relay.store.passwords import Hasher
+from relay.store.spool import Spool
 
 log = logging.getLogger("relaybox.server")
 
@@ -89,7 +91,9 @@ class Server:
         is read before ``after_bind`` (root can read /etc/letsencrypt); a generated one after it,
         so it belongs to the service user.
         """
-        from relay.delivery import Deliverer  # delivery pulls in aiosmtplib: only when serving
+        from relay.delivery.scheduler import (
+            Deliverer,  # delivery pulls in aiosmtplib: only when serving
+        )
 
         cfg = self.cfg
         self._ssl = tlsutil.new_context(cfg)

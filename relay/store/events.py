@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from relay.db import Database
+from relay.store.db import Database
 
 
 @dataclass(frozen=True)

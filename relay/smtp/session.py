@@ -30,7 +30,7 @@ from relay import replies
 from relay.replies import Reply
 
 if TYPE_CHECKING:
-    from relay.server import Server
+    from relay.service.server import Server
 
 log = logging.getLogger("relaybox.session")
 

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
-from relay import maillog, policy, replies
-from relay.auth import Outcome
-from relay.db import StoreError
-from relay.session import RelaySMTP
+from relay import maillog, replies
+from relay.smtp import policy
+from relay.smtp.auth import Outcome
+from relay.smtp.session import RelaySMTP
+from relay.store.db import StoreError
 
 if TYPE_CHECKING:
-    from relay.server import Server
+    from relay.service.server import Server
 
 log = logging.getLogger("relaybox.handler")
 

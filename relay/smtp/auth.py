@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay import clock as clock_mod
-from relay import events, maillog, users
+from relay import maillog
 from relay.clock import Clock
 from relay.config import Config
-from relay.db import Database, StoreError
-from relay.passwords import Hasher
+from relay.store import events, users
+from relay.store.db import Database, StoreError
+from relay.store.passwords import Hasher
 
 
 class Outcome(Enum):

@@ -29,9 +29,9 @@ from typing import Any
 from relay import clock as clock_mod
 from relay.clock import Clock
 from relay.config import Config
-from relay.db import Database, Migration, StoreError
 from relay.errors import Invalid
-from relay.spool_admin import (
+from relay.store.db import Database, Migration, StoreError
+from relay.store.spool_admin import (
     FINAL,
     NEXT_DUE,
     PENDING,

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
 from relay.config import Config
-from relay.spool import Message, NewMessage
+from relay.store.spool import Message, NewMessage
 
 _ENHANCED = re.compile(r"^\s*\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 MAX_DIAGNOSTIC = 400  # keeps every DSN line far below RFC 5322's 998 octets

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.db import Database
 from relay.errors import Invalid, NotFound
+from relay.store.db import Database
 
 PENDING = ("queued", "deferred")
 FINAL = ("delivered", "bounced")

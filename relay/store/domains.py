@@ -33,11 +33,12 @@ import aiosqlite
 import dns.asyncresolver
 import idna
 
-from relay import dkimkeys, dnscheck, events
+from relay import dkimkeys, dnscheck
 from relay.config import Config
-from relay.db import Database
 from relay.dnscheck import CheckResult
 from relay.errors import Conflict, Invalid, NotFound
+from relay.store import events
+from relay.store.db import Database
 
 __all__ = [
     "CheckResult",

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 
-from relay import bounce, maillog
 from relay import clock as clock_mod
+from relay import maillog
 from relay.clock import Clock
 from relay.config import Config
-from relay.db import StoreError
-from relay.outbound import Outbound, Result
-from relay.spool import DueRecipient, Message, Outcome, Spool
+from relay.delivery import bounce
+from relay.delivery.outbound import Outbound, Result
+from relay.store.db import StoreError
+from relay.store.spool import DueRecipient, Message, Outcome, Spool
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics

@@ -30,8 +30,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relay import sdnotify
 from relay.config import Config
+from relay.service import sdnotify
 
 log = logging.getLogger("relaybox.supervisor")
 
