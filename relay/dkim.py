@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from relay import grammar
+
 DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were written against
 INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a thread so the loop keeps serving
 
@@ -142,9 +144,7 @@ _wrap_dkimpy()
 
 def headers_to_sign(message: bytes) -> list[bytes]:
     """The SIGNED_HEADERS present in the header block, once per occurrence, plus From once more."""
-    end = message.find(b"\r\n\r\n")
-    block = message if end < 0 else message[: end + 2]
-    names = [m.group(1).lower() for m in _HEADER_NAME.finditer(block)]
+    names = [m.group(1).lower() for m in _HEADER_NAME.finditer(grammar.header_block(message))]
     wanted = {h.encode() for h in SIGNED_HEADERS}
     return [n for n in names if n in wanted] + [b"from"]
 

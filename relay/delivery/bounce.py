@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from relay import grammar
 from relay.config import Config
 from relay.store.spool import Message, NewMessage
 
@@ -56,9 +57,7 @@ def header_block(body: bytes | None) -> bytes:
     """The original message's header section (up to the blank line), CRLF-terminated."""
     if not body:
         return b""
-    end = body.find(b"\r\n\r\n")
-    block = body if end < 0 else body[: end + 2]
-    return block[:MAX_HEADERS]
+    return grammar.header_block(body)[:MAX_HEADERS]
 
 
 def build(cfg: Config, message: Message, failures: Sequence[Failure], *, now: float) -> bytes:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
-from relay import maillog, replies
+from relay import grammar, maillog, replies
 from relay.smtp import policy
 from relay.smtp.auth import Outcome
 from relay.smtp.session import RelaySMTP
@@ -216,9 +216,7 @@ class Handler:
 
     def _complete(self, content: bytes, smtp: RelaySMTP, login: str) -> bytes:
         """Add Received (always), and Message-ID and Date if missing (RFC 6409 8.2, 8.3)."""
-        head_end = content.find(b"\r\n\r\n")
-        head = content if head_end < 0 else content[: head_end + 2]
-        lower = head.lower()
+        lower = grammar.header_block(content).lower()
         added: list[bytes] = []
         st = smtp.state
         assert st is not None and smtp.session is not None

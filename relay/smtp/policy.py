@@ -13,46 +13,18 @@ from collections.abc import Iterable
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from relay import replies
+from relay import grammar, replies
 from relay.replies import Reply
+from relay.store.domains import SENDING_STATES
 
-SENDING_STATES = frozenset({"verified", "failing"})
-
-# RFC 5321 4.1.2 Mailbox, restricted to what we relay: dot-atom local part (or quoted string),
-# and a domain of LDH labels. Lengths per RFC 5321 4.5.3.1.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})+"
-_MAILBOX = re.compile(rf"^({_LOCAL})@({_DOMAIN})$")
 _FROM_FIELD = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
-
-
-def split_address(address: str) -> tuple[str, str] | None:
-    """(local, domain lowercased) of a mailbox, or None if it is not one we can relay."""
-    if len(address) > 254:
-        return None
-    m = _MAILBOX.match(address)
-    if not m:
-        return None
-    local, domain = m.group(1), m.group(2)
-    # The domain needs no check of its own: within 254 octets, after "@" and a local part, it
-    # has at most 252 (its own limit, RFC 1035, is 253).
-    if len(local) > 64:
-        return None
-    return local, domain.lower()
-
-
-def domain_of(address: str) -> str | None:
-    parts = split_address(address)
-    return parts[1] if parts else None
 
 
 def check_sender(user_domain: str, mail_from: str, domain_state: str | None) -> Reply | None:
     """MAIL FROM: the envelope sender must be in the user's domain, and that domain may send."""
     if mail_from in ("", "<>"):  # aiosmtpd hands the null reverse-path over as "<>"
         return replies.NULL_SENDER_REFUSED
-    sender_domain = domain_of(mail_from)
+    sender_domain = grammar.mailbox_domain(mail_from)
     if sender_domain is None:
         return replies.BAD_SENDER_SYNTAX
     if sender_domain != user_domain.lower():
@@ -64,7 +36,7 @@ def check_sender(user_domain: str, mail_from: str, domain_state: str | None) -> 
 
 def check_recipient(address: str, count_so_far: int, max_recipients: int) -> Reply | None:
     """RCPT TO: syntax, and the per-message limit (RFC 5321 4.5.3.1.8: 452 4.5.3)."""
-    if split_address(address) is None:
+    if grammar.split_address(address) is None:
         return replies.BAD_RCPT_SYNTAX
     if count_so_far >= max_recipients:
         return replies.TOO_MANY_RECIPIENTS
@@ -75,8 +47,7 @@ def header_from_addresses(message: bytes) -> list[str] | None:
     """The addresses in the From header(s), or None if there is no parseable From."""
     # Only the header block: the parser reads all it is given (as str, through a StringIO), which
     # costs about 7x the size of a whole message held in memory.
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 4]
+    head = grammar.header_block(message)
     headers = BytesHeaderParser(policy=compat32).parsebytes(head)
     values = headers.get_all("From") or []
     # RFC 5322 3.6: exactly one From field. Counted over the raw header block too, as a receiver
@@ -95,7 +66,7 @@ def check_header_from(user_domain: str, addresses: Iterable[str] | None) -> Repl
     if not addresses:  # none at all, or an empty group ("undisclosed-senders: ;")
         return replies.HEADER_FROM_MISSING
     for addr in addresses:
-        dom = domain_of(addr)
+        dom = grammar.mailbox_domain(addr)
         if dom is None:
             return replies.HEADER_FROM_MISSING
         if dom != user_domain.lower():

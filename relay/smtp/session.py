@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
-import re
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from relay import replies
+from relay import grammar, replies
 from relay.replies import Reply
 
 if TYPE_CHECKING:
@@ -69,13 +68,6 @@ class SessionState:
     messages: int = 0
 
 
-# <dot-atom@LDH-domain>, then nothing or spaces and parameters: see RelaySMTP._getaddr.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(
-    rf"^\s*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
-    r"(?:[ \t]+([^\s(].*))?$",
-    re.DOTALL,
-)
 _MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
 _CHUNK = 1024 * 1024
 # Held in memory per message: the bytearray (1x) plus the copies made when the message is
@@ -180,7 +172,7 @@ class RelaySMTP(SMTP):
         about a tenth of the server's CPU per message. A bracketed dot-atom address needs none of
         that: the result is the same string (a test compares both on generated addresses).
         """
-        m = _SIMPLE_PATH.match(arg)
+        m = grammar.SIMPLE_PATH.match(arg)
         if m is not None:
             return m.group(1), m.group(2) or ""
         try:

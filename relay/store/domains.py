@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 STATES = ("pending", "verified", "failing", "suspended")
+# The states in which a domain's users may send: verified, or failing inside dns.failure_grace.
+SENDING_STATES = frozenset({"verified", "failing"})
 RECHECK_CONCURRENCY = 8
 
 
@@ -87,7 +89,7 @@ class Domain:
     @property
     def can_send(self) -> bool:
         """Verified, or failing but still inside ``dns.failure_grace``."""
-        return self.state in ("verified", "failing")
+        return self.state in SENDING_STATES
 
 
 @dataclass(frozen=True)

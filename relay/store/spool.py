@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import clock as clock_mod
+from relay import grammar
 from relay.clock import Clock
 from relay.config import Config
 from relay.errors import Invalid
@@ -57,7 +58,6 @@ __all__ = [
     "RecipientInfo",
     "Spool",
     "Stats",
-    "domain_of",
     "new_id",
 ]
 
@@ -143,10 +143,6 @@ def new_id(now: float) -> str:
     """16 characters, sortable by time (ms) then random: short to quote, unique across workers."""
     raw = int(now * 1000).to_bytes(6, "big") + secrets.token_bytes(4)
     return base64.b32hexencode(raw).decode("ascii").lower()  # base32hex keeps sort order
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 @dataclass(frozen=True)
@@ -297,7 +293,7 @@ class Spool(SpoolAdmin):
         msg_id = new_id(now)
         op.messages.append((msg_id, m.sender, m.user, len(m.body), now, m.body))
         for i, rcpt in enumerate(m.recipients):
-            op.recipients.append((msg_id, i, rcpt, domain_of(rcpt), now))
+            op.recipients.append((msg_id, i, rcpt, grammar.domain_part(rcpt), now))
         return msg_id
 
     async def _submit(self, op: _Op) -> Any:

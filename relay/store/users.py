@@ -13,24 +13,18 @@ last-login updates (writes to the shared database stay rare).
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import aiosqlite
 
-from relay import maillog
+from relay import grammar, maillog
 from relay.config import Config, format_duration
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import domains, events
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
-
-# RFC 5321 section 4.1.2 Dot-string: atoms of atext (RFC 5322 section 3.2.3) joined by single dots.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*$")
-MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
 
 _COLUMNS = (
     "login, domain, created_at, last_login_at, password_changed_at, previous_hash, "
@@ -97,9 +91,11 @@ def normalize_login(login: str) -> str:
     shown = login if len(login) <= 100 else login[:100] + "..."  # client input: keep errors short
     if not sep or not local or not domain:
         raise Invalid(f"login {shown!r} must look like name@domain")
-    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART:
-        raise Invalid(f"login {shown!r}: the part before @ is longer than {MAX_LOCAL_PART} bytes")
-    if not local.isascii() or not _DOT_ATOM.match(local):
+    if len(local.encode("utf-8", "surrogatepass")) > grammar.MAX_LOCAL_PART:
+        raise Invalid(
+            f"login {shown!r}: the part before @ is longer than {grammar.MAX_LOCAL_PART} bytes"
+        )
+    if not local.isascii() or not grammar.is_dot_atom(local):
         raise Invalid(
             f"login {shown!r}: the part before @ may use letters, digits and !#$%&'*+/=?^_`{{|}}~- "
             "separated by single dots"

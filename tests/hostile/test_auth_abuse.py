@@ -19,11 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import replies
+from relay import grammar, replies
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Invalid
-from relay.smtp import policy
 from relay.store import users
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
@@ -237,14 +236,14 @@ addressish = st.one_of(
 @PROPS
 @given(addressish)
 def test_split_address_never_raises_and_accepts_only_printable_ascii(address: str) -> None:
-    parts = policy.split_address(address)
+    parts = grammar.split_address(address)
     if parts is None:
         return
     local, domain = parts
     assert all(0x20 <= ord(c) < 0x7F for c in address), address
     assert f"{local}@{domain}".lower() == address.lower()
     assert len(local) <= 64 and len(address) <= 254
-    assert policy.split_address(f"{local}@{domain}") == parts
+    assert grammar.split_address(f"{local}@{domain}") == parts
 
 
 @PROPS
