@@ -88,5 +88,5 @@ def main() -> None:
     cli(prog_name="relaybox")
 
 
-if __name__ == "__main__":  # `python -m admin.cli`: how the supervisor starts its workers
+if __name__ == "__main__":  # `python -I -m admin.cli`: how `relaybox serve` starts its workers
     main()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import click
 
 from admin import common
+from relay.config import Config
 from relay.service.server import Server
 from relay.service.supervisor import Supervisor, watch_supervisor
 from relay.store.db import StoreError
@@ -31,6 +32,21 @@ def setup_logging(level: str) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # aiosqlite logs every statement with its parameters at DEBUG (hashes, DKIM keys): never.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+
+def worker_command(cfg: Config, log_level: str) -> Callable[[int], list[str]]:
+    """How the supervisor starts worker I: this interpreter in isolated mode (``-I``), so neither
+    the working directory nor PYTHON* variables reach sys.path. Plain ``-m`` puts the working
+    directory first: started as root from a directory holding an ``admin/cli.py``, that file would
+    run as root."""
+    argv = [sys.executable, "-I", "-m", "admin.cli"]
+    if not cfg.source.startswith("("):  # a file, not the built-in defaults
+        argv += ["--config", cfg.source]
+
+    def command(index: int) -> list[str]:
+        return [*argv, "serve", "--worker", str(index), "--log-level", log_level]
+
+    return command
 
 
 async def _serve(server: Server, after_bind: Callable[[], None]) -> None:
@@ -55,7 +71,7 @@ def register(cli: click.Group) -> None:
         setup_logging(log_level)
         if worker is None and cfg.workers > 1:
             # The supervisor touches no state: each worker binds, drops root and opens the store.
-            ctx.exit(asyncio.run(Supervisor(cfg, log_level).run()))
+            ctx.exit(asyncio.run(Supervisor(cfg, worker_command(cfg, log_level)).run()))
         if worker is not None and worker >= cfg.workers:
             raise click.ClickException(f"--worker {worker}: the config has workers = {cfg.workers}")
         server = Server(cfg, worker=worker or 0)

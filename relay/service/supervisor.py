@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,17 +38,14 @@ START_TIMEOUT = 120.0
 SUPERVISOR_FD_ENV = "RELAYBOX_SUPERVISOR_FD"
 
 
-def worker_argv(cfg: Config, index: int, log_level: str) -> list[str]:
-    argv = [sys.executable, "-m", "admin.cli"]
-    if not cfg.source.startswith("("):  # a file, not the built-in defaults
-        argv += ["--config", cfg.source]
-    return [*argv, "serve", "--worker", str(index), "--log-level", log_level]
+WorkerCommand = Callable[[int], Sequence[str]]
+"""Given a worker's index, the command line that runs that worker (the caller's entry point)."""
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, log_level: str = "INFO") -> None:
+    def __init__(self, cfg: Config, worker_command: WorkerCommand) -> None:
         self.cfg = cfg
-        self.log_level = log_level
+        self.worker_command = worker_command
         self.procs: list[asyncio.subprocess.Process] = []
         self._stopping = False
 
@@ -74,7 +70,7 @@ class Supervisor:
         try:
             for i in range(n):
                 proc = await asyncio.create_subprocess_exec(
-                    *worker_argv(self.cfg, i, self.log_level),
+                    *self.worker_command(i),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     pass_fds=(lifeline,),
