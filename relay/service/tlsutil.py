@@ -94,14 +94,6 @@ def _write_self_signed(cfg: Config, cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def server_context(cfg: Config) -> ssl.SSLContext:
-    """A ready context: the self-signed pair generated if needed, certificate loaded."""
-    ensure_self_signed(cfg)
-    ctx = new_context(cfg)
-    reload(ctx, cfg)
-    return ctx
-
-
 def new_context(cfg: Config) -> ssl.SSLContext:
     """The server context without a certificate yet (loaded by :func:`reload`)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
