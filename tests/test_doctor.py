@@ -20,9 +20,9 @@ import trustme
 from click.testing import CliRunner, Result
 
 from admin.cli import cli
-from admin.doctor_cmd import name_matches, readable_by, stray_files
 from relay import config as config_mod
 from relay.config import Config
+from relay.service.doctor import name_matches, readable_by, stray_files
 from relay.store import domains
 from relay.store.db import MAIN_MIGRATIONS, Database
 from tests.dnsserver import TestDNSServer

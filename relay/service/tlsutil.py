@@ -113,5 +113,7 @@ def reload(ctx: ssl.SSLContext, cfg: Config) -> None:
 
 
 def certificate_info(cfg: Config) -> x509.Certificate:
+    """The certificate in use: the first of its file (the rest is the chain). Raises OSError if
+    the file cannot be read, ValueError if it holds no certificate or one that does not parse."""
     cert_path, _ = cert_paths(cfg)
-    return x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
