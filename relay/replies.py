@@ -16,15 +16,12 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
+        if not self.enhanced:  # an intermediate reply (354) carries no enhanced code
+            return f"{self.code} {self.text}"
         return f"{self.code} {self.enhanced} {self.text}"
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
-
-    @property
-    def prefix(self) -> str:
-        """What tests match on: code and enhanced code."""
-        return f"{self.code} {self.enhanced}"
 
 
 # --- AUTH (RFC 4954) ---
@@ -57,6 +54,9 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message not allowed")
 NUL_IN_MESSAGE = Reply(554, "5.6.0", "NUL byte in message not allowed")
 LINE_TOO_LONG = Reply(554, "5.6.0", "Message line too long (RFC 5321 4.5.3.1.6: 998 octets)")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 USER_REVOKED = Reply(535, "5.7.8", "Authentication credentials no longer valid")
 
@@ -68,6 +68,11 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 MEMORY_BUSY = Reply(451, "4.3.1", "Server busy, try again later")
+
+
+def queued(msg_id: str) -> Reply:
+    """QUEUED with the message's queue id in it."""
+    return QUEUED.with_text(QUEUED.text.format(id=msg_id))
 
 
 def token(reply: Reply) -> str:

@@ -91,7 +91,7 @@ class RelayHandle:
         if verified:
             passing = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
             await domains.record_results(db, name, passing, cfg=cfg, now=self.clock())
-        self.server._domain_cache.clear()
+        self.server.acceptor.forget()
 
     async def add_user(self, login: str, *, verified: bool = True) -> str:
         db = self.server.db

@@ -15,7 +15,8 @@ import tracemalloc
 import pytest
 
 from relay import replies
-from relay.smtp.session import MemoryBudget, RelaySMTP
+from relay.smtp.gate import MemoryBudget
+from relay.smtp.session import RelaySMTP
 from tests.dialogue import Dialogue, b64, plain
 from tests.hostile.kit import LOGIN, authed, eventually, message, queued, with_limits
 from tests.relayserver import RelayHandle
@@ -61,7 +62,7 @@ def server_session(relay: RelayHandle, d: Dialogue) -> RelaySMTP:
     me = d.writer.get_extra_info("sockname")
     (smtp,) = [
         s
-        for s in relay.server._sessions
+        for s in relay.server.gate.sessions
         if s.transport is not None and s.transport.get_extra_info("peername") == me
     ]
     return smtp
@@ -144,7 +145,7 @@ FACTOR, CHUNK = 6, MiB
 
 async def with_budget(relay: RelayHandle, total: int) -> None:
     await relay.server.reload(with_limits(relay.server.cfg, data_memory_budget=total), notify=False)
-    assert relay.server.memory.total == total
+    assert relay.server.gate.memory.total == total
 
 
 async def test_data_needs_room_for_a_first_chunk(relay: RelayHandle) -> None:
@@ -154,7 +155,7 @@ async def test_data_needs_room_for_a_first_chunk(relay: RelayHandle) -> None:
     await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250 2.1.0")
     await d.expect_after("RCPT TO:<r@dest.test>", "250 2.1.5")
     assert await d.reply_after("DATA") == str(replies.MEMORY_BUSY)
-    assert relay.server.memory.peak == 0
+    assert relay.server.gate.memory.peak == 0
     await d.close()
 
 
@@ -168,15 +169,15 @@ async def test_memory_reserved_grows_with_the_message(relay: RelayHandle) -> Non
     await with_budget(relay, need - 1)
     d = await authed(relay, password)
     assert await send_message(d, data) == str(replies.MEMORY_BUSY)
-    assert relay.server.memory.used == 0
+    assert relay.server.gate.memory.used == 0
     assert await queued(relay) == []
     assert await d.reply_after("NOOP") == "250 OK"
     await d.close()
     await with_budget(relay, need)
     d = await authed(relay, password)
     assert (await send_message(d, data)).startswith(QUEUED)
-    assert relay.server.memory.peak == need
-    assert relay.server.memory.used == 0
+    assert relay.server.gate.memory.peak == need
+    assert relay.server.gate.memory.used == 0
     assert len(await queued(relay)) == 1
     await d.close()
 
@@ -196,8 +197,8 @@ async def test_a_refused_message_is_not_held_while_it_is_read(relay: RelayHandle
         reply = await send_message(d, head + fault + (b"z" * 998 + b"\r\n") * 2)
         expected = replies.NUL_IN_MESSAGE if b"\0" in fault else replies.BARE_LINE_ENDING
         assert reply == str(expected), fault
-        assert relay.server.memory.peak == FACTOR * (CHUNK + len(head))  # the lines before it
-        assert relay.server.memory.used == 0
+        assert relay.server.gate.memory.peak == FACTOR * (CHUNK + len(head))  # the lines before it
+        assert relay.server.gate.memory.used == 0
     assert await queued(relay) == []
     await d.close()
 

@@ -16,24 +16,25 @@ import contextlib
 import logging
 import signal
 import ssl
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+import dns.asyncresolver
 
 from relay import clock as clock_mod
 from relay import config as config_mod
-from relay import dnscheck, replies
+from relay import dnscheck
 from relay.clock import Clock
 from relay.config import Config, Listener
-from relay.dkim import Signer
+from relay.delivery.scheduler import Deliverer
 from relay.metrics import Metrics
-from relay.replies import Reply
 from relay.service import sdnotify, tlsutil
+from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator
+from relay.smtp.gate import Gate
 from relay.smtp.handler import Handler
-from relay.smtp.session import MemoryBudget, RelaySMTP
+from relay.smtp.session import RelaySMTP
 from relay.store import domains
 from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
 from relay.store.passwords import Hasher
@@ -41,7 +42,6 @@ from relay.store.spool import Spool
 
 log = logging.getLogger("relaybox.server")
 
-DOMAIN_CACHE_TTL = 10.0  # seconds a domain's state/key is trusted before it is read again
 LOGIN_FLUSH_INTERVAL = 30.0
 
 
@@ -57,29 +57,25 @@ class Server:
         self.cfg = cfg
         self.clock = clock
         self.worker = worker
-        # The budget is the service's: with workers, each process gets its share.
-        self.memory = MemoryBudget(cfg.limits.data_memory_budget // cfg.workers)
         self.metrics = Metrics()
-        self.draining = False
+        # The memory budget is the service's: with workers, each process gets its share.
+        self.gate = Gate(cfg.limits, cfg.limits.data_memory_budget // cfg.workers, self.metrics)
         self._shutting_down = False
         self.bound: list[Bound] = []
         self._servers: list[asyncio.Server] = []
-        self._sessions: set[RelaySMTP] = set()
-        self._per_ip: Counter[str] = Counter()
         self._stop = asyncio.Event()
-        self._no_sessions = asyncio.Event()
-        self._no_sessions.set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._domain_cache: dict[str, tuple[float, str | None, Any]] = {}
         self._ssl: ssl.SSLContext | None = None
+        # Made by startup(), in this order; None until then (and after a failed start).
         self.db: Database | None = None
-        self.spool: Spool | None = None
-        self.deliverer: Any = None
-        self._orphans: list[tuple[Spool, Any]] = []
         self._hasher: Hasher | None = None
         self._auth: Authenticator | None = None
-        self.signer = Signer()
-        self.handler = Handler(self)
+        self.resolver: dns.asyncresolver.Resolver | None = None
+        self.spool: Spool | None = None
+        self.deliverer: Deliverer | None = None
+        self._orphans: list[tuple[Spool, Deliverer]] = []
+        self.acceptor: Acceptor | None = None
+        self.handler: Handler | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -91,10 +87,6 @@ class Server:
         is read before ``after_bind`` (root can read /etc/letsencrypt); a generated one after it,
         so it belongs to the service user.
         """
-        from relay.delivery.scheduler import (
-            Deliverer,  # delivery pulls in aiosmtplib: only when serving
-        )
-
         cfg = self.cfg
         self._ssl = tlsutil.new_context(cfg)
         if cfg.tls.cert:
@@ -125,8 +117,10 @@ class Server:
         self.deliverer = Deliverer(
             self.spool, cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
         )
+        self.acceptor = Acceptor(self.db, self.spool, self.metrics, wake=self.deliverer.wake)
+        self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics)
         if self.worker == 0:
-            await self._adopt_orphan_spools(Deliverer)
+            await self._adopt_orphan_spools(self.resolver)
         if not cfg.delivery.paused:
             self.deliverer.start()
             for _spool, deliverer in self._orphans:
@@ -151,7 +145,7 @@ class Server:
         cfg = self.cfg
         tls = listener.mode == "tls"
         return RelaySMTP(
-            self,
+            self.gate,
             self.handler,
             listener.mode,
             hostname=cfg.public_hostname,
@@ -232,7 +226,9 @@ class Server:
                         deliverer.start()
             if self._auth is not None:
                 self._auth.configure(new)
-            self.memory.total = new.limits.data_memory_budget // new.workers
+            if self.handler is not None:
+                self.handler.configure(new)
+            self.gate.configure(new.limits, new.limits.data_memory_budget // new.workers)
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
@@ -245,21 +241,11 @@ class Server:
         if self._shutting_down:
             return
         self._shutting_down = True
-        self.draining = True
+        self.gate.draining = True
         for srv in self._servers:
             srv.close()
         # Idle sessions go at once; sessions mid-transaction may finish within the drain window.
-        for smtp in list(self._sessions):
-            if smtp.is_idle():
-                await _push_quietly(smtp, replies.SHUTTING_DOWN)
-                smtp.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_sessions.wait(), self.cfg.limits.drain_timeout)
-        for smtp in list(self._sessions):
-            await _push_quietly(smtp, replies.SHUTTING_DOWN)
-            smtp.close()
-        with contextlib.suppress(TimeoutError):  # let the cut connections finish closing
-            await asyncio.wait_for(self._no_sessions.wait(), 2)
+        await self.gate.drain(float(self.cfg.limits.drain_timeout))
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 5)
@@ -282,11 +268,11 @@ class Server:
             self._hasher.close()
         log.info("stopped")
 
-    def _deliverers(self) -> list[Any]:
+    def _deliverers(self) -> list[Deliverer]:
         own = [self.deliverer] if self.deliverer is not None else []
         return own + [d for _s, d in self._orphans]
 
-    async def _adopt_orphan_spools(self, deliverer_cls: Any) -> None:
+    async def _adopt_orphan_spools(self, resolver: dns.asyncresolver.Resolver) -> None:
         """Deliver what spool files of workers that no longer exist still hold.
 
         After ``workers`` is lowered, spool-I.db for I >= workers has no process of its own:
@@ -297,78 +283,16 @@ class Server:
             if not index.isdigit() or int(index) < self.cfg.workers:
                 continue
             spool = await Spool.open(self.cfg, worker=int(index), clock=self.clock)
-            deliverer = deliverer_cls(
-                spool, self.cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
+            deliverer = Deliverer(
+                spool, self.cfg, clock=self.clock, resolver=resolver, metrics=self.metrics
             )
             self._orphans.append((spool, deliverer))
             log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)
-
-    # --- sessions ----------------------------------------------------------------------------
-
-    def session_opened(self, smtp: RelaySMTP, ip: str) -> None:
-        self._sessions.add(smtp)
-        self._no_sessions.clear()
-        self._per_ip[ip] += 1
-        self.metrics.connection_opened(smtp.listener_mode)
-
-    def session_closed(self, smtp: RelaySMTP, ip: str) -> None:
-        self._sessions.discard(smtp)
-        if not self._sessions:
-            self._no_sessions.set()
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
-        self.metrics.connection_closed(smtp.listener_mode)
-
-    def admission(self, smtp: RelaySMTP) -> Reply | None:
-        """Refuse a new connection over the limits (it is already counted)."""
-        if self.draining:
-            return replies.SHUTTING_DOWN
-        if len(self._sessions) > self.cfg.limits.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
-        ip = smtp.state.ip if smtp.state else ""
-        if self._per_ip[ip] > self.cfg.limits.max_connections_per_ip:
-            return replies.TOO_MANY_FROM_IP
-        return None
 
     @property
     def auth(self) -> Authenticator:
         assert self._auth is not None
         return self._auth
-
-    # --- acceptance --------------------------------------------------------------------------
-
-    async def _domain(self, name: str) -> tuple[str | None, Any]:
-        now = time.monotonic()
-        hit = self._domain_cache.get(name)
-        if hit is not None and now - hit[0] < DOMAIN_CACHE_TTL:
-            return hit[1], hit[2]
-        assert self.db is not None
-        d = await domains.get(self.db, name)
-        key = await domains.signing_key(self.db, name) if d is not None else None
-        state = d.state if d is not None else None
-        self._domain_cache[name] = (now, state, key)
-        return state, key
-
-    async def domain_state(self, name: str) -> str | None:
-        state, _key = await self._domain(name)
-        return state
-
-    async def accept(
-        self, domain: str, sender: str, recipients: list[str], message: bytes, user: str
-    ) -> str:
-        """Sign and queue; returns the queue id once the message is committed to disk."""
-        _state, key = await self._domain(domain)
-        if key is not None:
-            message = await self.signer.sign_async(message, key)
-        assert self.spool is not None
-        msg_id = await self.spool.enqueue(
-            sender=sender, recipients=recipients, body=message, user=user
-        )
-        self.metrics.accepted(len(recipients), len(message))
-        if self.deliverer is not None:
-            self.deliverer.wake()
-        return msg_id
 
     # --- periodic jobs -----------------------------------------------------------------------
 
@@ -390,18 +314,13 @@ class Server:
             await self.recheck_domains()
 
     async def recheck_domains(self) -> None:
-        assert self.db is not None
+        assert self.db is not None and self.resolver is not None
         try:
             result = await domains.recheck(
                 self.db, resolver=self.resolver, cfg=self.cfg, now=self.clock()
             )
-            self._domain_cache.clear()
+            if self.acceptor is not None:
+                self.acceptor.forget()
             self.metrics.set_domain_states(Counter(d.state for d in result))
         except StoreError as exc:
             log.warning("domain recheck failed: %s", exc)
-
-
-async def _push_quietly(smtp: RelaySMTP, reply: Reply) -> None:
-    with contextlib.suppress(Exception):
-        if smtp.transport is not None and not smtp.transport.is_closing():
-            await asyncio.wait_for(smtp.push(str(reply)), 1)

@@ -11,18 +11,17 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from relay import grammar, maillog, replies
+from relay.config import Config
+from relay.metrics import Metrics
 from relay.smtp import policy
-from relay.smtp.auth import Outcome
+from relay.smtp.accept import Acceptor
+from relay.smtp.auth import Authenticator, Outcome
 from relay.smtp.session import RelaySMTP
 from relay.store.db import StoreError
-
-if TYPE_CHECKING:
-    from relay.service.server import Server
 
 log = logging.getLogger("relaybox.handler")
 
@@ -34,8 +33,17 @@ MAX_AUTH_FAILURES_PER_SESSION = 3
 
 
 class Handler:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(
+        self, cfg: Config, auth: Authenticator, acceptor: Acceptor, metrics: Metrics
+    ) -> None:
+        self.cfg = cfg
+        self.auth = auth
+        self.acceptor = acceptor
+        self.metrics = metrics
+
+    def configure(self, cfg: Config) -> None:
+        """Reload: limits and the hostname apply from the next command on."""
+        self.cfg = cfg
 
     # --- AUTH (RFC 4954; PLAIN is RFC 4616) ------------------------------------------------------
 
@@ -65,9 +73,9 @@ class Handler:
         """The initial response (inline, or after a 334 challenge), decoded; None once a reply
         was sent (throttled: 454 without argon2 work; cancelled or undecodable: 501)."""
         assert smtp.state is not None
-        if self.server.auth.is_throttled(smtp.state.ip):
+        if self.auth.is_throttled(smtp.state.ip):
             maillog.auth_throttled(smtp.state.ip)
-            self.server.metrics.auth_throttled()
+            self.metrics.auth_throttled()
             await smtp.push(str(replies.AUTH_THROTTLED))
             return None
         if len(args) == 1:
@@ -90,14 +98,14 @@ class Handler:
             # No proxy authorization: authzid, if given, must be the login itself (RFC 4616 2).
             # Checked like any wrong password (same cost, same counting, same reply).
             login, password = "", ""
-        answer = await self.server.auth.authenticate(login, password, st.ip)
+        answer = await self.auth.authenticate(login, password, st.ip)
         answer_outcome, reason, identity = answer.outcome, answer.reason, answer.identity
         if answer_outcome is Outcome.OK:
             assert identity is not None
             st.identity = identity
             smtp.session.authenticated = True
             maillog.auth_ok(identity.login, st.ip, mech, identity.which)
-            self.server.metrics.auth_ok()
+            self.metrics.auth_ok()
             await smtp.push(str(replies.AUTH_OK))
             # We sent the reply ourselves; "handled" keeps aiosmtpd from sending another one
             # (and from touching its deprecated Session.login_data).
@@ -108,12 +116,12 @@ class Handler:
             return _HANDLED
         if answer_outcome is Outcome.THROTTLED:
             maillog.auth_throttled(st.ip, shown)
-            self.server.metrics.auth_throttled()
+            self.metrics.auth_throttled()
             await smtp.push(str(replies.AUTH_THROTTLED))
             return _HANDLED
         st.auth_failures += 1
         maillog.auth_failed(shown, st.ip, mech, reason or "bad_credentials")
-        self.server.metrics.auth_failed()
+        self.metrics.auth_failed()
         if st.auth_failures >= MAX_AUTH_FAILURES_PER_SESSION:
             await smtp.push(str(replies.AUTH_TOO_MANY))
             smtp.close()
@@ -137,8 +145,8 @@ class Handler:
         if identity is None:
             return str(replies.AUTH_REQUIRED)
         try:
-            valid = await self.server.auth.still_valid(identity)
-            state = await self.server.domain_state(identity.domain)
+            valid = await self.auth.still_valid(identity)
+            state = await self.acceptor.domain_state(identity.domain)
         except StoreError:
             return str(replies.TEMP_FAILURE)
         if not valid:
@@ -152,7 +160,7 @@ class Handler:
             maillog.rejected(
                 "mail", replies.token(refusal), st.ip, identity.login, **{"from": address}
             )
-            self.server.metrics.rejected(replies.token(refusal))
+            self.metrics.rejected(replies.token(refusal))
             return str(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -171,10 +179,10 @@ class Handler:
         if st.identity is None:
             return str(replies.AUTH_REQUIRED)
         refusal = policy.check_recipient(
-            address, len(envelope.rcpt_tos), self.server.cfg.limits.max_recipients
+            address, len(envelope.rcpt_tos), self.cfg.limits.max_recipients
         )
         if refusal is not None:
-            self.server.metrics.rejected(replies.token(refusal))
+            self.metrics.rejected(replies.token(refusal))
             return str(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -193,11 +201,11 @@ class Handler:
             )
         if refusal is not None:
             maillog.rejected("data", replies.token(refusal), st.ip, identity.login)
-            self.server.metrics.rejected(replies.token(refusal))
+            self.metrics.rejected(replies.token(refusal))
             return str(refusal)
         message = self._complete(content, smtp, identity.login)
         try:
-            msg_id = await self.server.accept(
+            msg_id = await self.acceptor.accept(
                 identity.domain,
                 envelope.mail_from,
                 list(envelope.rcpt_tos),
@@ -206,13 +214,13 @@ class Handler:
             )
         except StoreError:
             log.exception("could not queue a message from %s", maillog.safe(identity.login))
-            self.server.metrics.rejected("store_error")
+            self.metrics.rejected("store_error")
             return str(replies.TEMP_FAILURE)
         st.messages += 1
         maillog.queued(
             msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
         )
-        return str(replies.QUEUED.with_text(f"queued as {msg_id}"))
+        return str(replies.queued(msg_id))
 
     def _complete(self, content: bytes, smtp: RelaySMTP, login: str) -> bytes:
         """Add Received (always), and Message-ID and Date if missing (RFC 6409 8.2, 8.3)."""
@@ -223,7 +231,7 @@ class Handler:
         helo = maillog.safe(smtp.session.host_name or "unknown", 100)
         proto = "ESMTPSA" if smtp.session.ssl is not None or st.listener_mode == "tls" else "ESMTPA"
         now = email.utils.formatdate(time.time(), localtime=False)
-        hostname = self.server.cfg.public_hostname
+        hostname = self.cfg.public_hostname
         received = (
             f"Received: from {helo} ([{st.ip}])\r\n\tby {hostname} (relaybox) with {proto};\r\n"
             f"\t{now}\r\n"

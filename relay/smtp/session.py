@@ -17,42 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, syntax
 
 from relay import grammar, replies
 from relay.replies import Reply
-
-if TYPE_CHECKING:
-    from relay.service.server import Server
+from relay.smtp.auth import Identity
+from relay.smtp.gate import Gate
 
 log = logging.getLogger("relaybox.session")
 
 _AUTH_LINE_LIMIT = 12288  # RFC 4954 4: at least 12288 octets for an AUTH response line
-
-
-class MemoryBudget:
-    """Bytes of message data that may be held in memory at once, across all sessions."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.used = 0
-        self.peak = 0
-
-    def try_reserve(self, n: int) -> bool:
-        if self.used + n > self.total:
-            return False
-        self.used += n
-        self.peak = max(self.peak, self.used)
-        return True
-
-    def release(self, n: int) -> None:
-        self.used = max(0, self.used - n)
 
 
 @dataclass
@@ -61,7 +42,7 @@ class SessionState:
 
     ip: str
     listener_mode: str
-    identity: Any = None  # relay.auth.Identity once authenticated
+    identity: Identity | None = None  # once authenticated
     auth_failures: int = 0
     busy: bool = False
     in_data: bool = False
@@ -77,9 +58,10 @@ _MEMORY_FACTOR = 6
 
 
 class RelaySMTP(SMTP):
-    def __init__(self, server: Server, handler: Any, listener_mode: str, **kwargs: Any) -> None:
+    def __init__(self, gate: Gate, handler: object, listener_mode: str, **kwargs: Any) -> None:
+        """``handler``: the hooks aiosmtpd calls by name (relay.smtp.handler.Handler)."""
         super().__init__(handler, **kwargs)
-        self.relay = server
+        self.gate = gate
         self.listener_mode = listener_mode
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
@@ -93,7 +75,7 @@ class RelaySMTP(SMTP):
     ) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
             st = self.state
-            if st is not None and self.relay.draining and not self.in_transaction():
+            if st is not None and self.gate.draining and not self.in_transaction():
                 await self.push(str(replies.SHUTTING_DOWN))
                 self.close()
                 return
@@ -117,7 +99,7 @@ class RelaySMTP(SMTP):
             ip = str(peer[0]) if peer else "unknown"
             self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
             self._counted_ip = ip
-            self.relay.session_opened(self, ip)
+            self.gate.opened(self, ip)
         elif self.state is not None:
             # STARTTLS done (aiosmtpd calls this again): RFC 3207 4.2, forget what the client
             # said before it, its AUTH included (possible only with auth.allow_plaintext).
@@ -128,12 +110,12 @@ class RelaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted_ip is not None:
-            self.relay.session_closed(self, self._counted_ip)
+            self.gate.closed(self, self._counted_ip)
             self._counted_ip = None
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        refusal = self.relay.admission(self)
+        refusal = self.gate.admission(self.state.ip if self.state else "")
         if refusal is not None:
             await self.push(str(refusal))
             self.close()
@@ -143,6 +125,13 @@ class RelaySMTP(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    async def close_with(self, reply: Reply) -> None:
+        """Say ``reply`` (within a second, if the connection still takes it), then close."""
+        with contextlib.suppress(Exception):
+            if self.transport is not None and not self.transport.is_closing():
+                await asyncio.wait_for(self.push(str(reply)), 1)
+        self.close()
 
     def _timeout_cb(self) -> None:
         # Idle (or DATA) timeout: say so with 421 4.4.2 (RFC 5321 3.8) before aiosmtpd closes,
@@ -255,12 +244,12 @@ class RelaySMTP(SMTP):
             await self.push(str(replies.AUTH_REQUIRED))
             return
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(str(replies.NEED_RCPT))
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(str(replies.DATA_SYNTAX))
             return
-        budget = self.relay.memory
+        budget = self.gate.memory
         if not budget.try_reserve(_CHUNK * _MEMORY_FACTOR):
             await self.push(str(replies.MEMORY_BUSY))
             return
@@ -269,8 +258,8 @@ class RelaySMTP(SMTP):
         self._data_reserved = _CHUNK * _MEMORY_FACTOR
         self.state.in_data = True
         try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            self._reset_timeout(self.relay.cfg.limits.data_timeout)
+            await self.push(str(replies.START_DATA))
+            self._reset_timeout(self.gate.limits.data_timeout)
             reply, content = await self._read_data()
             if reply is None:
                 assert content is not None
@@ -290,8 +279,8 @@ class RelaySMTP(SMTP):
 
     async def _read_data(self) -> tuple[Reply | None, bytes | None]:
         """Read up to CRLF.CRLF; returns (refusal or None, content)."""
-        limit = self.relay.cfg.limits.max_message_size
-        budget = self.relay.memory
+        limit = self.gate.limits.max_message_size
+        budget = self.gate.memory
         buf = bytearray()
         problem: Reply | None = None
         reader = self._reader

@@ -139,8 +139,8 @@ async def test_actual_data_over_the_limit(
         assert await d.reply_after("NOOP") == "250 OK"
         assert len(await queued(relay)) == 1
         # The refused message was not held: memory never went past the first reservation.
-        assert relay.server.memory.peak <= 2 * 4 * 1024 * 1024
-        assert relay.server.memory.used == 0
+        assert relay.server.gate.memory.peak <= 2 * 4 * 1024 * 1024
+        assert relay.server.gate.memory.used == 0
         await d.close()
     finally:
         await stopped(relay)
@@ -255,7 +255,7 @@ async def test_slow_drip_data_is_cut_at_data_timeout(quick: RelayHandle) -> None
     assert time.monotonic() - sent_at >= limits.data_timeout
     assert d.tail.decode() == str(replies.IDLE_TIMEOUT) + "\r\n"
     assert await queued(quick) == []
-    await eventually(lambda: quick.server.memory.used == 0, what="DATA memory released")
+    await eventually(lambda: quick.server.gate.memory.used == 0, what="DATA memory released")
     await d.close()
 
 
@@ -268,9 +268,9 @@ async def test_disconnect_mid_data_gives_the_memory_back(relay: RelayHandle) -> 
         await start_data(d)
         d.send_raw(message(body=(b"q" * 998 + b"\r\n") * 2500))  # 2.5 MiB, no end
         await d.writer.drain()
-        await eventually(lambda: relay.server.memory.used > 8 * 1024 * 1024, what="growth")
+        await eventually(lambda: relay.server.gate.memory.used > 8 * 1024 * 1024, what="growth")
         d.writer.transport.abort()
-        await eventually(lambda: relay.server.memory.used == 0, what="DATA memory released")
+        await eventually(lambda: relay.server.gate.memory.used == 0, what="DATA memory released")
     assert await queued(relay) == []
 
 
@@ -299,12 +299,12 @@ async def test_connections_per_ip(
             await d.close()
         await quit_and_wait(first.pop())
         # The client may read TLS's close_notify a moment before the server counts the close.
-        await eventually(lambda: relay.server._per_ip["127.0.0.1"] == 2, what="close counted")
+        await eventually(lambda: relay.server.gate.per_ip["127.0.0.1"] == 2, what="close counted")
         again = await Dialogue.open(relay.tls_port, tls=ctx)
         await again.expect_after("NOOP", "250")
         for d in [*first, again]:
             await quit_and_wait(d)
-        await eventually(lambda: relay.server._per_ip == {}, what="every close counted")
+        await eventually(lambda: relay.server.gate.per_ip == {}, what="every close counted")
     finally:
         await stopped(relay)
 
@@ -382,16 +382,17 @@ async def test_parallel_large_messages_stay_within_the_memory_budget(
         msgs = await queued(relay)
         assert sorted(m.id for m in msgs) == sorted(result["ids"])
         assert len(msgs) == clients
-        assert relay.server.memory.peak <= budget
-        assert relay.server.memory.used == 0
+        assert relay.server.gate.memory.peak <= budget
+        assert relay.server.gate.memory.used == 0
         assert result["busy"] > 0, "the budget never had to refuse anyone: the test proves nothing"
         growth_mib = (peak_kib - baseline_kib) / 1024
         record_property("peak_rss_mib", round(peak_kib / 1024, 1))
         record_property("rss_growth_mib", round(growth_mib, 1))
+        budget_peak = relay.server.gate.memory.peak
         with capsys.disabled():
             print(
                 f"\n[memory] {clients} x {size // MiB} MiB at once, budget {budget // MiB} MiB: "
-                f"budget peak {relay.server.memory.peak / MiB:.0f} MiB, server process peak RSS "
+                f"budget peak {budget_peak / MiB:.0f} MiB, server process peak RSS "
                 f"{peak_kib / 1024:.0f} MiB (+{growth_mib:.0f} MiB over "
                 f"{baseline_kib / 1024:.0f} MiB before), {result['busy']} x 451 4.3.1 retries"
             )

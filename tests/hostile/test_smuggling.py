@@ -53,7 +53,7 @@ def server_reader(relay: RelayHandle, d: Dialogue) -> asyncio.StreamReader:
     me = d.writer.get_extra_info("sockname")
     (smtp,) = [
         s
-        for s in relay.server._sessions
+        for s in relay.server.gate.sessions
         if s.transport is not None and s.transport.get_extra_info("peername") == me
     ]
     reader: asyncio.StreamReader = smtp._reader
