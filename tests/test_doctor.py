@@ -27,37 +27,39 @@ from relay.store import domains
 from relay.store.db import MAIN_MIGRATIONS, Database
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay
+from tests.serverconf import serve_config
 from tests.userhelpers import make_domain
 
 LOGIN = "app@example.com"
-CONFIG = """
-state_dir = "{state}"
-public_hostname = "{hostname}"
-[[listen]]
-address = "127.0.0.1"
-port = {starttls}
-mode = "starttls"
-[[listen]]
-address = "127.0.0.1"
-port = {tls}
-mode = "tls"
-[tls]
-cert = "{cert}"
-key = "{key}"
-[auth]
-failure_delay = "0s"
-argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
-[dns]
-nameservers = ["127.0.0.1"]
-port = {dns_port}
-timeout = "500ms"
-outbound_ips = ["192.0.2.10"]
-recheck_interval = "0s"
-[delivery]
-paused = true
-[metrics]
-listen = "127.0.0.1:{metrics}"
-"""
+
+
+def doctor_config(
+    *,
+    state: Path,
+    hostname: str,
+    cert: Path,
+    key: Path,
+    dns_port: int,
+    starttls: int,
+    tls: int,
+    metrics: int,
+) -> str:
+    """What doctor reads: both listeners, the loopback DNS server, the metrics endpoint."""
+    return serve_config(
+        state=state,
+        cert=cert,
+        key=key,
+        hostname=hostname,
+        listen=[(starttls, "starttls"), (tls, "tls")],
+        dns={
+            "nameservers": ["127.0.0.1"],
+            "port": dns_port,
+            "timeout": "500ms",
+            "outbound_ips": ["192.0.2.10"],
+        },
+        delivery={"paused": True},
+        metrics=f"127.0.0.1:{metrics}",
+    )
 
 
 class Box:
@@ -84,7 +86,7 @@ class Box:
             "tls": tls, "metrics": metrics,
         }  # fmt: skip
         values.update(kw)
-        self.path.write_text(CONFIG.format(**values))
+        self.path.write_text(doctor_config(**values))
         return config_mod.load(self.path)
 
 

@@ -26,6 +26,7 @@ import trustme
 from relay import config as config_mod
 from tests import procs
 from tests.dialogue import Dialogue
+from tests.serverconf import serve_config
 from tests.test_systemd_unit import sandboxed
 from tests.userhelpers import seed_user
 
@@ -136,32 +137,15 @@ def write_cert(ca: trustme.CA, cert: Path, key: Path) -> bytes:
 def make_box(tmp_path: Path, ca: trustme.CA) -> Path:
     """A config file for the subprocess: ephemeral loopback ports, a CA-issued certificate."""
     write_cert(ca, tmp_path / "cert.pem", tmp_path / "key.pem")
-    (tmp_path / "relaybox.toml").write_text(
-        f"""
-state_dir = "{tmp_path / "state"}"
-public_hostname = "relay.test"
-[[listen]]
-address = "127.0.0.1"
-port = 0
-mode = "starttls"
-[[listen]]
-address = "127.0.0.1"
-port = 0
-mode = "tls"
-[tls]
-cert = "{tmp_path / "cert.pem"}"
-key = "{tmp_path / "key.pem"}"
-[auth]
-failure_delay = "0s"
-argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
-[limits]
-drain_timeout = "20s"
-[delivery]
-paused = true
-[dns]
-recheck_interval = "0s"
-"""
+    config = serve_config(
+        state=tmp_path / "state",
+        cert=tmp_path / "cert.pem",
+        key=tmp_path / "key.pem",
+        listen=[(0, "starttls"), (0, "tls")],
+        limits={"drain_timeout": "20s"},
+        delivery={"paused": True},
     )
+    (tmp_path / "relaybox.toml").write_text(config)
     return tmp_path
 
 

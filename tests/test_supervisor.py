@@ -7,19 +7,14 @@ nobody to restart the service on the next failure, and a new ``relaybox serve`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
-from relay import config as config_mod
-from tests.faults.procserver import ServerProcess
 from tests.sink import Sink
-from tests.test_workers import LOGIN, _worker_pids, held_port, write_config
-from tests.userhelpers import seed_user
+from tests.test_workers import _worker_pids, workers_running
 
 
 async def exited(pid: int, within: float) -> bool:
@@ -61,25 +56,17 @@ def bindable(port: int) -> bool:
 async def test_workers_stop_when_the_supervisor_is_killed(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    with held_port() as port:
-        path = write_config(tmp_path, tls_files, sink, port=port)
-        await seed_user(config_mod.load(path), LOGIN, now=time.time())
-        server = ServerProcess(path, listeners=1)
-        try:
-            await server.start()
-            await server.wait_for_line("all 2 workers ready")
-            workers = [int(p) for p in _worker_pids(server)]
-            assert len(workers) == 2 and not nobody_listens(port)
-            assert server.proc is not None
-            os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
-            assert await server.wait(within=10) == -signal.SIGKILL
-            for pid in workers:
-                assert await exited(pid, within=10), f"worker {pid} outlived its supervisor"
-            assert nobody_listens(port)
-            warned = [line for line in server.lines if "supervisor exited: stopping" in line]
-            assert len(warned) == 2, server.lines[-20:]
-        finally:
-            with contextlib.suppress(Exception):
-                await server.ensure_stopped()
+    async with workers_running(tmp_path, tls_files, sink) as run:
+        server, port = run.server, run.port
+        workers = [int(p) for p in _worker_pids(server)]
+        assert len(workers) == 2 and not nobody_listens(port)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
+        assert await server.wait(within=10) == -signal.SIGKILL
+        for pid in workers:
+            assert await exited(pid, within=10), f"worker {pid} outlived its supervisor"
+        assert nobody_listens(port)
+        warned = [line for line in server.lines if "supervisor exited: stopping" in line]
+        assert len(warned) == 2, server.lines[-20:]
     # With the test's own placeholder socket gone too, a new server could bind the port.
     assert bindable(port)

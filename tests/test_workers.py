@@ -14,53 +14,21 @@ import socket
 import sqlite3
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from relay import config as config_mod
-from relay.config import ConfigError
+from relay.config import Config, ConfigError
 from tests.dialogue import Dialogue
 from tests.faults.procserver import ServerProcess
+from tests.serverconf import serve_config, smarthost
 from tests.sink import Sink
 from tests.userhelpers import seed_user
 
 LOGIN = "app@example.com"
-CONFIG = """\
-state_dir = "{state}"
-public_hostname = "relay.test"
-workers = {workers}
-
-[[listen]]
-address = "127.0.0.1"
-port = {port}
-mode = "tls"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-
-[auth]
-failure_delay = "0s"
-argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
-
-[dns]
-recheck_interval = "0s"
-
-[limits]
-drain_timeout = "5s"
-
-[delivery]
-mode = "smarthost"
-paused = {paused}
-connect_timeout = "2s"
-
-[delivery.smarthost]
-host = "127.0.0.1"
-port = {sink_port}
-security = "none"
-"""
 
 
 @contextlib.contextmanager
@@ -89,15 +57,74 @@ def listening(server: ServerProcess) -> dict[str, int]:
 
 
 def write_config(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink, *, port: int, **kw: object
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    sink: Sink,
+    *,
+    port: int,
+    workers: int = 2,
+    paused: bool = False,
 ) -> Path:
     cert, key, _ca = tls_files
-    values = {"workers": 2, "paused": "false", "port": port, **kw}
     path = tmp_path / "relaybox.toml"
-    path.write_text(
-        CONFIG.format(state=tmp_path / "state", cert=cert, key=key, sink_port=sink.port, **values)
+    text = serve_config(
+        state=tmp_path / "state",
+        cert=cert,
+        key=key,
+        workers=workers,
+        listen=[(port, "tls")],
+        limits={"drain_timeout": "5s"},
+        delivery=smarthost(sink.port, paused=paused),
     )
+    path.write_text(text)
     return path
+
+
+async def until_ready(server: ServerProcess, workers: int = 2) -> None:
+    """Until the supervisor says every worker is ready; fails at once if it exits first (a
+    worker that could not start), with its last lines, rather than when the wait times out."""
+    assert server.proc is not None
+    ready = asyncio.ensure_future(server.wait_for_line(f"all {workers} workers ready"))
+    exited = asyncio.ensure_future(server.proc.wait())
+    try:
+        await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+    if not ready.done():
+        ready.cancel()
+        raise AssertionError(
+            f"exited ({server.proc.returncode}) before its workers were ready:\n"
+            + "\n".join(server.lines[-30:])
+        )
+    ready.result()
+
+
+@dataclass
+class Running:
+    server: ServerProcess
+    port: int
+    cfg: Config
+    password: str  # of LOGIN, seeded before the start
+
+
+@contextlib.asynccontextmanager
+async def workers_running(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink, *, paused: bool = False
+) -> AsyncIterator[Running]:
+    """Two workers on a held port, both ready and each listening on that port; LOGIN seeded.
+    Whatever happens, no process is left once the block ends, and the port is released."""
+    with held_port() as port:
+        path = write_config(tmp_path, tls_files, sink, port=port, paused=paused)
+        cfg = config_mod.load(path)
+        password = await seed_user(cfg, LOGIN, now=time.time())
+        server = ServerProcess(path, listeners=1)
+        try:
+            await server.start()
+            await until_ready(server)
+            assert listening(server) == {"0": port, "1": port}
+            yield Running(server, port, cfg, password)
+        finally:
+            await server.ensure_stopped()
 
 
 async def submit_many(port: int, ca: Path, password: str, n: int) -> list[str]:
@@ -131,46 +158,27 @@ def test_port_zero_cannot_be_shared() -> None:
 async def test_workers_share_the_port_and_each_delivers_its_spool(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    with held_port() as port:
-        path = write_config(tmp_path, tls_files, sink, port=port)
-        cfg = config_mod.load(path)
-        password = await seed_user(cfg, LOGIN, now=time.time())
-        server = ServerProcess(path, listeners=1)
-        try:
-            await server.start()
-            await server.wait_for_line("all 2 workers ready")
-            assert listening(server) == {"0": port, "1": port}
-            await submit_many(port, tls_files[2], password, 24)
-            got = await sink.wait_received(24, within=30)
-            ids = sorted(re.search(rb"Message-ID: <(w\d+)@", m.data).group(1) for m in got)  # type: ignore[union-attr]
-            assert ids == sorted(f"w{i}".encode() for i in range(24))  # each exactly once
-            # Both spools took mail: the kernel spread the 24 connections over both workers.
-            assert queued_in(cfg.spool_path(0)) > 0 and queued_in(cfg.spool_path(1)) > 0
-            server.signal(signal.SIGTERM)
-            assert await server.wait() == 0
-            assert "stopped" in "\n".join(server.lines)
-        finally:
-            await server.ensure_stopped()
+    async with workers_running(tmp_path, tls_files, sink) as run:
+        await submit_many(run.port, tls_files[2], run.password, 24)
+        got = await sink.wait_received(24, within=30)
+        ids = sorted(re.search(rb"Message-ID: <(w\d+)@", m.data).group(1) for m in got)  # type: ignore[union-attr]
+        assert ids == sorted(f"w{i}".encode() for i in range(24))  # each exactly once
+        # Both spools took mail: the kernel spread the 24 connections over both workers.
+        assert queued_in(run.cfg.spool_path(0)) > 0 and queued_in(run.cfg.spool_path(1)) > 0
+        run.server.signal(signal.SIGTERM)
+        assert await run.server.wait() == 0
+        assert "stopped" in "\n".join(run.server.lines)
 
 
 async def test_a_worker_dying_stops_the_service(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    with held_port() as port:
-        path = write_config(tmp_path, tls_files, sink, port=port)
-        await seed_user(config_mod.load(path), LOGIN, now=time.time())
-        server = ServerProcess(path, listeners=1)
-        try:
-            await server.start()
-            await server.wait_for_line("all 2 workers ready")
-            assert listening(server) == {"0": port, "1": port}
-            pids = [int(p) for p in _worker_pids(server)]
-            assert len(pids) == 2
-            os.kill(pids[1], signal.SIGKILL)
-            assert await server.wait() == 1  # systemd's Restart=on-failure brings it all back
-            await server.wait_for_line("exited on its own")
-        finally:
-            await server.ensure_stopped()
+    async with workers_running(tmp_path, tls_files, sink) as run:
+        pids = [int(p) for p in _worker_pids(run.server)]
+        assert len(pids) == 2
+        os.kill(pids[1], signal.SIGKILL)
+        assert await run.server.wait() == 1  # systemd's Restart=on-failure brings it all back
+        await run.server.wait_for_line("exited on its own")
 
 
 def _worker_pids(server: ServerProcess) -> list[str]:
@@ -183,22 +191,12 @@ async def test_fewer_workers_still_deliver_the_old_spools(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
     """Mail queued by worker 1 is delivered after workers is lowered to 1 (worker 0 adopts it)."""
-    with held_port() as port:
-        path = write_config(tmp_path, tls_files, sink, paused="true", port=port)
-        cfg = config_mod.load(path)
-        password = await seed_user(cfg, LOGIN, now=time.time())
-        server = ServerProcess(path, listeners=1)
-        try:
-            await server.start()
-            await server.wait_for_line("all 2 workers ready")
-            assert listening(server) == {"0": port, "1": port}
-            await submit_many(port, tls_files[2], password, 16)
-            server.signal(signal.SIGTERM)
-            assert await server.wait() == 0
-        finally:
-            await server.ensure_stopped()
-    assert queued_in(cfg.spool_path(1)) > 0
-    write_config(tmp_path, tls_files, sink, workers=1, port=0)  # one process: it binds port 0
+    async with workers_running(tmp_path, tls_files, sink, paused=True) as run:
+        await submit_many(run.port, tls_files[2], run.password, 16)
+        run.server.signal(signal.SIGTERM)
+        assert await run.server.wait() == 0
+    assert queued_in(run.cfg.spool_path(1)) > 0
+    path = write_config(tmp_path, tls_files, sink, workers=1, port=0)  # one process: port 0
     single = ServerProcess(path, listeners=1)
     try:
         await single.start()

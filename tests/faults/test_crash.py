@@ -36,45 +36,11 @@ from relay.store.spool import Spool
 from tests.dialogue import Dialogue, plain
 from tests.faults.procserver import ServerProcess, relaybox_argv
 from tests.hostile.kit import LOGIN, clean, message
+from tests.serverconf import serve_config, smarthost
 from tests.sink import Sink
 from tests.userhelpers import seed_user
 
 CLIENTS, PER_CLIENT, SIGNAL_AFTER = 8, 40, 120
-
-CONFIG = """\
-state_dir = "{state}"
-public_hostname = "relay.test"
-
-[[listen]]
-address = "127.0.0.1"
-port = 0
-mode = "tls"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-
-[auth]
-failure_delay = "0s"
-argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
-
-[dns]
-recheck_interval = "0s"
-dkim_key_type = "ed25519"
-
-[limits]
-drain_timeout = "20s"
-
-[delivery]
-mode = "smarthost"
-connect_timeout = "2s"
-command_timeout = "10s"
-
-[delivery.smarthost]
-host = "127.0.0.1"
-port = {sink_port}
-security = "none"
-"""
 
 _MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>\r$", re.M | re.I)
 
@@ -98,7 +64,14 @@ async def setup(tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink) 
     cert, key, ca = tls_files
     path = tmp_path / "relaybox.toml"
     path.write_text(
-        CONFIG.format(state=tmp_path / "state", cert=cert, key=key, sink_port=sink.port)
+        serve_config(
+            state=tmp_path / "state",
+            cert=cert,
+            key=key,
+            dns={"dkim_key_type": "ed25519"},
+            limits={"drain_timeout": "20s"},
+            delivery=smarthost(sink.port, command_timeout="10s"),
+        )
     )
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())

@@ -30,6 +30,7 @@ from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.faults.procserver import ServerProcess
 from tests.hostile.kit import LOGIN, message
+from tests.serverconf import serve_config, smarthost
 from tests.sink import Sink
 from tests.userhelpers import make_domain_sync, seed_user
 
@@ -143,44 +144,6 @@ def test_cli_output_and_errors_carry_no_secret(cli_config: Path) -> None:
 
 # --- the server, at DEBUG -----------------------------------------------------------------------
 
-SERVE_CONFIG = """\
-state_dir = "{state}"
-public_hostname = "relay.test"
-
-[[listen]]
-address = "127.0.0.1"
-port = 0
-mode = "tls"
-
-[[listen]]
-address = "127.0.0.1"
-port = 0
-mode = "starttls"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-
-[auth]
-failure_delay = "0s"
-argon2 = {{ time_cost = 1, memory_kib = 1024, parallelism = 1 }}
-
-[dns]
-recheck_interval = "0s"
-
-[delivery]
-mode = "smarthost"
-connect_timeout = "2s"
-command_timeout = "5s"
-
-[delivery.smarthost]
-host = "127.0.0.1"
-port = {sink_port}
-security = "none"
-username = "relay"
-password = "Upstream-secret-42"
-"""
-
 
 async def test_serve_at_debug_logs_no_secret(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
@@ -190,10 +153,16 @@ async def test_serve_at_debug_logs_no_secret(
     secret in its whole stderr, even with every library's DEBUG logging on."""
     cert, key, ca = tls_files
     path = tmp_path / "relaybox.toml"
+    upstream_password = leaks.add("Upstream-secret-42")
     path.write_text(
-        SERVE_CONFIG.format(state=tmp_path / "state", cert=cert, key=key, sink_port=sink.port)
+        serve_config(
+            state=tmp_path / "state",
+            cert=cert,
+            key=key,
+            listen=[(0, "tls"), (0, "starttls")],
+            delivery=smarthost(sink.port, command_timeout="5s", login=("relay", upstream_password)),
+        )
     )
-    leaks.add("Upstream-secret-42")
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())
     wrong = leaks.add("Wrong-but-secret-too-77")
