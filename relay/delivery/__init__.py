@@ -1,1 +1,1 @@
-"""TODO"""
+"""The far side: every outbound connection (scheduler, outbound SMTP client, bounces)."""

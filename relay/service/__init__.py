@@ -1,1 +1,1 @@
-"""TODO"""
+"""The process: lifecycle and wiring, workers, systemd notify, TLS files, doctor checks."""

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The store: every SQL statement (users, passwords, domains, audit events, the spool)."""
