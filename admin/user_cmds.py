@@ -1,7 +1,8 @@
 """`relaybox user ...`: SMTP users (add, list, show, reset-password, revoke-old, delete, disable).
 
-Presentation only: the rules live in relay/users.py and relay/passwords.py. A password is printed
-exactly once, right after it was generated; `--password-stdin` passwords are never echoed.
+Presentation only: the rules live in relay/store/users.py and relay/store/passwords.py. A password
+is printed exactly once, right after it was generated; `--password-stdin` passwords are never
+echoed.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import click
 
 from admin import common
 from relay import clock
-from relay.config import Config, parse_duration
+from relay.config import Config
 from relay.store import events, passwords, users
 from relay.store.db import Database
 from relay.store.passwords import Hasher
 from relay.store.users import User
+from relay.units import parse_duration
 
 T = TypeVar("T")
 

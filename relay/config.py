@@ -1,4 +1,4 @@
-"""Typed configuration: frozen dataclasses loaded from TOML.
+"""Typed configuration: frozen dataclasses loaded from TOML (durations and sizes: relay/units.py).
 
 Every key is validated at load; an unknown key is an error that names it. With no file at all the
 defaults run unprivileged on loopback (127.0.0.1:2587 STARTTLS and 127.0.0.1:2465 TLS) with state in
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import os
 import re
 import tomllib
@@ -21,83 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.units import Duration, Size, format_duration, parse_duration, parse_size
+
 SYSTEM_CONFIG = Path("/etc/relaybox/relaybox.toml")
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid. The message names the key."""
-
-
-class Duration(float):
-    """Seconds, written in TOML as "90s", "15m", "1h", "5d" (or a bare number of seconds)."""
-
-
-class Size(int):
-    """Bytes, written in TOML as "25MiB", "512KiB", "1GiB", "100kB" (or a bare integer)."""
-
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "kB": 1000,
-    "KB": 1000,
-    "KiB": 1024,
-    "MB": 1000**2,
-    "MiB": 1024**2,
-    "GB": 1000**3,
-    "GiB": 1024**3,
-}
-
-
-def parse_duration(value: object) -> Duration:
-    """Parse "90s" / "15m" / "1h" / "5d" / "0" into seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 90s, 15m, 1h or 5d")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 1h, 5d)")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise ValueError("expected a duration such as 90s, 15m, 1h or 5d")
-    if not math.isfinite(seconds):  # TOML has nan and inf: neither is a duration
-        raise ValueError("a duration must be a finite number of seconds")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return Duration(seconds)
-
-
-def parse_size(value: object) -> Size:
-    """Parse "25MiB" / "100kB" / 1024 into bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 25MiB")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a size (use e.g. 512KiB, 25MiB)")
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    else:
-        raise ValueError("expected a size such as 25MiB")
-    if n < 0:
-        raise ValueError("a size cannot be negative")
-    return Size(n)
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact spelling: 3600 -> "1h", 90 -> "90s"."""
-    for unit, mult in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= mult and seconds % mult == 0:
-            return f"{int(seconds // mult)}{unit}"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds}s"
 
 
 def default_state_dir() -> Path:
@@ -449,19 +378,3 @@ def to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
 
     result: dict[str, Any] = conv(cfg, ())
     return result
-
-
-# Re-exported for typing users of this module.
-__all__ = [
-    "Config",
-    "ConfigError",
-    "Duration",
-    "Listener",
-    "Size",
-    "load",
-    "from_dict",
-    "to_dict",
-    "parse_duration",
-    "parse_size",
-    "format_duration",
-]

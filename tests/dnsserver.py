@@ -42,7 +42,8 @@ import pytest
 from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
-from relay.config import Config, Duration
+from relay.config import Config
+from relay.units import Duration
 
 log = logging.getLogger("tests.dnsserver")
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from relay.clock import ManualClock
-from relay.config import Config, Duration, Listener
+from relay.config import Config, Listener
 from relay.smtp.auth import Authenticator, Outcome, Throttle
 from relay.store import db as db_mod
 from relay.store import events, users
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.passwords import Hasher
+from relay.units import Duration
 from tests import leaks
 from tests.hostile.kit import with_auth
 from tests.userhelpers import make_domain

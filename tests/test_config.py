@@ -1,4 +1,4 @@
-"""Config: the reference file and the dataclasses agree; bad keys are named."""
+"""Config: the reference file and the dataclasses agree; bad keys are named; units parse."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay import config as config_mod
+from relay import units
 from relay.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,15 +137,15 @@ def test_bad_values_name_the_key(tmp_path: Path, toml: str, message: str) -> Non
 
 
 def test_durations_and_sizes() -> None:
-    assert config_mod.parse_duration("90s") == 90
-    assert config_mod.parse_duration("15m") == 900
-    assert config_mod.parse_duration("1h") == 3600
-    assert config_mod.parse_duration("5d") == 432000
-    assert config_mod.parse_duration("0") == 0
-    assert config_mod.parse_size("25MiB") == 25 * 1024 * 1024
-    assert config_mod.parse_size("100kB") == 100_000
-    assert config_mod.format_duration(3600) == "1h"
-    assert config_mod.format_duration(90) == "90s"
+    assert units.parse_duration("90s") == 90
+    assert units.parse_duration("15m") == 900
+    assert units.parse_duration("1h") == 3600
+    assert units.parse_duration("5d") == 432000
+    assert units.parse_duration("0") == 0
+    assert units.parse_size("25MiB") == 25 * 1024 * 1024
+    assert units.parse_size("100kB") == 100_000
+    assert units.format_duration(3600) == "1h"
+    assert units.format_duration(90) == "90s"
 
 
 def test_secrets_are_redacted() -> None:

@@ -18,13 +18,14 @@ import pytest
 import trustme
 
 from relay.clock import ManualClock
-from relay.config import Config, Duration, SmarthostConfig, SpoolConfig
+from relay.config import Config, SmarthostConfig, SpoolConfig
 from relay.delivery.outbound import classify
 from relay.delivery.scheduler import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
 from relay.errors import NotFound
 from relay.metrics import Metrics
 from relay.store import db as db_mod
 from relay.store.spool import Spool
+from relay.units import Duration
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.sink import Received, Sink, SinkFactory

@@ -20,7 +20,8 @@ import dns.name
 import pytest
 
 from relay import dkimkeys, dnscheck
-from relay.config import Config, Duration
+from relay.config import Config
+from relay.units import Duration
 from tests.dnsserver import TestDNSServer
 
 D = "example.com"

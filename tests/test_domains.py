@@ -9,11 +9,12 @@ import pytest
 
 from relay import dkimkeys, dnscheck
 from relay.clock import ManualClock
-from relay.config import Config, Duration
+from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import domains, events, users
 from relay.store.db import Database
 from relay.store.passwords import Hasher
+from relay.units import Duration
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 

@@ -14,9 +14,10 @@ import dkim
 import dns.resolver
 
 from relay.clock import ManualClock
-from relay.config import Config, Duration
+from relay.config import Config
 from relay.store import domains
 from relay.store.db import Database
+from relay.units import Duration
 from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay

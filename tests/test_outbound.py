@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.config import Config, Duration, SmarthostConfig
+from relay.config import Config, SmarthostConfig
 from relay.delivery import outbound
 from relay.delivery.outbound import Outbound, Result, classify
+from relay.units import Duration
 from tests.dnsserver import TestDNSServer
 from tests.sink import SinkFactory
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import aiosqlite
 
 from relay import grammar, maillog
-from relay.config import Config, format_duration
+from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import domains, events
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
+from relay.units import format_duration
 
 _COLUMNS = (
     "login, domain, created_at, last_login_at, password_changed_at, previous_hash, "

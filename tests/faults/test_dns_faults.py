@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from relay.clock import ManualClock
-from relay.config import Config, Duration
+from relay.config import Config
 from relay.delivery.scheduler import BACKOFF
 from relay.store import domains
+from relay.units import Duration
 from tests.dnsserver import TestDNSServer
 from tests.faults.flow import copies, idle, state_of, submit
 from tests.hostile.kit import LOGIN, started, stopped
