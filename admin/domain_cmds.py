@@ -1,8 +1,8 @@
 """`relaybox domain ...`: sender domains (add, verify, list, show, remove).
 
-Presentation only: the rules live in relay/domains.py, the DNS in relay/dnscheck.py. Records are
-printed as zone-file lines, long TXT values split into quoted <=255-byte strings (RFC 1035 3.3.14);
-``--json`` carries each value whole.
+Presentation only: the rules live in relay/store/domains.py, the DNS in relay/dnscheck.py. Records
+are printed as zone-file lines, long TXT values split into quoted <=255-byte strings (RFC 1035
+3.3.14); ``--json`` carries each value whole (a check result in the shape of CheckResult.as_json).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import click
 from admin import common
 from relay import clock, dkimkeys, dnscheck
 from relay.config import Config
+from relay.dnscheck import CheckResult
+from relay.grammar import normalize_domain
 from relay.store import domains, events
 from relay.store.db import Database
-from relay.store.domains import CheckResult, Domain
+from relay.store.domains import Domain
 
 T = TypeVar("T")
 
@@ -39,16 +41,6 @@ def _with_db(cfg: Config, fn: Callable[[Database], Awaitable[T]]) -> T:
     return common.run(_main())
 
 
-def _check_json(c: CheckResult) -> dict[str, str]:
-    return {
-        "check": c.check,
-        "result": c.result,
-        "reason": c.reason,
-        "expected": c.expected,
-        "found": c.found,
-    }
-
-
 def _domain_json(d: Domain, cfg: Config) -> dict[str, Any]:
     return {
         "name": d.name,
@@ -57,7 +49,7 @@ def _domain_json(d: Domain, cfg: Config) -> dict[str, Any]:
             {"purpose": r.purpose, "type": r.type, "name": r.name, "value": r.value}
             for r in domains.records(d, cfg)
         ],
-        "checks": [_check_json(c) for c in d.checks],
+        "checks": [c.as_json() for c in d.checks],
     }
 
 
@@ -105,7 +97,7 @@ def register(cli: click.Group) -> None:
         A new ownership token and DKIM key are created (dns.dkim_key_type: RSA 2048 by default).
         """
         cfg = common.get_config(ctx)
-        name = domains.normalize(domain)
+        name = normalize_domain(domain)
         now = clock.system()
         d = _with_db(
             cfg,
@@ -146,7 +138,7 @@ def register(cli: click.Group) -> None:
         d = _with_db(cfg, run)
         if json_:
             common.emit_json(
-                {"name": d.name, "state": d.state, "checks": [_check_json(c) for c in d.checks]}
+                {"name": d.name, "state": d.state, "checks": [c.as_json() for c in d.checks]}
             )
         else:
             _print_checks(d.checks)
@@ -246,7 +238,7 @@ def register(cli: click.Group) -> None:
 
 
 def _get(cfg: Config, domain: str) -> Domain:
-    name = domains.normalize(domain)
+    name = normalize_domain(domain)
     d = _with_db(cfg, lambda db: domains.get(db, name))
     if d is None:
         raise click.ClickException(f"no such domain: {name}")

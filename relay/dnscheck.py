@@ -1,14 +1,16 @@
-"""Every DNS lookup relaybox makes: domain verification checks, and MX routing for delivery.
+"""The domain checks: ownership, SPF, DKIM and DMARC records of a sender domain, looked up now.
 
-Lookups go through a ``dns.asyncresolver.Resolver`` built from ``[dns]`` (nameservers, port,
-timeout) so tests point it at a loopback server. Each answer is one of three kinds, and callers must
-keep them apart: records; a definite "no such record" (NXDOMAIN or NODATA); or a temperror (timeout,
-SERVFAIL, no nameserver answered), which says nothing about the domain and must change no state.
+Each check takes names and the values expected (the domain, its ownership token, its DKIM selector
+and public key, the SPF terms from ``[dns]``) and returns a :class:`CheckResult`: pass, fail, or
+temperror when DNS gave no definite answer (which must change no state). What a check result means
+for the domain's state is the store's business (relay/store/domains.py), not this module's.
 
-SPF is evaluated by pyspf, the reference RFC 7208 implementation (include, redirect, a, mx, ptr,
-exists, macros, the 10-lookup and void-lookup limits). pyspf is synchronous and resolves through
-the module-level ``spf.DNSLookup``; we replace it once, process-wide, with :func:`_spf_dns_lookup`,
-which uses the resolver placed in a context variable by the worker thread running the check. Each
+TXT records come through relay/dnslookup.py (its resolver is re-exported here as
+:func:`make_resolver`, for callers that only check). SPF is evaluated by pyspf, the reference
+RFC 7208 implementation (include, redirect, a, mx, ptr, exists, macros, the 10-lookup and
+void-lookup limits). pyspf is synchronous and resolves through the module-level
+``spf.DNSLookup``; we replace it once, process-wide, with :func:`_spf_dns_lookup`, which uses the
+resolver placed in a context variable by the worker thread running the check. Each
 ``asyncio.to_thread`` call runs in its own copy of the context, so concurrent checks against
 different resolvers never see each other's (tests/test_dnscheck.py checks this).
 """
@@ -17,24 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
-import dns.name
-import dns.rdatatype
 import dns.resolver
 import spf
 
 from relay import dkimkeys
 from relay.config import Config
+from relay.dnslookup import lookup_txt, temperror_reason
 
-if TYPE_CHECKING:
-    from relay.store.domains import Domain
+# Re-exported: the resolver the checks use, for callers that only check.
+from relay.dnslookup import make_resolver as make_resolver
 
 OWNERSHIP_LABEL = "_relaybox"
 OWNERSHIP_PREFIX = "relaybox-verification="
@@ -51,90 +51,20 @@ class CheckResult:
     expected: str
     found: str
 
+    def as_json(self) -> dict[str, str]:
+        """The one JSON shape of a check result: stored in domains.checks, shown by ``--json``."""
+        return {
+            "check": self.check,
+            "result": self.result,
+            "reason": self.reason,
+            "expected": self.expected,
+            "found": self.found,
+        }
 
-@dataclass(frozen=True)
-class TxtAnswer:
-    records: tuple[str, ...] = ()  # one string per TXT record, its strings joined (RFC 7208 3.3)
-    temperror: str = ""  # non-empty: no definite answer, and why
-    nxdomain: bool = False  # the name does not exist (else empty records mean NODATA)
-
-
-@dataclass(frozen=True)
-class MxResult:
-    hosts: tuple[str, ...] = ()  # in the order to try (RFC 5321 5.1), no final dot
-    implicit: bool = False  # no MX: the domain's own address records (RFC 5321 5.1)
-    null_mx: bool = False  # RFC 7505: the domain accepts no mail at all
-    temperror: bool = False  # no definite answer: defer, never bounce
-    reason: str = ""  # why hosts is empty
-
-
-@dataclass(frozen=True)
-class AddressResult:
-    addresses: tuple[str, ...] = ()  # A records first, then AAAA
-    temperror: bool = False
-
-
-# --- the resolver -------------------------------------------------------------------------------
-
-
-def make_resolver(cfg: Config) -> dns.asyncresolver.Resolver:
-    """A resolver using ``dns.nameservers`` (or /etc/resolv.conf when empty) and ``dns.timeout``."""
-    if cfg.dns.nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.port = cfg.dns.port
-        resolver.nameservers = list(cfg.dns.nameservers)
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            # No resolv.conf: every lookup is then a temperror ("no nameservers"), not a crash.
-            resolver = dns.asyncresolver.Resolver(configure=False)
-        if cfg.dns.port != 53:
-            resolver.port = cfg.dns.port
-    # A lookup slower than this, retries included, is a temperror.
-    resolver.timeout = float(cfg.dns.timeout)
-    resolver.lifetime = float(cfg.dns.timeout)
-    # EDNS0 with the DNS-flag-day buffer size: a 2048-bit DKIM record fits one UDP answer.
-    resolver.use_edns(0, 0, 1232)
-    return resolver
-
-
-def _temperror_reason(exc: BaseException) -> str:
-    if isinstance(exc, dns.exception.Timeout):
-        return "DNS timeout"
-    if isinstance(exc, dns.resolver.NoNameservers):
-        return (
-            "DNS server failure (SERVFAIL)" if "SERVFAIL" in str(exc) else "no nameserver answered"
-        )
-    return f"DNS error ({type(exc).__name__})"
-
-
-async def _resolve(
-    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
-) -> tuple[dns.resolver.Answer | None, bool, str]:
-    """(answer or None, nxdomain, temperror reason) for one query, no exception escaping."""
-    try:
-        answer = await resolver.resolve(name, rdtype, search=False)
-    except dns.resolver.NXDOMAIN:
-        return None, True, ""
-    except dns.resolver.NoAnswer:
-        return None, False, ""
-    except (dns.name.NameTooLong, dns.name.EmptyLabel, dns.name.LabelTooLong):
-        return None, True, ""  # a name that cannot exist has no records
-    except (dns.exception.DNSException, OSError) as exc:
-        return None, False, _temperror_reason(exc)
-    return answer, False, ""
-
-
-async def lookup_txt(resolver: dns.asyncresolver.Resolver, name: str) -> TxtAnswer:
-    """TXT records at ``name``, each record's character-strings joined without separators
-    (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
-    answer, nxdomain, temperror = await _resolve(resolver, name, "TXT")
-    if answer is None:
-        return TxtAnswer(temperror=temperror, nxdomain=nxdomain)
-    return TxtAnswer(
-        records=tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in answer)
-    )
+    @classmethod
+    def from_json(cls, data: Mapping[str, str]) -> CheckResult:
+        """The result :meth:`as_json` wrote."""
+        return cls(data["check"], data["result"], data["reason"], data["expected"], data["found"])
 
 
 # --- SPF through pyspf --------------------------------------------------------------------------
@@ -157,7 +87,7 @@ def _spf_dns_lookup(
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except (dns.exception.DNSException, OSError) as exc:
-        raise spf.TempError(_temperror_reason(exc)) from None
+        raise spf.TempError(temperror_reason(exc)) from None
     out: list[tuple[tuple[str, str], Any]] = []
     for rd in answer:
         if qtype in ("A", "AAAA"):
@@ -404,76 +334,20 @@ async def check_dmarc(resolver: dns.asyncresolver.Resolver, domain: str) -> Chec
 
 
 async def run_checks(
-    resolver: dns.asyncresolver.Resolver, domain: Domain, cfg: Config
+    resolver: dns.asyncresolver.Resolver,
+    domain: str,
+    *,
+    token: str,
+    dkim_selector: str,
+    dkim_algorithm: str,
+    dkim_public_key: str,
+    cfg: Config,
 ) -> list[CheckResult]:
     """Every check in ``config.CHECKS`` (required or not), concurrently, in that order."""
     results = await asyncio.gather(
-        check_ownership(resolver, domain.name, domain.token),
-        check_spf(resolver, domain.name, cfg),
-        check_dkim(
-            resolver,
-            domain.name,
-            domain.dkim_selector,
-            domain.dkim_algorithm,
-            domain.dkim_public_key,
-        ),
-        check_dmarc(resolver, domain.name),
+        check_ownership(resolver, domain, token),
+        check_spf(resolver, domain, cfg),
+        check_dkim(resolver, domain, dkim_selector, dkim_algorithm, dkim_public_key),
+        check_dmarc(resolver, domain),
     )
     return list(results)
-
-
-# --- MX routing for delivery --------------------------------------------------------------------
-
-
-async def lookup_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> AddressResult:
-    """A then AAAA records of ``host`` (queried concurrently); temperror only when nothing was
-    found and a lookup had no definite answer."""
-    (a, _, err_a), (aaaa, _, err_aaaa) = await asyncio.gather(
-        _resolve(resolver, host, "A"), _resolve(resolver, host, "AAAA")
-    )
-    addrs = [rd.address for ans in (a, aaaa) if ans is not None for rd in ans]
-    return AddressResult(tuple(addrs), temperror=not addrs and bool(err_a or err_aaaa))
-
-
-async def resolve_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
-    """A then AAAA addresses of ``host``; empty when there are none or DNS did not answer (use
-    :func:`lookup_addresses` to tell those apart)."""
-    return list((await lookup_addresses(resolver, host)).addresses)
-
-
-def _order(mx: Sequence[tuple[int, str]], rng: random.Random | None) -> tuple[str, ...]:
-    """Lowest preference first; equal preferences shuffled to spread load (RFC 5321 5.1)."""
-    shuffle = (rng or random).shuffle
-    by_pref: dict[int, list[str]] = {}
-    for pref, host in mx:
-        by_pref.setdefault(pref, []).append(host)
-    hosts: list[str] = []
-    for pref in sorted(by_pref):
-        group = list(dict.fromkeys(by_pref[pref]))
-        shuffle(group)
-        hosts += [h for h in group if h not in hosts]
-    return tuple(hosts)
-
-
-async def resolve_mx(
-    resolver: dns.asyncresolver.Resolver, domain: str, *, rng: random.Random | None = None
-) -> MxResult:
-    """Where to deliver mail for ``domain`` (RFC 5321 5.1, RFC 7505)."""
-    answer, nxdomain, temperror = await _resolve(resolver, domain, "MX")
-    if temperror:
-        return MxResult(temperror=True, reason=temperror)
-    if nxdomain:
-        return MxResult(reason="domain does not exist")
-    if answer is not None:
-        mx = [(rd.preference, rd.exchange.to_text(omit_final_dot=True).lower()) for rd in answer]
-        real = [(p, h) for p, h in mx if h not in ("", ".")]
-        if not real:  # only "." exchanges: RFC 7505 null MX, "this domain accepts no mail"
-            return MxResult(null_mx=True, reason="domain accepts no mail (null MX)")
-        return MxResult(hosts=_order(real, rng))
-    # No MX records: the domain itself is the implicit MX, if it has an address.
-    addrs = await lookup_addresses(resolver, domain)
-    if addrs.addresses:
-        return MxResult(hosts=(domain.lower().rstrip("."),), implicit=True)
-    if addrs.temperror:
-        return MxResult(temperror=True, reason="address lookup failed")
-    return MxResult(reason="no MX and no address records")

@@ -1,4 +1,4 @@
-"""Mail grammar, the one copy of each: mailbox, dot-atom, path and the header block.
+"""Mail grammar, the one copy of each: mailbox, dot-atom, path, domain name and the header block.
 
 Pure functions over strings and bytes, no I/O: the SMTP session, the policy, the user store,
 DKIM and the bounce builder all read addresses and messages through these.
@@ -7,6 +7,10 @@ DKIM and the bounce builder all read addresses and messages through these.
 from __future__ import annotations
 
 import re
+
+import idna
+
+from relay.errors import Invalid
 
 # RFC 5322 3.2.3 atext, and dot-atom (RFC 5321 4.1.2 Dot-string): atoms joined by single dots.
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -66,3 +70,26 @@ def header_block(message: bytes) -> bytes:
     ends it is not included); the whole message when it has no blank line."""
     end = message.find(b"\r\n\r\n")
     return message if end < 0 else message[: end + 2]
+
+
+_LDH_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def normalize_domain(name: str) -> str:
+    """The canonical form of a domain name: IDNA 2008 A-labels (UTS 46 mapping), lowercase, no
+    final dot. Raises :class:`Invalid` for anything that cannot be a mail domain."""
+    raw = name.strip().rstrip(".")
+    if not raw:
+        raise Invalid("domain name is empty")
+    try:
+        ascii_name = idna.encode(raw, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        raise Invalid(f"{name!r} is not a valid domain name") from None
+    labels = ascii_name.split(".")
+    if len(labels) < 2:
+        raise Invalid(f"{name!r} is not a valid domain name: it needs at least two labels")
+    if len(ascii_name) > 253 or not all(_LDH_LABEL.match(label) for label in labels):
+        raise Invalid(f"{name!r} is not a valid domain name")
+    if labels[-1].isdigit():
+        raise Invalid(f"{name!r} is an address, not a domain name")
+    return ascii_name

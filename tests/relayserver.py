@@ -26,6 +26,7 @@ import trustme
 
 from relay.clock import Clock, ManualClock
 from relay.config import Config
+from relay.dnscheck import CheckResult
 from relay.service.server import Server
 from relay.store import domains, users
 from relay.store.passwords import Hasher, generate_password
@@ -89,7 +90,7 @@ class RelayHandle:
         if await domains.get(db, name) is None:
             await domains.add(db, name, cfg=cfg, now=self.clock(), actor="test")
         if verified:
-            passing = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
+            passing = [CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
             await domains.record_results(db, name, passing, cfg=cfg, now=self.clock())
         self.server.acceptor.forget()
 

@@ -1,4 +1,5 @@
-"""relay/dnscheck.py against a real DNS server on loopback (tests/dnsserver.py)."""
+"""relay/dnscheck.py (the domain checks) and relay/dnslookup.py (the resolver, TXT, MX and
+addresses) against a real DNS server on loopback (tests/dnsserver.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import dns.asyncresolver
 import dns.name
 import pytest
 
-from relay import dkimkeys, dnscheck
+from relay import dkimkeys, dnscheck, dnslookup
 from relay.config import Config
 from relay.units import Duration
 from tests.dnsserver import TestDNSServer
@@ -29,7 +30,7 @@ D = "example.com"
 
 @pytest.fixture
 def resolver(dns_cfg: Config) -> dns.asyncresolver.Resolver:
-    return dnscheck.make_resolver(dns_cfg)
+    return dnslookup.make_resolver(dns_cfg)
 
 
 def with_dns(cfg: Config, **changes: Any) -> Config:
@@ -44,7 +45,7 @@ async def test_txt_strings_are_joined_without_separator(
 ) -> None:
     dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10", " -all")
     dns_server.add_txt(D, "other")
-    ans = await dnscheck.lookup_txt(resolver, D)
+    ans = await dnslookup.lookup_txt(resolver, D)
     assert sorted(ans.records) == ["other", "v=spf1 ip4:192.0.2.10 -all"]
     assert not ans.temperror and not ans.nxdomain
 
@@ -53,19 +54,19 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
     dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
 ) -> None:
     dns_server.add_a(D, "192.0.2.1")
-    nodata = await dnscheck.lookup_txt(resolver, D)
-    assert nodata == dnscheck.TxtAnswer()  # the name exists: definite "no TXT"
-    nx = await dnscheck.lookup_txt(resolver, "missing.example.com")
+    nodata = await dnslookup.lookup_txt(resolver, D)
+    assert nodata == dnslookup.TxtAnswer()  # the name exists: definite "no TXT"
+    nx = await dnslookup.lookup_txt(resolver, "missing.example.com")
     assert nx.nxdomain and not nx.records and not nx.temperror
 
     dns_server.servfail(D)
-    failed = await dnscheck.lookup_txt(resolver, D)
-    assert failed == dnscheck.TxtAnswer(temperror="DNS server failure (SERVFAIL)")  # not NXDOMAIN
+    failed = await dnslookup.lookup_txt(resolver, D)
+    assert failed == dnslookup.TxtAnswer(temperror="DNS server failure (SERVFAIL)")  # not NXDOMAIN
 
     dns_server.blackhole(True)
     started = time.monotonic()
-    timed_out = await dnscheck.lookup_txt(resolver, "missing.example.com")
-    assert timed_out == dnscheck.TxtAnswer(temperror="DNS timeout")
+    timed_out = await dnslookup.lookup_txt(resolver, "missing.example.com")
+    assert timed_out == dnslookup.TxtAnswer(temperror="DNS timeout")
     elapsed = time.monotonic() - started
     # dns.timeout ended the lookup: not sooner (it waited for an answer), and not dnspython's
     # default lifetime of 5 s (6x the configured 0.5 s still leaves room for a loaded machine).
@@ -74,7 +75,7 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
 
     # The same bound holds for the lookups pyspf makes (its own hook, a blocking twin resolver);
     # a short dns.timeout shows that nothing lengthens it (6x 0.15 s stays under one second).
-    short = dnscheck.make_resolver(with_dns(dns_cfg, timeout=Duration(0.15)))
+    short = dnslookup.make_resolver(with_dns(dns_cfg, timeout=Duration(0.15)))
     started = time.monotonic()
     assert (await dnscheck.spf_result(short, "192.0.2.10", D))[0] == "temperror"
     elapsed = time.monotonic() - started
@@ -91,22 +92,22 @@ async def test_a_name_that_cannot_exist_has_no_records(
     dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver, name: str
 ) -> None:
     """A definite "no such name" (like NXDOMAIN, not a temperror), without asking any server."""
-    assert await dnscheck.lookup_txt(resolver, name) == dnscheck.TxtAnswer(nxdomain=True)
-    assert await dnscheck.resolve_mx(resolver, name) == dnscheck.MxResult(
+    assert await dnslookup.lookup_txt(resolver, name) == dnslookup.TxtAnswer(nxdomain=True)
+    assert await dnslookup.resolve_mx(resolver, name) == dnslookup.MxResult(
         reason="domain does not exist"
     )
     assert dns_server.queries == []
 
 
 async def test_no_nameservers_is_a_temperror(cfg: Config) -> None:
-    resolver = dnscheck.make_resolver(cfg)
+    resolver = dnslookup.make_resolver(cfg)
     resolver.nameservers = []
-    ans = await dnscheck.lookup_txt(resolver, D)
+    ans = await dnslookup.lookup_txt(resolver, D)
     assert ans.temperror and not ans.records
 
 
 def test_make_resolver_uses_config(dns_cfg: Config) -> None:
-    r = dnscheck.make_resolver(dns_cfg)
+    r = dnslookup.make_resolver(dns_cfg)
     assert [str(ns) for ns in r.nameservers] == ["127.0.0.1"]
     assert r.port == dns_cfg.dns.port
     assert r.lifetime == pytest.approx(0.5)
@@ -116,7 +117,7 @@ def test_make_resolver_uses_config(dns_cfg: Config) -> None:
 def test_make_resolver_without_nameservers_uses_the_configured_port(cfg: Config, port: int) -> None:
     """No ``dns.nameservers``: the servers come from /etc/resolv.conf, the port from ``dns.port``
     whatever it is (53 is dnspython's default; the neighbours of 53 are the boundary)."""
-    r = dnscheck.make_resolver(with_dns(cfg, nameservers=(), port=port))
+    r = dnslookup.make_resolver(with_dns(cfg, nameservers=(), port=port))
     assert r.port == port
 
 
@@ -126,7 +127,7 @@ async def test_queries_advertise_edns0_with_a_1232_byte_buffer(
     """Every query, ours and pyspf's, carries EDNS version 0 with the DNS-flag-day buffer of 1232
     bytes (a 2048-bit DKIM record fits one UDP answer) and no flags (no DNSSEC OK bit)."""
     dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
-    await dnscheck.lookup_txt(resolver, D)
+    await dnslookup.lookup_txt(resolver, D)
     assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "pass"
     assert (await dnscheck.check_spf(resolver, D, dns_cfg)).result == "pass"
     assert len(dns_server.queries) >= 3
@@ -140,11 +141,11 @@ async def test_lookups_never_try_the_host_domain(
     that does not exist must stay NXDOMAIN: it is never retried as <name>.corp.test (another
     zone, whose records say nothing about the domain asked about)."""
     monkeypatch.setattr(socket, "gethostname", lambda: "box.corp.test")
-    resolver = dnscheck.make_resolver(dns_cfg)
+    resolver = dnslookup.make_resolver(dns_cfg)
     assert resolver.domain == dns.name.from_text("corp.test")  # the host this test stands for
     dns_server.add_txt("example.com.corp.test", "v=spf1 ip4:192.0.2.10 -all")
     dns_server.add_txt("_dmarc.example.com.corp.test", "v=DMARC1; p=reject")
-    assert await dnscheck.lookup_txt(resolver, D) == dnscheck.TxtAnswer(nxdomain=True)
+    assert await dnslookup.lookup_txt(resolver, D) == dnslookup.TxtAnswer(nxdomain=True)
     assert (await dnscheck.check_dmarc(resolver, D)).reason == "no TXT record"
     assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "none"  # pyspf's lookups
     assert [q for q in dns_server.queries if q[0].endswith("corp.test")] == []
@@ -152,7 +153,7 @@ async def test_lookups_never_try_the_host_domain(
 
 _RESOLV_CONF_PROBE = r"""
 import asyncio, json, sys
-from relay import config, dnscheck
+from relay import config, dnscheck, dnslookup
 
 async def main(port: int) -> None:
     out = {}
@@ -162,8 +163,8 @@ async def main(port: int) -> None:
              "dns": {"nameservers": nameservers, "port": port, "timeout": "2s"}},
             source="(test)",
         )
-        resolver = dnscheck.make_resolver(cfg)
-        txt = await dnscheck.lookup_txt(resolver, "example.com")
+        resolver = dnslookup.make_resolver(cfg)
+        txt = await dnslookup.lookup_txt(resolver, "example.com")
         spf, _ = await dnscheck.spf_result(resolver, "192.0.2.10", "example.com")
         out[label] = [list(txt.records), txt.temperror, spf]
     print(json.dumps(out))
@@ -382,8 +383,8 @@ async def test_concurrent_spf_checks_use_their_own_resolvers(dns_cfg: Config) ->
     try:
         a.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
         b.add_txt(D, "v=spf1 ip4:203.0.113.1 -all")
-        ra = dnscheck.make_resolver(with_dns(dns_cfg, port=a.port))
-        rb = dnscheck.make_resolver(with_dns(dns_cfg, port=b.port))
+        ra = dnslookup.make_resolver(with_dns(dns_cfg, port=a.port))
+        rb = dnslookup.make_resolver(with_dns(dns_cfg, port=b.port))
         runs = [dnscheck.spf_result(ra if i % 2 else rb, "192.0.2.10", D) for i in range(20)]
         results = await asyncio.gather(*runs)
         assert [r for r, _ in results] == ["fail" if i % 2 == 0 else "pass" for i in range(20)]
@@ -699,13 +700,13 @@ async def test_mx_order_by_preference(
         dns_server.add_mx(D, 10, host)
     seen = set()
     for seed in range(20):
-        mx = await dnscheck.resolve_mx(resolver, D, rng=random.Random(seed))
+        mx = await dnslookup.resolve_mx(resolver, D, rng=random.Random(seed))
         assert not mx.implicit and not mx.null_mx and not mx.temperror
         assert mx.hosts[-1] == "backup.example.com"
         assert sorted(mx.hosts[:3]) == ["a.example.com", "b.example.com", "c.example.com"]
         seen.add(mx.hosts[:3])
         # The shuffle is the caller's rng: the same seed gives the same order.
-        assert (await dnscheck.resolve_mx(resolver, D, rng=random.Random(seed))) == mx
+        assert (await dnslookup.resolve_mx(resolver, D, rng=random.Random(seed))) == mx
     assert len(seen) > 1  # equal preferences are shuffled
 
 
@@ -713,23 +714,28 @@ async def test_implicit_mx_null_mx_and_errors(
     dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
 ) -> None:
     dns_server.add_aaaa(D, "2001:db8::25")
-    mx = await dnscheck.resolve_mx(resolver, D)
+    mx = await dnslookup.resolve_mx(resolver, D)
     assert (mx.hosts, mx.implicit) == (("example.com",), True)
 
     dns_server.add_mx("null.example.com", 0, ".")
-    mx = await dnscheck.resolve_mx(resolver, "null.example.com")
+    mx = await dnslookup.resolve_mx(resolver, "null.example.com")
     assert mx.null_mx and not mx.hosts and not mx.temperror
 
-    mx = await dnscheck.resolve_mx(resolver, "nowhere.example.com")
+    mx = await dnslookup.resolve_mx(resolver, "nowhere.example.com")
     assert (mx.hosts, mx.temperror, mx.reason) == ((), False, "domain does not exist")
 
     dns_server.add_txt("txtonly.example.com", "hello")
-    mx = await dnscheck.resolve_mx(resolver, "txtonly.example.com")
+    mx = await dnslookup.resolve_mx(resolver, "txtonly.example.com")
     assert (mx.hosts, mx.temperror) == ((), False)
 
     dns_server.servfail(D)
-    mx = await dnscheck.resolve_mx(resolver, D)
+    mx = await dnslookup.resolve_mx(resolver, D)
     assert mx.temperror and not mx.hosts
+
+
+async def _addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
+    """A then AAAA addresses of ``host``; empty when there are none or DNS did not answer."""
+    return list((await dnslookup.lookup_addresses(resolver, host)).addresses)
 
 
 async def test_resolve_addresses(
@@ -738,11 +744,11 @@ async def test_resolve_addresses(
     dns_server.add_aaaa("mx.example.com", "2001:db8::1")
     dns_server.add_a("mx.example.com", "192.0.2.25")
     dns_server.add_a("mx.example.com", "192.0.2.26")
-    addrs = await dnscheck.resolve_addresses(resolver, "mx.example.com")
+    addrs = await _addresses(resolver, "mx.example.com")
     assert sorted(addrs[:2]) == ["192.0.2.25", "192.0.2.26"] and addrs[2] == "2001:db8::1"
-    assert await dnscheck.resolve_addresses(resolver, "none.example.com") == []
+    assert await _addresses(resolver, "none.example.com") == []
     dns_server.blackhole(True)
-    res = await dnscheck.lookup_addresses(resolver, "mx.example.com")
+    res = await dnslookup.lookup_addresses(resolver, "mx.example.com")
     assert res.temperror and not res.addresses
 
 
@@ -752,11 +758,11 @@ async def test_implicit_mx_address_lookup_failure_is_a_temperror(
     """No MX, and the A lookup fails (SERVFAIL) while AAAA has none: defer, never bounce."""
     dns_server.add_txt(D, "v=spf1 -all")  # the name exists: MX and AAAA are NODATA
     dns_server.servfail(D, rtype="A")
-    mx = await dnscheck.resolve_mx(resolver, D)
-    assert mx == dnscheck.MxResult(temperror=True, reason="address lookup failed")
+    mx = await dnslookup.resolve_mx(resolver, D)
+    assert mx == dnslookup.MxResult(temperror=True, reason="address lookup failed")
     dns_server.servfail(D, on=False, rtype="A")
-    mx = await dnscheck.resolve_mx(resolver, D)
-    assert mx == dnscheck.MxResult(reason="no MX and no address records")
+    mx = await dnslookup.resolve_mx(resolver, D)
+    assert mx == dnslookup.MxResult(reason="no MX and no address records")
 
 
 async def test_answers_are_frozen_values(
@@ -765,9 +771,9 @@ async def test_answers_are_frozen_values(
     """What the lookups return cannot be changed by whoever holds it, and can be a dict key."""
     dns_server.add_mx(D, 10, "mx.example.com")
     dns_server.add_a("mx.example.com", "192.0.2.25")
-    mx = await dnscheck.resolve_mx(resolver, D)
-    addrs = await dnscheck.lookup_addresses(resolver, "mx.example.com")
-    txt = await dnscheck.lookup_txt(resolver, D)
+    mx = await dnslookup.resolve_mx(resolver, D)
+    addrs = await dnslookup.lookup_addresses(resolver, "mx.example.com")
+    txt = await dnslookup.lookup_txt(resolver, D)
     dmarc = await dnscheck.check_dmarc(resolver, D)
     assert mx.hosts == ("mx.example.com",) and addrs.addresses == ("192.0.2.25",)
     assert len({mx, addrs, txt, dmarc}) == 4  # hashable

@@ -7,7 +7,7 @@ import dataclasses
 import dns.asyncresolver
 import pytest
 
-from relay import dkimkeys, dnscheck
+from relay import dkimkeys, dnscheck, grammar
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
@@ -59,7 +59,7 @@ async def added(db: Database, cfg: Config, clock: ManualClock, name: str = D) ->
     ],
 )
 def test_normalize(raw: str, expected: str) -> None:
-    assert domains.normalize(raw) == expected
+    assert grammar.normalize_domain(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_normalize(raw: str, expected: str) -> None:
 )  # fmt: skip
 def test_normalize_rejects(raw: str) -> None:
     with pytest.raises(Invalid):
-        domains.normalize(raw)
+        grammar.normalize_domain(raw)
 
 
 # --- store ----------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ async def test_remove_refuses_while_users_exist(
     db: Database, cfg_ed: Config, clock: ManualClock, hasher: Hasher
 ) -> None:
     await added(db, cfg_ed, clock)
-    ok = [domains.CheckResult(c, "pass", "", "", "") for c in cfg_ed.dns.required]
+    ok = [dnscheck.CheckResult(c, "pass", "", "", "") for c in cfg_ed.dns.required]
     await domains.record_results(db, D, ok, cfg=cfg_ed, now=clock())
     pw = leaks.add("correct horse battery staple")
     await users.create(db, f"app@{D}", pw, hasher=hasher, cfg=cfg_ed, now=clock(), actor="alice")
@@ -387,7 +387,7 @@ async def test_grace_zero_suspends_at_once(
         cfg_ed, dns=dataclasses.replace(cfg_ed.dns, failure_grace=Duration(0))
     )
     await added(db, cfg, clock)
-    ok = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
+    ok = [dnscheck.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
     bad = [dataclasses.replace(ok[0], result="fail", reason="token mismatch"), *ok[1:]]
     assert (await domains.record_results(db, D, ok, cfg=cfg, now=1.0)).state == "verified"
     assert (await domains.record_results(db, D, bad, cfg=cfg, now=2.0)).state == "suspended"

@@ -262,12 +262,13 @@ def raw_message(*fields: str) -> bytes:
 
 async def set_domain_state(relay: RelayHandle, name: str, state: str, clock: ManualClock) -> None:
     """Drive the real state machine to ``state`` with recorded check results."""
+    from relay.dnscheck import CheckResult
     from relay.store import domains
 
     db = relay.server.db
     assert db is not None
     cfg = relay.server.cfg
-    fail = [domains.CheckResult(c, "fail", "no TXT record", "", "") for c in cfg.dns.required]
+    fail = [CheckResult(c, "fail", "no TXT record", "", "") for c in cfg.dns.required]
     await domains.record_results(db, name, fail, cfg=cfg, now=clock())
     if state == "suspended":
         clock.advance(cfg.dns.failure_grace + 1)

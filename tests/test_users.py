@@ -45,6 +45,12 @@ async def user(db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, do
     return u.login
 
 
+async def _current_hash(db: Database, login: str) -> str | None:
+    """The current hash of an enabled user, else None (unknown, malformed or disabled)."""
+    creds = await users.credentials(db, login)
+    return None if creds is None or creds.disabled else creds.current_hash
+
+
 async def _which(db: Database, hasher: Hasher, login: str, pw: str, now: float) -> str | None:
     return (await users.verify(db, login, pw, hasher=hasher, now=now)).matched
 
@@ -370,7 +376,7 @@ async def test_delete_revokes_everything_at_once(
     for pw in (P1, P2):
         assert await _which(db, hasher, user, pw, clock()) is None
     assert await users.get(db, user) is None
-    assert await users.current_hash(db, user) is None
+    assert await _current_hash(db, user) is None
     assert await users.credentials(db, user) is None
     with pytest.raises(NotFound, match="no such user: app@example.com"):
         await users.delete(db, user, now=clock(), actor="test")
@@ -386,7 +392,7 @@ async def test_disabled_users_fail_until_enabled(
     assert await _which(db, hasher, user, P2, clock()) is None
     assert await _which(db, hasher, user, P1, clock()) is None
     assert hasher.verifications == before + 2  # each paid one (dummy) verify
-    assert await users.current_hash(db, user) is None
+    assert await _current_hash(db, user) is None
     creds = await users.credentials(db, user)
     assert creds is not None and creds.disabled
     await users.set_disabled(db, user, False, now=clock(), actor="test")
@@ -419,14 +425,15 @@ async def test_unknown_and_malformed_logins_cost_one_verify(
         assert hasher.verifications == before + 1, login
 
 
-async def test_verify_result_ok_means_a_password_matched(
+async def test_verify_result_matched_says_whether_a_password_matched(
     db: Database, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
-    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).ok
+    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
     await _reset(db, hasher, user, P2, HOUR, clock())
-    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).ok  # the previous one
+    # the previous one
+    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
     for login, pw in ((user, P3), ("nobody@example.com", P1), ("not a login", P1)):
-        assert not (await users.verify(db, login, pw, hasher=hasher, now=clock())).ok
+        assert (await users.verify(db, login, pw, hasher=hasher, now=clock())).matched is None
 
 
 async def test_what_the_store_returns_is_frozen_and_hashable(
@@ -449,7 +456,7 @@ async def test_what_the_store_returns_is_frozen_and_hashable(
 
 async def test_malformed_logins_have_no_hash_and_no_credentials(db: Database, user: str) -> None:
     for raw in ("not a login", "@example.com", "x" * 200):
-        assert await users.current_hash(db, raw) is None
+        assert await _current_hash(db, raw) is None
         assert await users.credentials(db, raw) is None
 
 
@@ -459,7 +466,7 @@ async def test_verify_result_carries_the_matched_hash(
     first = await users.verify(db, user, P1, hasher=hasher, now=clock())
     assert first.matched == "current" and first.user is not None
     assert first.user.login == user
-    assert first.password_hash == await users.current_hash(db, user)
+    assert first.password_hash == await _current_hash(db, user)
     await _reset(db, hasher, user, P2, HOUR, clock())
     second = await users.verify(db, user, P1, hasher=hasher, now=clock())
     assert second.matched == "previous"
@@ -475,16 +482,16 @@ async def test_verify_result_carries_the_matched_hash(
 async def test_successful_login_rehashes_with_new_parameters(
     db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
-    old_hash = await users.current_hash(db, user)
+    old_hash = await _current_hash(db, user)
     assert old_hash is not None and ",t=1," in old_hash
     params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
     dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
     try:
         assert await _which(db, dearer, user, "wrong-password-xyz", clock()) is None
-        assert await users.current_hash(db, user) == old_hash  # no rehash on failure
+        assert await _current_hash(db, user) == old_hash  # no rehash on failure
         result = await users.verify(db, user, P1, hasher=dearer, now=clock())
         assert result.matched == "current"
-        new_hash = await users.current_hash(db, user)
+        new_hash = await _current_hash(db, user)
         assert new_hash is not None and new_hash != old_hash and ",t=2," in new_hash
         assert result.password_hash == new_hash
         assert not dearer.needs_rehash(new_hash)
@@ -508,7 +515,7 @@ async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
 ) -> None:
     """A CLI holds the write lock during a login that would rehash: the login still succeeds,
     with the old hash, and the next login upgrades it."""
-    old_hash = await users.current_hash(db, user)
+    old_hash = await _current_hash(db, user)
     async with db.transaction() as conn:
         await conn.execute("PRAGMA busy_timeout = 0")  # the writer gives up on a held lock at once
     params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
@@ -519,11 +526,11 @@ async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
         result = await users.verify(db, user, P1, hasher=dearer, now=clock())
         cli.execute("ROLLBACK")
         assert result.matched == "current" and result.password_hash == old_hash
-        assert await users.current_hash(db, user) == old_hash
+        assert await _current_hash(db, user) == old_hash
         assert "rehash skipped user=app@example.com reason=StoreError" in caplog.messages
         again = await users.verify(db, user, P1, hasher=dearer, now=clock())
         assert again.password_hash != old_hash
-        assert again.password_hash == await users.current_hash(db, user)
+        assert again.password_hash == await _current_hash(db, user)
     finally:
         cli.close()
         dearer.close()
@@ -539,7 +546,7 @@ async def test_a_reset_that_ran_meanwhile_wins_over_the_rehash(
 ) -> None:
     """verify read the old hash, a reset committed, then the rehash's compare-and-set finds
     another hash: the reset stands, and the login's result carries the hash it matched."""
-    old_hash = await users.current_hash(db, user)
+    old_hash = await _current_hash(db, user)
     params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
     dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
     try:
@@ -593,7 +600,7 @@ async def test_every_admin_action_is_audited_without_secrets(
     await users.revoke_old(db, login, now=clock(), actor="test")
     await users.set_disabled(db, login, True, now=clock(), actor="test")
     await users.set_disabled(db, login, False, now=clock(), actor="test")
-    hashes = [await users.current_hash(db, login)]
+    hashes = [await _current_hash(db, login)]
     await users.delete(db, login, now=clock(), actor="test")
     rows = await db.fetchall("SELECT * FROM events WHERE target = ? ORDER BY id", (login,))
     assert [(r["action"], r["detail"]) for r in rows] == [

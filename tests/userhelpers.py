@@ -25,13 +25,14 @@ async def make_domain(
 ) -> str:
     """Add ``name`` (pending); with ``verified``, record a pass for every required check."""
     # Imported here so loading this plugin never depends on the domains module being importable.
+    from relay import dnscheck, grammar
     from relay.store import domains
 
     await domains.add(db, name, cfg=cfg, now=now, actor="test")
     if verified:
-        passing = [domains.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
+        passing = [dnscheck.CheckResult(c, "pass", "", "", "") for c in cfg.dns.required]
         await domains.record_results(db, name, passing, cfg=cfg, now=now)
-    return domains.normalize(name)
+    return grammar.normalize_domain(name)
 
 
 def make_domain_sync(cfg: Config, name: str = DOMAIN, *, now: float, verified: bool = True) -> str:

@@ -3,7 +3,7 @@
 Split out of relay/delivery.py (which schedules and records) to keep modules small; the two are the
 only places that speak outbound SMTP. Routing (``delivery.mode``): ``smarthost`` sends everything
 to one relay (implicit TLS, STARTTLS or plain, optional AUTH; its certificate is verified); ``mx``
-looks up the recipient domain's MX via relay/dnscheck.py (RFC 5321 5.1: lowest preference first,
+looks up the recipient domain's MX via relay/dnslookup.py (RFC 5321 5.1: lowest preference first,
 equal ones shuffled, the domain itself when it has no MX; RFC 7505 null MX is a permanent failure)
 and connects to ``delivery.port``, using STARTTLS when offered (``delivery.tls = opportunistic``),
 insisting on it (``required``) or not (``none``). Opportunistic TLS to an MX is unauthenticated,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 import dns.asyncresolver
 
-from relay import dnscheck
+from relay import dnslookup
 from relay.config import Config
 
 log = logging.getLogger("relaybox.delivery")
@@ -160,8 +160,8 @@ class Outbound:
         if not domain:
             raise _Unreachable(Result("perm", "550 5.1.3 recipient address has no domain"))
         if self._resolver is None:
-            self._resolver = dnscheck.make_resolver(self.cfg)
-        mx = await dnscheck.resolve_mx(self._resolver, domain)
+            self._resolver = dnslookup.make_resolver(self.cfg)
+        mx = await dnslookup.resolve_mx(self._resolver, domain)
         if mx.null_mx:  # RFC 7505 3.2 / 4.2
             raise _Unreachable(Result("perm", f"556 5.1.10 {domain} accepts no mail (null MX)"))
         if mx.temperror:
@@ -171,7 +171,7 @@ class Outbound:
         last = Result("temp", f"451 4.4.3 no address for the MX hosts of {domain}")
         tried = 0
         for host in mx.hosts:
-            addrs = await dnscheck.lookup_addresses(self._resolver, host)
+            addrs = await dnslookup.lookup_addresses(self._resolver, host)
             for ip in addrs.addresses:
                 if tried >= MAX_ADDRESSES:
                     raise _Unreachable(last)

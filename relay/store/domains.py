@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import sqlite3
 from collections.abc import Sequence
@@ -31,24 +30,23 @@ from dataclasses import dataclass, field
 
 import aiosqlite
 import dns.asyncresolver
-import idna
 
 from relay import dkimkeys, dnscheck
 from relay.config import Config
 from relay.dnscheck import CheckResult
 from relay.errors import Conflict, Invalid, NotFound
-from relay.store import events
+from relay.grammar import normalize_domain
+from relay.store import events, users
 from relay.store.db import Database
 
 __all__ = [
-    "CheckResult",
     "Domain",
     "Record",
     "SigningKey",
     "add",
+    "check_records",
     "get",
     "list_all",
-    "normalize",
     "next_state",
     "record_results",
     "recheck",
@@ -100,49 +98,8 @@ class SigningKey:
     private_pem: str = field(repr=False)
 
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def normalize(name: str) -> str:
-    """The canonical form of a domain name: IDNA 2008 A-labels (UTS 46 mapping), lowercase, no
-    final dot. Raises :class:`Invalid` for anything that cannot be a mail domain."""
-    raw = name.strip().rstrip(".")
-    if not raw:
-        raise Invalid("domain name is empty")
-    try:
-        ascii_name = idna.encode(raw, uts46=True).decode("ascii").lower()
-    except (idna.IDNAError, UnicodeError, ValueError):
-        raise Invalid(f"{name!r} is not a valid domain name") from None
-    labels = ascii_name.split(".")
-    if len(labels) < 2:
-        raise Invalid(f"{name!r} is not a valid domain name: it needs at least two labels")
-    if len(ascii_name) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise Invalid(f"{name!r} is not a valid domain name")
-    if labels[-1].isdigit():
-        raise Invalid(f"{name!r} is an address, not a domain name")
-    return ascii_name
-
-
-def _checks_to_json(results: Sequence[CheckResult]) -> str:
-    return json.dumps(
-        [
-            {
-                "check": r.check,
-                "result": r.result,
-                "reason": r.reason,
-                "expected": r.expected,
-                "found": r.found,
-            }
-            for r in results
-        ]
-    )
-
-
 def _domain(row: sqlite3.Row) -> Domain:
-    checks = tuple(
-        CheckResult(c["check"], c["result"], c["reason"], c["expected"], c["found"])
-        for c in json.loads(row["checks"])
-    )
+    checks = tuple(CheckResult.from_json(c) for c in json.loads(row["checks"]))
     return Domain(
         name=row["name"],
         state=row["state"],
@@ -176,7 +133,7 @@ async def _fetch(conn: aiosqlite.Connection, name: str) -> sqlite3.Row | None:
 
 async def add(db: Database, name: str, *, cfg: Config, now: float, actor: str) -> Domain:
     """Add a domain ``pending`` with a new ownership token and DKIM key. Conflict if it exists."""
-    name = normalize(name)
+    name = normalize_domain(name)
     if await get(db, name) is not None:  # early answer before paying for an RSA key
         raise Conflict(f"domain {name} already exists")
     key = await asyncio.to_thread(dkimkeys.generate, cfg.dns.dkim_key_type)
@@ -213,7 +170,7 @@ async def add(db: Database, name: str, *, cfg: Config, now: float, actor: str) -
 
 async def get(db: Database, name: str) -> Domain | None:
     try:
-        name = normalize(name)
+        name = normalize_domain(name)
     except Invalid:
         return None
     row = await db.fetchone(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,))
@@ -227,21 +184,20 @@ async def list_all(db: Database) -> list[Domain]:
 
 async def remove(db: Database, name: str, *, with_users: bool, now: float, actor: str) -> None:
     """Remove a domain and its DKIM key. Refused while it has users, unless ``with_users``: then
-    its users are deleted in the same transaction (users.domain references domains.name; the
-    cascade is written here rather than as ON DELETE CASCADE, so deleting users stays explicit)."""
-    name = normalize(name)
+    its users are deleted in the same transaction, by relay/store/users.py (users.domain references
+    domains.name; the cascade is asked for here rather than declared as ON DELETE CASCADE, so
+    deleting users stays explicit). One audit event, ``domain.remove``, counts them."""
+    name = normalize_domain(name)
     async with db.transaction() as conn:
         if await _fetch(conn, name) is None:
             raise NotFound(f"no such domain: {name}")
-        async with conn.execute("SELECT COUNT(*) FROM users WHERE domain = ?", (name,)) as cur:
-            row = await cur.fetchone()
-        n_users = int(row[0]) if row else 0
+        n_users = await users.count_in_domain(conn, name)
         if n_users and not with_users:
             raise Conflict(
                 f"domain {name} has {n_users} user(s): delete them first, or remove the domain "
                 "with its users (--with-users)"
             )
-        await conn.execute("DELETE FROM users WHERE domain = ?", (name,))
+        await users.delete_in_domain(conn, name)
         await conn.execute("DELETE FROM domains WHERE name = ?", (name,))
         await events.add(
             conn,
@@ -271,6 +227,22 @@ def records(domain: Domain, cfg: Config) -> list[Record]:
         ),
         Record("dmarc", "TXT", dnscheck.dmarc_name(domain.name), dnscheck.DMARC_SUGGESTION),
     ]
+
+
+async def check_records(
+    resolver: dns.asyncresolver.Resolver, domain: Domain, cfg: Config
+) -> list[CheckResult]:
+    """Look up the domain's records now and check them against its token and DKIM key (every
+    check, required or not). Nothing is recorded: see :func:`verify` and :func:`recheck`."""
+    return await dnscheck.run_checks(
+        resolver,
+        domain.name,
+        token=domain.token,
+        dkim_selector=domain.dkim_selector,
+        dkim_algorithm=domain.dkim_algorithm,
+        dkim_public_key=domain.dkim_public_key,
+        cfg=cfg,
+    )
 
 
 # --- the state machine --------------------------------------------------------------------------
@@ -310,17 +282,18 @@ async def _record(
     actor: str,
     action: str | None,
 ) -> Domain:
-    name = normalize(name)
+    name = normalize_domain(name)
     async with db.transaction() as conn:
         row = await _fetch(conn, name)  # re-read under the write lock: no lost updates
         if row is None:
             raise NotFound(f"no such domain: {name}")
         before = _domain(row)
         state, verified_at, failing_since = next_state(before, results, cfg=cfg, now=now)
+        checks = json.dumps([r.as_json() for r in results])
         await conn.execute(
             "UPDATE domains SET state = ?, checks = ?, last_checked_at = ?, verified_at = ?, "
             "failing_since = ? WHERE name = ?",
-            (state, _checks_to_json(results), now, verified_at, failing_since, name),
+            (state, checks, now, verified_at, failing_since, name),
         )
         summary = " ".join(f"{r.check}={r.result}" for r in results)
         if action is not None:
@@ -365,8 +338,8 @@ async def verify(
     """Run every check now (an operator asked: audited as ``domain.verify``)."""
     domain = await get(db, name)
     if domain is None:
-        raise NotFound(f"no such domain: {normalize(name)}")
-    results = await dnscheck.run_checks(resolver, domain, cfg)
+        raise NotFound(f"no such domain: {normalize_domain(name)}")
+    results = await check_records(resolver, domain, cfg)
     return await _record(
         db, domain.name, results, cfg=cfg, now=now, actor=actor, action="domain.verify"
     )
@@ -384,7 +357,7 @@ async def recheck(
 
     async def one(domain: Domain) -> Domain | None:
         async with limit:
-            results = await dnscheck.run_checks(resolver, domain, cfg)
+            results = await check_records(resolver, domain, cfg)
         try:
             return await record_results(db, domain.name, results, cfg=cfg, now=now)
         except NotFound:
@@ -398,7 +371,7 @@ async def signing_key(db: Database, name: str) -> SigningKey | None:
     """The DKIM private key of ``name`` (whatever its state: whether it may send is policy's
     decision, see :attr:`Domain.can_send`). A secret: never log it."""
     try:
-        name = normalize(name)
+        name = normalize_domain(name)
     except Invalid:
         return None
     row = await db.fetchone(

@@ -6,15 +6,17 @@ the apps using the old password can be moved over without an outage (only the im
 password survives a second reset). Every admin action writes an audit event in the same
 transaction; no password or hash ever goes into an event or a log line.
 
-The SMTP server uses :func:`verify` (argon2 in the hasher's thread pool), :func:`credentials` /
-:func:`current_hash` to check a cached credential cheaply, and :func:`record_logins` to batch its
-last-login updates (writes to the shared database stay rare).
+The SMTP server uses :func:`verify` (argon2 in the hasher's thread pool), :func:`credentials` to
+check a cached credential cheaply, and :func:`record_logins` to batch its last-login updates (writes
+to the shared database stay rare). Only this module writes the ``users`` table (a domain removed
+with its users calls :func:`delete_in_domain` inside that transaction).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiosqlite
@@ -22,7 +24,7 @@ import aiosqlite
 from relay import grammar, maillog
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
-from relay.store import domains, events
+from relay.store import events
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 from relay.units import format_duration
@@ -62,10 +64,6 @@ class VerifyResult:
     user: User | None = None
     password_hash: str | None = field(default=None, repr=False)  # the hash that matched
 
-    @property
-    def ok(self) -> bool:
-        return self.matched is not None
-
 
 _NO_MATCH = VerifyResult(None)
 
@@ -101,7 +99,7 @@ def normalize_login(login: str) -> str:
             f"login {shown!r}: the part before @ may use letters, digits and !#$%&'*+/=?^_`{{|}}~- "
             "separated by single dots"
         )
-    return f"{local.lower()}@{domains.normalize(domain)}"
+    return f"{local.lower()}@{grammar.normalize_domain(domain)}"
 
 
 def _user(row: sqlite3.Row) -> User:
@@ -131,8 +129,35 @@ async def _existing(conn: aiosqlite.Connection, login: str) -> sqlite3.Row:
     return row
 
 
-def _store_error(exc: sqlite3.Error) -> StoreError:
-    return StoreError(f"users: {exc}")
+@asynccontextmanager
+async def _writing(db: Database) -> AsyncIterator[aiosqlite.Connection]:
+    """A write transaction whose SQLite errors are this store's (a StoreError naming it)."""
+    try:
+        async with db.transaction() as conn:
+            yield conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"users: {exc}") from exc
+
+
+async def _domain_state(db: Database, domain: str) -> str | None:
+    """The state of ``domain`` (an A-label), None if it is not known (the FK's other end)."""
+    row = await db.fetchone("SELECT state FROM domains WHERE name = ?", (domain,))
+    return None if row is None else str(row["state"])
+
+
+_Change = Callable[[sqlite3.Row], tuple[str, tuple[object, ...], str]]  # row -> SQL, params, detail
+
+
+async def _update(
+    db: Database, login: str, change: _Change, *, now: float, actor: str, action: str
+) -> User:
+    """Apply ``change`` to ``login`` and audit it as ``action``, in one transaction."""
+    async with _writing(db) as conn:
+        sql, params, detail = change(await _existing(conn, login))
+        await conn.execute(sql, params)
+        await events.add(conn, now=now, actor=actor, action=action, target=login, detail=detail)
+        row = await _existing(conn, login)
+    return _user(row)
 
 
 # --- admin actions ------------------------------------------------------------------------------
@@ -145,38 +170,36 @@ async def create(
     login = normalize_login(login)
     domain = login.rpartition("@")[2]
     hasher.check_policy(password)
-    d = await domains.get(db, domain)
-    if d is None:
+    state = await _domain_state(db, domain)
+    if state is None:
         raise Conflict(
             f"domain {domain} is not known: run `relaybox domain add {domain}`, publish its "
             f"records, then `relaybox domain verify {domain}`"
         )
-    if d.state != "verified":
+    if state != "verified":
         raise Conflict(
-            f"domain {domain} is not verified (state {d.state}): "
+            f"domain {domain} is not verified (state {state}): "
             f"run `relaybox domain verify {domain}`"
         )
     if await get(db, login) is not None:  # cheap early answer before spending an argon2 hash
         raise Conflict(f"user {login} already exists")
     password_hash = await hasher.hash(password)
-    try:
-        async with db.transaction() as conn:
-            if await _fetch(conn, login) is not None:
-                raise Conflict(f"user {login} already exists")
+    async with _writing(db) as conn:
+        if await _fetch(conn, login) is not None:
+            raise Conflict(f"user {login} already exists")
+        try:
             await conn.execute(
                 "INSERT INTO users (login, domain, password_hash, created_at, password_changed_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (login, domain, password_hash, now, now),
             )
-            await events.add(conn, now=now, actor=actor, action="user.add", target=login)
-            row = await _existing(conn, login)
-    except sqlite3.IntegrityError:
-        # The domain was removed between the check and the insert (foreign key).
-        raise Conflict(
-            f"domain {domain} is not known: run `relaybox domain add {domain}`"
-        ) from None
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
+        except sqlite3.IntegrityError:
+            # The domain was removed between the check and the insert (foreign key).
+            raise Conflict(
+                f"domain {domain} is not known: run `relaybox domain add {domain}`"
+            ) from None
+        await events.add(conn, now=now, actor=actor, action="user.add", target=login)
+        row = await _existing(conn, login)
     return _user(row)
 
 
@@ -202,82 +225,60 @@ async def reset_password(
     if await get(db, login) is None:
         raise NotFound(f"no such user: {login}")
     new_hash = await hasher.hash(new_password)
-    try:
-        async with db.transaction() as conn:
-            row = await _existing(conn, login)
-            previous, until = (row["password_hash"], now + grace) if grace > 0 else (None, None)
-            await conn.execute(
-                "UPDATE users SET password_hash = ?, previous_hash = ?, previous_valid_until = ?,"
-                " password_changed_at = ? WHERE login = ?",
-                (new_hash, previous, until, now, login),
-            )
-            await events.add(
-                conn,
-                now=now,
-                actor=actor,
-                action="user.reset-password",
-                target=login,
-                detail=f"grace={format_duration(grace)}",
-            )
-            row = await _existing(conn, login)
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
-    return _user(row)
+
+    def change(row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+        previous, until = (row["password_hash"], now + grace) if grace > 0 else (None, None)
+        sql = (
+            "UPDATE users SET password_hash = ?, previous_hash = ?, previous_valid_until = ?,"
+            " password_changed_at = ? WHERE login = ?"
+        )
+        return sql, (new_hash, previous, until, now, login), f"grace={format_duration(grace)}"
+
+    return await _update(db, login, change, now=now, actor=actor, action="user.reset-password")
 
 
 async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> User:
     """End a running grace window: only the current password works from now on."""
     login = normalize_login(login)
-    try:
-        async with db.transaction() as conn:
-            row = await _existing(conn, login)
-            active = _user(row).old_password_works(now)
-            await conn.execute(
-                "UPDATE users SET previous_hash = NULL, previous_valid_until = NULL"
-                " WHERE login = ?",
-                (login,),
-            )
-            await events.add(
-                conn,
-                now=now,
-                actor=actor,
-                action="user.revoke-old",
-                target=login,
-                detail="window was running" if active else "no window was running",
-            )
-            row = await _existing(conn, login)
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
-    return _user(row)
+
+    def change(row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+        active = _user(row).old_password_works(now)
+        sql = "UPDATE users SET previous_hash = NULL, previous_valid_until = NULL WHERE login = ?"
+        return sql, (login,), "window was running" if active else "no window was running"
+
+    return await _update(db, login, change, now=now, actor=actor, action="user.revoke-old")
 
 
 async def delete(db: Database, login: str, *, now: float, actor: str) -> None:
     """Remove the user: current and previous passwords stop working at once."""
     login = normalize_login(login)
-    try:
-        async with db.transaction() as conn:
-            await _existing(conn, login)
-            await conn.execute("DELETE FROM users WHERE login = ?", (login,))
-            await events.add(conn, now=now, actor=actor, action="user.delete", target=login)
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
+    async with _writing(db) as conn:
+        await _existing(conn, login)
+        await conn.execute("DELETE FROM users WHERE login = ?", (login,))
+        await events.add(conn, now=now, actor=actor, action="user.delete", target=login)
 
 
 async def set_disabled(db: Database, login: str, disabled: bool, *, now: float, actor: str) -> User:
     """Disable (no password works, nothing is forgotten) or enable a user."""
     login = normalize_login(login)
-    try:
-        async with db.transaction() as conn:
-            await _existing(conn, login)
-            await conn.execute(
-                "UPDATE users SET disabled = ? WHERE login = ?", (int(disabled), login)
-            )
-            action = "user.disable" if disabled else "user.enable"
-            await events.add(conn, now=now, actor=actor, action=action, target=login)
-            row = await _existing(conn, login)
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
-    return _user(row)
+
+    def change(_row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+        return "UPDATE users SET disabled = ? WHERE login = ?", (int(disabled), login), ""
+
+    action = "user.disable" if disabled else "user.enable"
+    return await _update(db, login, change, now=now, actor=actor, action=action)
+
+
+async def count_in_domain(conn: aiosqlite.Connection, domain: str) -> int:
+    """How many users ``domain`` has, read inside the caller's write transaction."""
+    async with conn.execute("SELECT COUNT(*) FROM users WHERE domain = ?", (domain,)) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def delete_in_domain(conn: aiosqlite.Connection, domain: str) -> None:
+    """Delete every user of ``domain`` inside the caller's write transaction (domains.remove's)."""
+    await conn.execute("DELETE FROM users WHERE domain = ?", (domain,))
 
 
 # --- reads ----------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ async def list_all(db: Database, domain: str | None = None) -> list[User]:
     else:
         rows = await db.fetchall(
             f"SELECT {_COLUMNS} FROM users WHERE domain = ? ORDER BY login",
-            (domains.normalize(domain),),
+            (grammar.normalize_domain(domain),),
         )
     return [_user(r) for r in rows]
 
@@ -356,18 +357,6 @@ async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher
     return new_hash
 
 
-async def current_hash(db: Database, login: str) -> str | None:
-    """The current hash of an enabled user, else None: a cheap check that nothing was revoked."""
-    try:
-        key = normalize_login(login)
-    except Invalid:
-        return None
-    row = await db.fetchone(
-        "SELECT password_hash FROM users WHERE login = ? AND disabled = 0", (key,)
-    )
-    return None if row is None else str(row["password_hash"])
-
-
 async def credentials(db: Database, login: str) -> Credentials | None:
     """The stored hashes of ``login`` (None if unknown or malformed), for the server's auth cache.
 
@@ -403,12 +392,9 @@ async def record_logins(db: Database, logins: Mapping[str, float]) -> None:
     if not logins:
         return
     params = [(at, login, at) for login, at in logins.items()]
-    try:
-        async with db.transaction() as conn:
-            await conn.executemany(
-                "UPDATE users SET last_login_at = ? WHERE login = ?"
-                " AND (last_login_at IS NULL OR last_login_at < ?)",
-                params,
-            )
-    except sqlite3.Error as exc:
-        raise _store_error(exc) from exc
+    async with _writing(db) as conn:
+        await conn.executemany(
+            "UPDATE users SET last_login_at = ? WHERE login = ?"
+            " AND (last_login_at IS NULL OR last_login_at < ?)",
+            params,
+        )
