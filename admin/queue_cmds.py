@@ -1,6 +1,7 @@
 """`relaybox queue ...`: look at and manage the delivery queue (list, show, retry, delete, stats).
 
-Presentation only: the rules live in relay/spool.py. The commands open the spool files directly,
+Presentation only: the rules live in relay/store/spool.py and relay/store/spool_admin.py (which
+also audits the changes). The commands open the spool files directly,
 also while the server runs (SQLite WAL + busy_timeout make that safe); they never run the spool's
 crash recovery, which would hand the server's in-flight deliveries out a second time. Every worker's
 spool file (``spool-<N>.db``) in the state dir is read; a missing one is simply empty.
@@ -19,8 +20,8 @@ import click
 from admin import common
 from relay import clock
 from relay.config import Config
-from relay.errors import NotFound
-from relay.store import events
+from relay.store import events, spool_admin
+from relay.store.db import Database
 from relay.store.spool import PENDING, STATES, MessageInfo, Spool, Stats
 
 T = TypeVar("T")
@@ -55,25 +56,14 @@ def _run(cfg: Config, fn: Callable[[list[Spool]], Awaitable[T]]) -> T:
     return common.run(_main())
 
 
-async def _find(spools: list[Spool], message_id: str) -> tuple[Spool, MessageInfo]:
-    for sp in spools:
-        try:
-            return sp, await sp.show(message_id)
-        except NotFound:
-            continue
-    raise NotFound(f"no message {message_id} in the queue")
+def _change(cfg: Config, fn: Callable[[list[Spool], Database], Awaitable[T]]) -> T:
+    """Run a change of the queue: the spools, and the shared database its audit event goes to."""
 
+    async def _main() -> T:
+        async with _spools(cfg) as spools, common.main_db(cfg) as db:
+            return await fn(spools, db)
 
-async def _audit(cfg: Config, action: str, target: str, detail: str) -> None:
-    async with common.main_db(cfg) as db:
-        await events.record(
-            db,
-            now=time.time(),
-            actor=events.current_actor(),
-            action=action,
-            target=target,
-            detail=detail,
-        )
+    return common.run(_main())
 
 
 def _next(info: MessageInfo) -> float | None:
@@ -192,7 +182,7 @@ def register(cli: click.Group) -> None:
         cfg = common.get_config(ctx)
 
         async def _load(spools: list[Spool]) -> MessageInfo:
-            return (await _find(spools, message_id))[1]
+            return (await spool_admin.find(spools, message_id))[1]
 
         info = _run(cfg, _load)
         data = _detail(info)
@@ -232,16 +222,13 @@ def register(cli: click.Group) -> None:
             raise click.UsageError("give a message ID or --all")
         cfg = common.get_config(ctx)
 
-        async def _retry(spools: list[Spool]) -> int:
-            now = time.time()
-            if message_id is None:
-                return sum([await sp.retry(None, now=now) for sp in spools])
-            sp, _info = await _find(spools, message_id)
-            return await sp.retry(message_id, now=now)
+        async def _retry(spools: list[Spool], db: Database) -> int:
+            return await spool_admin.retry(
+                spools, message_id, now=time.time(), audit=db, actor=events.current_actor()
+            )
 
-        n = _run(cfg, _retry)
+        n = _change(cfg, _retry)
         target = message_id or "all"
-        common.run(_audit(cfg, "queue.retry", target, f"recipients={n}"))
         if json_:
             common.emit_json({"target": target, "retried": n})
         else:
@@ -255,20 +242,19 @@ def register(cli: click.Group) -> None:
     def queue_delete(ctx: click.Context, message_id: str, yes: bool) -> None:
         """Remove a message from the queue for good, without a bounce to its sender."""
         cfg = common.get_config(ctx)
-        info = _run(cfg, lambda spools: _find(spools, message_id))[1]
+        info = _run(cfg, lambda spools: spool_admin.find(spools, message_id))[1]
         pending = sum(1 for r in info.recipients if r.state in PENDING)
         common.confirm_or_abort(
             f"Delete {message_id} from <{info.sender}> ({pending} recipient(s) not delivered)?",
             yes,
         )
 
-        async def _delete(spools: list[Spool]) -> MessageInfo:
-            sp, _info = await _find(spools, message_id)
-            return await sp.delete(message_id)
+        async def _delete(spools: list[Spool], db: Database) -> MessageInfo:
+            return await spool_admin.delete(
+                spools, message_id, now=time.time(), audit=db, actor=events.current_actor()
+            )
 
-        removed = _run(cfg, _delete)
-        detail = f"from={removed.sender or '<>'} recipients={len(removed.recipients)}"
-        common.run(_audit(cfg, "queue.delete", message_id, detail))
+        _change(cfg, _delete)
         click.echo(f"deleted {message_id} ({pending} undelivered recipient(s), no bounce sent)")
 
     @queue_group.command("stats")

@@ -12,6 +12,7 @@ import pytest
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Invalid, NotFound
+from relay.store import spool_admin
 from relay.store.db import Database, Migration, StoreError
 from relay.store.spool import (
     SPOOL_MIGRATIONS,
@@ -212,6 +213,43 @@ async def test_retry_delete_and_purge(spool: Spool, clock: ManualClock) -> None:
     with pytest.raises(NotFound):
         await spool.show(b)
     assert (await spool.stats()).messages == 0
+
+
+async def test_the_operators_retry_and_delete_span_the_workers_and_are_audited(
+    cfg: Config, clock: ManualClock, db: Database
+) -> None:
+    """spool_admin.retry/delete (``relaybox queue retry/delete``) find a message in whichever
+    worker's spool holds it, and write one audit event each to the shared database."""
+    spools = [await Spool.open(cfg, worker=w, clock=clock) for w in (0, 1)]
+    try:
+        far = clock() + 3600
+        ids = []
+        for sp in spools:
+            msg = await sp.enqueue(sender="s@x.test", recipients=["1@a.test"], body=BODY, user=None)
+            await sp.claim_due(10)
+            await sp.record([Outcome(msg, 0, "deferred", 451, "451 x", "", far)])
+            ids.append(msg)
+        now = clock()
+        assert await spool_admin.retry(spools, None, now=now, audit=db, actor="alice") == 2
+        assert await spool_admin.retry(spools, ids[1], now=now, audit=db, actor="alice") == 1
+        removed = await spool_admin.delete(spools, ids[0], now=now, audit=db, actor="bob")
+        assert removed.id == ids[0] and len(removed.recipients) == 1
+        with pytest.raises(NotFound, match="no message nosuchid in the queue"):
+            await spool_admin.retry(spools, "nosuchid", now=now, audit=db, actor="alice")
+        with pytest.raises(NotFound):
+            await spool_admin.delete(spools, ids[0], now=now, audit=db, actor="bob")
+        with pytest.raises(NotFound):
+            await spools[0].show(ids[0])
+        assert (await spools[1].show(ids[1])).recipients[0].next_attempt_at == now
+    finally:
+        for sp in spools:
+            await sp.close()
+    rows = await db.fetchall("SELECT at, actor, action, target, detail FROM events ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (now, "alice", "queue.retry", "all", "recipients=2"),
+        (now, "alice", "queue.retry", ids[1], "recipients=1"),
+        (now, "bob", "queue.delete", ids[0], "from=s@x.test recipients=1"),
+    ]
 
 
 async def test_hot_queries_use_indexes(spool: Spool) -> None:

@@ -4,6 +4,9 @@ Split from relay/spool.py (the hot path: enqueue, claim, outcomes through the gr
 to keep modules small; it is the same store module's SQL. These run as plain transactions, never
 through the writer: they are rare, and the CLI runs them from another process while the server
 delivers (WAL + busy_timeout + BEGIN IMMEDIATE make that safe).
+
+:func:`retry` and :func:`delete` are the operator's changes across every worker's spool: each writes
+its ``queue.*`` audit event to the shared database (relay/store/events.py) once the change is made.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+import aiosqlite
 
 from relay.errors import Invalid, NotFound
+from relay.store import events
 from relay.store.db import Database
 
 PENDING = ("queued", "deferred")
@@ -141,7 +146,8 @@ class SpoolAdmin:
     # --- admin writes (rare; straight transactions, safe from the CLI while the server runs) ----
 
     async def retry(self, message_id: str | None, *, now: float) -> int:
-        """Make pending recipients (of one message, or all) due now; returns how many."""
+        """Make pending recipients (of one message, or all) due now; returns how many. This
+        spool only, not audited: the operator's retry is :func:`retry`."""
         async with self.db.transaction() as conn:
             if message_id is None:
                 cur = await conn.execute(
@@ -158,7 +164,8 @@ class SpoolAdmin:
             return cur.rowcount
 
     async def delete(self, message_id: str) -> MessageInfo:
-        """Remove a message and its recipients outright (no bounce); returns what was removed."""
+        """Remove a message and its recipients outright (no bounce); returns what was removed.
+        This spool only, not audited: the operator's delete is :func:`delete`."""
         info = await self.show(message_id)
         async with self.db.transaction() as conn:
             await _require(conn, message_id)
@@ -181,7 +188,57 @@ class SpoolAdmin:
                 return total
 
 
-async def _require(conn: Any, message_id: str) -> None:
+async def find(spools: Sequence[SpoolAdmin], message_id: str) -> tuple[SpoolAdmin, MessageInfo]:
+    """The spool holding ``message_id`` (each worker has its own) and the message in it."""
+    for sp in spools:
+        try:
+            return sp, await sp.show(message_id)
+        except NotFound:
+            continue
+    raise NotFound(f"no message {message_id} in the queue")
+
+
+async def retry(
+    spools: Sequence[SpoolAdmin], message_id: str | None, *, now: float, audit: Database, actor: str
+) -> int:
+    """Make pending recipients due now, of one message or (``None``) of every message in every
+    spool; returns how many. Audited once in ``audit`` as ``queue.retry`` (target: the id or
+    "all")."""
+    if message_id is None:
+        n = sum([await sp.retry(None, now=now) for sp in spools])
+    else:
+        sp, _info = await find(spools, message_id)
+        n = await sp.retry(message_id, now=now)
+    await events.record(
+        audit,
+        now=now,
+        actor=actor,
+        action="queue.retry",
+        target=message_id or "all",
+        detail=f"recipients={n}",
+    )
+    return n
+
+
+async def delete(
+    spools: Sequence[SpoolAdmin], message_id: str, *, now: float, audit: Database, actor: str
+) -> MessageInfo:
+    """Remove a message from whichever spool holds it (no bounce); returns what was removed.
+    Audited in ``audit`` as ``queue.delete``."""
+    sp, _info = await find(spools, message_id)
+    removed = await sp.delete(message_id)
+    await events.record(
+        audit,
+        now=now,
+        actor=actor,
+        action="queue.delete",
+        target=message_id,
+        detail=f"from={removed.sender or '<>'} recipients={len(removed.recipients)}",
+    )
+    return removed
+
+
+async def _require(conn: aiosqlite.Connection, message_id: str) -> None:
     async with conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)) as cur:
         if await cur.fetchone() is None:
             raise NotFound(f"no message {message_id} in the queue")
