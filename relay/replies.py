@@ -23,6 +23,10 @@ class Reply:
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
 
+    def fill(self, **fields: str) -> Reply:
+        """The reply with its ``{name}`` fields filled in (QUEUED, the delivery reasons)."""
+        return self.with_text(self.text.format(**fields))
+
 
 # --- AUTH (RFC 4954) ---
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -69,10 +73,20 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 MEMORY_BUSY = Reply(451, "4.3.1", "Server busy, try again later")
 
-
-def queued(msg_id: str) -> Reply:
-    """QUEUED with the message's queue id in it."""
-    return QUEUED.with_text(QUEUED.text.format(id=msg_id))
+# --- delivery: our own reasons for a recipient's outcome (logged, and shown in a DSN) ---
+# RFC 3463 codes; {fields} are filled by relay.delivery (remote texts pass maillog.safe first).
+NO_RECIPIENT_DOMAIN = Reply(550, "5.1.3", "recipient address has no domain")
+NULL_MX = Reply(556, "5.1.10", "{domain} accepts no mail (null MX)")  # RFC 7505
+DNS_TEMPFAIL = Reply(451, "4.4.3", "DNS lookup for {domain}: {reason}")
+NO_ROUTE = Reply(550, "5.1.2", "cannot route to {domain}: {reason}")
+NO_MX_ADDRESS = Reply(451, "4.4.3", "no address for the MX hosts of {domain}")
+STARTTLS_FAILED = Reply(451, "4.7.5", "STARTTLS with {host} failed: {reason}")
+STARTTLS_MISSING = Reply(451, "4.7.4", "{host} does not offer STARTTLS, which is required")
+CONNECT_FAILED = Reply(451, "4.4.1", "{reason}")
+CONNECTION_LOST = Reply(451, "4.4.2", "connection lost")
+CONNECTION_LOST_DETAIL = Reply(451, "4.4.2", "connection lost ({reason})")
+NETWORK_ERROR = Reply(451, "4.4.2", "{reason}")
+DELIVERY_INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery")
 
 
 def token(reply: Reply) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 import dns.asyncresolver
 
-from relay import dnslookup
+from relay import dnslookup, replies
 from relay.config import Config
 
 log = logging.getLogger("relaybox.delivery")
@@ -139,7 +139,7 @@ class Outbound:
             else:
                 conn.smtp.close()
             return results
-        return [Result("temp", "451 4.4.2 connection lost", "")] * len(rcpts)  # pragma: no cover
+        return [Result("temp", str(replies.CONNECTION_LOST), "")] * len(rcpts)  # pragma: no cover
 
     # --- connections -----------------------------------------------------------------------------
 
@@ -158,17 +158,19 @@ class Outbound:
 
     async def _open_mx(self, domain: str) -> _Conn:
         if not domain:
-            raise _Unreachable(Result("perm", "550 5.1.3 recipient address has no domain"))
+            raise _Unreachable(Result("perm", str(replies.NO_RECIPIENT_DOMAIN)))
         if self._resolver is None:
             self._resolver = dnslookup.make_resolver(self.cfg)
         mx = await dnslookup.resolve_mx(self._resolver, domain)
         if mx.null_mx:  # RFC 7505 3.2 / 4.2
-            raise _Unreachable(Result("perm", f"556 5.1.10 {domain} accepts no mail (null MX)"))
+            raise _Unreachable(Result("perm", str(replies.NULL_MX.fill(domain=domain))))
         if mx.temperror:
-            raise _Unreachable(Result("temp", f"451 4.4.3 DNS lookup for {domain}: {mx.reason}"))
+            reply = replies.DNS_TEMPFAIL.fill(domain=domain, reason=mx.reason)
+            raise _Unreachable(Result("temp", str(reply)))
         if not mx.hosts:
-            raise _Unreachable(Result("perm", f"550 5.1.2 cannot route to {domain}: {mx.reason}"))
-        last = Result("temp", f"451 4.4.3 no address for the MX hosts of {domain}")
+            reply = replies.NO_ROUTE.fill(domain=domain, reason=mx.reason)
+            raise _Unreachable(Result("perm", str(reply)))
+        last = Result("temp", str(replies.NO_MX_ADDRESS.fill(domain=domain)))
         tried = 0
         for host in mx.hosts:
             addrs = await dnslookup.lookup_addresses(self._resolver, host)
@@ -225,12 +227,12 @@ class Outbound:
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     smtp.close()
                     if starttls == "must":
-                        reply = f"451 4.7.5 STARTTLS with {name} failed: {_reason(exc)}"
+                        reply = str(replies.STARTTLS_FAILED.fill(host=name, reason=_reason(exc)))
                         raise _Unreachable(Result("temp", reply, relay)) from None
                     raise _TLSFailed(_reason(exc)) from None
                 await _hello(smtp)
             elif starttls == "must":
-                reply = f"451 4.7.4 {name} does not offer STARTTLS, which is required"
+                reply = str(replies.STARTTLS_MISSING.fill(host=name))
                 raise _Unreachable(Result("temp", reply, relay))
             if verify and d.smarthost.username:
                 await smtp.login(d.smarthost.username, d.smarthost.password)
@@ -239,7 +241,9 @@ class Outbound:
             raise _Unreachable(Result("temp", _one(exc.code, exc.message), relay)) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             smtp.close()
-            raise _Unreachable(Result("temp", f"451 4.4.1 {_reason(exc)}", relay)) from None
+            raise _Unreachable(
+                Result("temp", str(replies.CONNECT_FAILED.fill(reason=_reason(exc))), relay)
+            ) from None
         except _Unreachable:
             smtp.close()
             raise
@@ -301,10 +305,10 @@ async def _transaction(conn: _Conn, sender: str, body: bytes, rcpts: Sequence[st
         if not started and conn.idle_since:
             raise _Stale from exc
         smtp.close()
-        fail = Result("temp", f"451 4.4.2 connection lost ({exc})", relay)
+        fail = Result("temp", str(replies.CONNECTION_LOST_DETAIL.fill(reason=str(exc))), relay)
     except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
         smtp.close()
-        fail = Result("temp", f"451 4.4.2 {_reason(exc)}", relay)
+        fail = Result("temp", str(replies.NETWORK_ERROR.fill(reason=_reason(exc))), relay)
     else:
         return [results[i] for i in range(len(rcpts))]
     return [results.get(i, fail) for i in range(len(rcpts))]

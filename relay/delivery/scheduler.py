@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import dns.asyncresolver
 
 from relay import clock as clock_mod
-from relay import maillog
+from relay import maillog, replies
 from relay.clock import Clock
 from relay.config import Config
 from relay.delivery import bounce
@@ -217,7 +217,7 @@ class Deliverer:
                     results = await self._out.deliver(job.key, msg.sender, msg.body, addresses)
                 except Exception:  # a bug must not leave recipients claimed until a restart
                     log.exception("delivery of %s failed unexpectedly", job.message_id)
-                    results = [Result("temp", "451 4.3.0 internal error in delivery")] * len(
+                    results = [Result("temp", str(replies.DELIVERY_INTERNAL_ERROR))] * len(
                         job.recipients
                     )
             await self._record(job, msg, results)

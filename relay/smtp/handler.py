@@ -220,7 +220,7 @@ class Handler:
         maillog.queued(
             msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
         )
-        return str(replies.queued(msg_id))
+        return str(replies.QUEUED.fill(id=msg_id))
 
     def _complete(self, content: bytes, smtp: RelaySMTP, login: str) -> bytes:
         """Add Received (always), and Message-ID and Date if missing (RFC 6409 8.2, 8.3)."""
