@@ -250,7 +250,12 @@ async def test_ready_reload_and_drain(
         await busy.writer.drain()
 
         svc.proc.send_signal(signal.SIGTERM)
-        assert (await svc.notification()).get("STOPPING") == "1"
+        stopping = await svc.notification()
+        assert stopping.get("STOPPING") == "1", stopping
+        assert stopping.get("STATUS", "").startswith("draining "), stopping
+        # The drain may outlast TimeoutStopSec: systemd is asked for drain_timeout + a margin.
+        extend = await svc.notification()
+        assert int(extend["EXTEND_TIMEOUT_USEC"]) > 15_000_000, extend
         # Idle sessions are told at once; by then the listeners are closed.
         await idle.expect("421 4.3.2")
         await plain.expect("421 4.3.2")

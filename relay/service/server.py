@@ -43,6 +43,7 @@ from relay.store.spool import Spool
 log = logging.getLogger("relaybox.server")
 
 LOGIN_FLUSH_INTERVAL = 30.0
+STOP_MARGIN = 15.0  # seconds a stop needs after the drain: delivery, flushes, closing the store
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,9 @@ class Server:
             await self._stop.wait()
         finally:
             if notify:
-                sdnotify.stopping()
+                sdnotify.stopping(f"draining {len(self.gate.sessions)} sessions")
+                # The drain may outlast the unit's TimeoutStopSec: ask for what it needs.
+                sdnotify.extend_timeout(float(self.cfg.limits.drain_timeout) + STOP_MARGIN)
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
@@ -232,6 +235,8 @@ class Server:
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            if notify:
+                sdnotify.status("reload failed, running with the previous config (see the log)")
         finally:
             if notify:
                 sdnotify.ready()
