@@ -234,7 +234,7 @@ async def check_store(cfg: Config, open_db: OpenDatabase) -> list[Check]:
 
         async def one(d: domains.Domain) -> Check:
             async with limit:
-                results = await dnscheck.run_checks(resolver, d, cfg)
+                results = await domains.check_records(resolver, d, cfg)
             return domain_check(d, results, cfg)
 
         domain_checks = await asyncio.gather(*(one(d) for d in all_domains))
