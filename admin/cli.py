@@ -6,7 +6,16 @@ import platform
 
 import click
 
-from admin import common, lockinfo
+from admin import (
+    audit_cmd,
+    common,
+    doctor_cmd,
+    domain_cmds,
+    lockinfo,
+    queue_cmds,
+    serve_cmd,
+    user_cmds,
+)
 from relay import __version__
 from relay import config as config_mod
 
@@ -75,8 +84,6 @@ def config_check(ctx: click.Context, path: str | None) -> None:
 
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
-    from admin import audit_cmd, doctor_cmd, domain_cmds, queue_cmds, serve_cmd, user_cmds
-
     for mod in (serve_cmd, domain_cmds, user_cmds, queue_cmds, audit_cmd, doctor_cmd):
         mod.register(cli)
 

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 
@@ -26,11 +25,9 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.delivery import bounce
 from relay.delivery.outbound import Outbound, Result
+from relay.metrics import Metrics
 from relay.store.db import StoreError
 from relay.store.spool import DueRecipient, Message, Outcome, Spool
-
-if TYPE_CHECKING:
-    from relay.metrics import Metrics
 
 log = logging.getLogger("relaybox.delivery")
 
