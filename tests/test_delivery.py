@@ -11,8 +11,9 @@ import logging
 import sqlite3
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trustme
@@ -28,6 +29,7 @@ from relay.store.spool import Spool
 from relay.units import Duration
 from tests import leaks
 from tests.dnsserver import TestDNSServer
+from tests.faults.upstream import Upstream
 from tests.sink import Received, Sink, SinkFactory
 
 SENDER = "alice@example.com"
@@ -38,6 +40,11 @@ def body(subject: str = "hello") -> bytes:
         f"From: Alice <{SENDER}>\r\nTo: bob@example.net\r\nSubject: {subject}\r\n"
         "Message-ID: <m1@example.com>\r\n\r\nHi Bob.\r\n.leading dot\r\n"
     ).encode()
+
+
+async def queue(spool: Spool, *recipients: str, sender: str = SENDER) -> str:
+    """One message (``body()``) for ``recipients``, submitted by no user; its id."""
+    return await spool.enqueue(sender=sender, recipients=list(recipients), body=body(), user=None)
 
 
 def smarthost_cfg(cfg: Config, sink: Sink, **delivery: object) -> Config:
@@ -64,25 +71,34 @@ def mx_cfg(dns_cfg: Config, port: int, **delivery: object) -> Config:
     return dataclasses.replace(dns_cfg, delivery=d)
 
 
-Runner = Callable[[Config], Awaitable[tuple[Spool, Deliverer]]]
+class Runner(Protocol):
+    async def __call__(
+        self, cfg: Config, *, start: bool = True, metrics: Metrics | None = None
+    ) -> tuple[Spool, Deliverer]: ...
 
 
 @pytest.fixture
 async def run(clock: ManualClock) -> AsyncIterator[Runner]:
-    """Open a spool and start a deliverer for a config; both stopped at teardown."""
+    """Open a spool and a deliverer for a config (started unless ``start=False``); at teardown
+    the deliverer is stopped, then the spool closed, whatever the test did."""
     opened: list[tuple[Spool, Deliverer]] = []
 
-    async def make(cfg: Config) -> tuple[Spool, Deliverer]:
+    async def make(
+        cfg: Config, *, start: bool = True, metrics: Metrics | None = None
+    ) -> tuple[Spool, Deliverer]:
         spool = await Spool.open(cfg, clock=clock)
-        deliverer = Deliverer(spool, cfg, clock=clock)
-        deliverer.start()
+        deliverer = Deliverer(spool, cfg, clock=clock, metrics=metrics)
         opened.append((spool, deliverer))
+        if start:
+            deliverer.start()
         return spool, deliverer
 
     yield make
     for spool, deliverer in opened:
-        await deliverer.stop()
-        await spool.close()
+        try:
+            await deliverer.stop()
+        finally:
+            await spool.close()
 
 
 async def settle(deliverer: Deliverer) -> None:
@@ -154,26 +170,32 @@ async def test_smarthost_delivers_each_message_once_with_all_recipients(
     assert " delay=" in line and line.endswith("attempts=1")
 
 
-async def test_connection_is_reused_across_messages(cfg: Config, sink: Sink, run: Runner) -> None:
-    spool, deliverer = await run(smarthost_cfg(cfg, sink, per_destination=1))
-    for i in range(5):
+@pytest.mark.parametrize(
+    ("per_destination", "messages", "connections_ok"),
+    [
+        # one slot: one connection, reused across the messages
+        (1, 5, lambda sink: sink.connections == 1 and sink.max_active == 1),
+        # three slots: more than one at once, never more than three
+        (3, 20, lambda sink: 1 < sink.max_active <= 3),
+    ],
+    ids=["connection-reused", "concurrency-bounded"],
+)
+async def test_connections_per_destination(
+    cfg: Config,
+    sink: Sink,
+    run: Runner,
+    per_destination: int,
+    messages: int,
+    connections_ok: Callable[[Sink], bool],
+) -> None:
+    spool, deliverer = await run(smarthost_cfg(cfg, sink, per_destination=per_destination))
+    for i in range(messages):
         await spool.enqueue(
             sender=SENDER, recipients=["bob@example.net"], body=body(f"{i}"), user=None
         )
     await settle(deliverer)
-    assert len(sink.received) == 5
-    assert sink.connections == 1 and sink.max_active == 1
-
-
-async def test_concurrency_per_destination_is_bounded(cfg: Config, sink: Sink, run: Runner) -> None:
-    spool, deliverer = await run(smarthost_cfg(cfg, sink, per_destination=3))
-    for i in range(20):
-        await spool.enqueue(
-            sender=SENDER, recipients=["b@example.net"], body=body(f"{i}"), user=None
-        )
-    await settle(deliverer)
-    assert len(sink.received) == 20
-    assert 1 < sink.max_active <= 3
+    assert len(sink.received) == messages
+    assert connections_ok(sink)
 
 
 async def test_deferral_then_success(
@@ -181,9 +203,7 @@ async def test_deferral_then_success(
 ) -> None:
     sink.script_rcpt("bob@example.net", "451 4.3.0 Try again later")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bob@example.net")
     await settle(deliverer)
     assert sink.received == []
     r = (await spool.show(msg_id)).recipients[0]
@@ -212,9 +232,7 @@ async def test_permanent_refusal_bounces_at_once_with_a_dsn(
 ) -> None:
     sink.script_rcpt("bob@example.net", "550 5.1.1 No such user here")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bob@example.net")
     await settle(deliverer)
     r = (await spool.show(msg_id)).recipients[0]
     assert (r.state, r.attempts, r.last_code) == ("bounced", 1, 550)
@@ -257,9 +275,7 @@ async def test_permanent_replies_500_to_549_bounce_at_once(
     else:
         sink.script_data(reply)
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bob@example.net")
     await settle(deliverer)
     r = (await spool.show(msg_id)).recipients[0]
     assert (r.state, r.attempts, r.last_code, r.last_reply) == ("bounced", 1, int(reply[:3]), reply)
@@ -286,7 +302,7 @@ async def test_partial_refusal_bounces_only_the_refused(
     sink.script_rcpt("later@example.net", "452 4.2.2 mailbox full")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
     rcpts = ["ok@example.net", "bad@example.net", "later@example.net"]
-    msg_id = await spool.enqueue(sender=SENDER, recipients=rcpts, body=body(), user=None)
+    msg_id = await queue(spool, *rcpts)
     await settle(deliverer)
     states = [(r.address, r.state) for r in (await spool.show(msg_id)).recipients]
     assert states == [
@@ -306,9 +322,7 @@ async def test_data_replies_apply_to_every_accepted_recipient(
 ) -> None:
     sink.script_data("451 4.3.0 queue full", "554 5.6.0 content rejected")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(
-        sender="", recipients=["a@example.net", "b@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "a@example.net", "b@example.net", sender="")
     await settle(deliverer)
     assert [r.state for r in (await spool.show(msg_id)).recipients] == ["deferred"] * 2
     await spool.retry(msg_id, now=0)
@@ -322,9 +336,7 @@ async def test_expiry_bounces_after_max_age(
 ) -> None:
     sink.script_rcpt("bob@example.net", *["451 4.3.0 still busy"] * 3)
     spool, deliverer = await run(smarthost_cfg(cfg, sink, max_age=Duration(3600)))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bob@example.net")
     await settle(deliverer)
     clock.advance(BACKOFF[0])
     await settle(deliverer)
@@ -353,7 +365,7 @@ async def test_no_bounce_for_a_bounce(
 ) -> None:
     sink.script_rcpt(SENDER, "550 5.1.1 gone")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(sender="", recipients=[SENDER], body=body(), user=None)
+    msg_id = await queue(spool, SENDER, sender="")
     await settle(deliverer)
     assert (await spool.show(msg_id)).recipients[0].state == "bounced"
     assert sink.received == []
@@ -367,9 +379,7 @@ async def test_unreachable_smarthost_defers_then_delivers(
 ) -> None:
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
     await sink.stop()
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bob@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bob@example.net")
     await settle(deliverer)
     r = (await spool.show(msg_id)).recipients[0]
     assert (
@@ -386,9 +396,7 @@ async def test_stop_hands_back_unstarted_work(cfg: Config, sink: Sink, clock: Ma
     c = smarthost_cfg(cfg, sink)
     spool = await Spool.open(c, clock=clock)
     try:
-        msg_id = await spool.enqueue(
-            sender=SENDER, recipients=["b@example.net"], body=body(), user=None
-        )
+        msg_id = await queue(spool, "b@example.net")
         deliverer = Deliverer(spool, c, clock=clock)
         await deliverer.stop()  # never started: nothing claimed, nothing lost
         assert (await spool.show(msg_id)).recipients[0].state == "queued"
@@ -413,29 +421,38 @@ def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
     return ctx
 
 
-async def test_smarthost_starttls_verified_with_auth(
-    cfg: Config,
-    sink_factory: SinkFactory,
-    run: Runner,
-    sink_ca: trustme.CA,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    password = leaks.add("smarthost-secret-pw")
+SMARTHOST_PASSWORD = "smarthost-secret-pw"
+
+
+@pytest.fixture
+async def auth_smarthost(
+    sink_factory: SinkFactory, sink_ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Sink:
+    """A smarthost with STARTTLS and AUTH (relayuser, SMARTHOST_PASSWORD), its certificate
+    trusted through SSL_CERT_FILE (the system trust store, for this test)."""
+    password = leaks.add(SMARTHOST_PASSWORD)
     relay = await sink_factory(
         tls_context=server_context(sink_ca, "127.0.0.1"), credentials=("relayuser", password)
     )
     ca_file = tmp_path / "ca.pem"
     sink_ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the system trust store, for this test
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    return relay
+
+
+def login_cfg(cfg: Config, relay: Sink, password: str) -> Config:
+    """Delivery to ``relay`` over STARTTLS, logging in as relayuser with ``password``."""
     sh = SmarthostConfig("127.0.0.1", relay.port, "starttls", "relayuser", password)
     c = smarthost_cfg(cfg, relay)
-    c = dataclasses.replace(c, delivery=dataclasses.replace(c.delivery, smarthost=sh))
-    spool, deliverer = await run(c)
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
-    )
+    return dataclasses.replace(c, delivery=dataclasses.replace(c.delivery, smarthost=sh))
+
+
+async def test_smarthost_starttls_verified_with_auth(
+    cfg: Config, auth_smarthost: Sink, run: Runner
+) -> None:
+    relay = auth_smarthost
+    spool, deliverer = await run(login_cfg(cfg, relay, SMARTHOST_PASSWORD))
+    msg_id = await queue(spool, "b@example.net")
     await settle(deliverer)
     [got] = relay.received
     assert got.tls and relay.logins == [("relayuser", True)]
@@ -443,28 +460,12 @@ async def test_smarthost_starttls_verified_with_auth(
 
 
 async def test_smarthost_bad_password_or_untrusted_cert_defers(
-    cfg: Config,
-    sink_factory: SinkFactory,
-    run: Runner,
-    sink_ca: trustme.CA,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    cfg: Config, auth_smarthost: Sink, run: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    password = leaks.add("the-right-password")
-    relay = await sink_factory(
-        tls_context=server_context(sink_ca, "127.0.0.1"), credentials=("relayuser", password)
-    )
-    ca_file = tmp_path / "ca.pem"
-    sink_ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    wrong = leaks.add("a-wrong-password")
-    sh = SmarthostConfig("127.0.0.1", relay.port, "starttls", "relayuser", wrong)
-    c = smarthost_cfg(cfg, relay)
-    c = dataclasses.replace(c, delivery=dataclasses.replace(c.delivery, smarthost=sh))
+    relay = auth_smarthost
+    c = login_cfg(cfg, relay, leaks.add("a-wrong-password"))
     spool, deliverer = await run(c)
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "b@example.net")
     await settle(deliverer)
     r = (await spool.show(msg_id)).recipients[0]
     assert (r.state, r.last_code) == ("deferred", 535)  # our configuration, not the mail: defer
@@ -475,7 +476,7 @@ async def test_smarthost_bad_password_or_untrusted_cert_defers(
     monkeypatch.delenv("SSL_CERT_FILE")  # now the sink's certificate is not trusted
     c2 = dataclasses.replace(c, state_dir=cfg.state_dir / "untrusted")
     spool2, deliverer2 = await run(c2)
-    msg2 = await spool2.enqueue(sender=SENDER, recipients=["b@example.net"], body=body(), user=None)
+    msg2 = await queue(spool2, "b@example.net")
     await settle(deliverer2)
     r = (await spool2.show(msg2)).recipients[0]
     assert r.state == "deferred" and r.last_reply is not None
@@ -504,7 +505,7 @@ async def test_mx_mode_prefers_the_lowest_preference_and_falls_back(
     spool, deliverer = await run(mx_cfg(dns_cfg, primary.port))
 
     rcpts = ["a@example.net", "b@EXAMPLE.net", "c@example.org"]
-    msg_id = await spool.enqueue(sender=SENDER, recipients=rcpts, body=body(), user=None)
+    msg_id = await queue(spool, *rcpts)
     await settle(deliverer)
     assert [r.rcpt_tos for r in primary.received] == [("a@example.net", "b@EXAMPLE.net")]
     assert [r.rcpt_tos for r in other.received] == [("c@example.org",)]
@@ -514,7 +515,7 @@ async def test_mx_mode_prefers_the_lowest_preference_and_falls_back(
     assert relays["c@example.org"] == "example.org[127.0.0.4]"
 
     await primary.stop()
-    await spool.enqueue(sender=SENDER, recipients=["d@example.net"], body=body(), user=None)
+    await queue(spool, "d@example.net")
     await settle(deliverer)
     assert [r.rcpt_tos for r in backup.received] == [("d@example.net",)]
 
@@ -527,9 +528,7 @@ async def test_null_mx_bounces_at_once(
     dns_server.add_mx("example.com", 10, "mx.example.com")
     dns_server.add_a("mx.example.com", "127.0.0.2")
     spool, deliverer = await run(mx_cfg(dns_cfg, home.port))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["x@nomail.test"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "x@nomail.test")
     await settle(deliverer)
     r = (await spool.show(msg_id)).recipients[0]
     assert (r.state, r.last_code) == ("bounced", 556)
@@ -546,9 +545,7 @@ async def test_dns_failure_defers_and_unknown_domain_bounces(
     dns_server.add_mx("example.com", 10, "mx.example.com")
     dns_server.add_a("mx.example.com", "127.0.0.2")
     spool, deliverer = await run(mx_cfg(dns_cfg, home.port))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["x@broken.test", "y@nxdomain.test"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "x@broken.test", "y@nxdomain.test")
     await settle(deliverer)
     broken, missing = (await spool.show(msg_id)).recipients
     assert (broken.state, broken.last_code) == ("deferred", 451)
@@ -568,7 +565,7 @@ async def test_opportunistic_starttls_is_used_when_offered(
     dns_server.add_mx("example.net", 10, "mx.example.net")
     dns_server.add_a("mx.example.net", "127.0.0.2")
     spool, deliverer = await run(mx_cfg(dns_cfg, tls_sink.port))
-    await spool.enqueue(sender=SENDER, recipients=["a@example.net"], body=body(), user=None)
+    await queue(spool, "a@example.net")
     await settle(deliverer)
     [got] = tls_sink.received
     assert got.tls  # an unverified (self-signed) certificate does not stop opportunistic TLS
@@ -581,9 +578,7 @@ async def test_required_tls_defers_when_not_offered(
     dns_server.add_mx("example.net", 10, "mx.example.net")
     dns_server.add_a("mx.example.net", "127.0.0.2")
     spool, deliverer = await run(mx_cfg(dns_cfg, plain.port, tls="required"))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["a@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "a@example.net")
     await settle(deliverer)
     assert plain.received == []
     r = (await spool.show(msg_id)).recipients[0]
@@ -595,56 +590,42 @@ def _quiet_aiosmtpd(caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-async def test_metrics_count_outcomes_and_queue_depth(
-    cfg: Config, sink: Sink, clock: ManualClock
-) -> None:
+async def test_metrics_count_outcomes_and_queue_depth(cfg: Config, sink: Sink, run: Runner) -> None:
     sink.script_rcpt("later@example.net", "451 4.3.0 later")
     sink.script_rcpt("bad@example.net", "550 5.1.1 unknown")
-    c = smarthost_cfg(cfg, sink)
-    spool = await Spool.open(c, clock=clock)
     metrics = Metrics()
-    deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
-    try:
-        rcpts = ["ok@example.net", "later@example.net", "bad@example.net"]
-        await spool.enqueue(sender="", recipients=rcpts, body=body(), user=None)
-        deliverer.start()
-        await settle(deliverer)
-        await deliverer.stop()  # the depth gauge is refreshed on the loop's next turn: restart
-        deliverer.start()
-        await settle(deliverer)
-        text = metrics.render().decode()
-        for outcome in ("delivered", "deferred", "bounced"):
-            assert f'relaybox_recipients_total{{outcome="{outcome}"}} 1.0' in text
-        assert 'relaybox_queue_depth{state="deferred"} 1.0' in text
-        assert "relaybox_delivery_latency_seconds_count 1.0" in text
-    finally:
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(smarthost_cfg(cfg, sink), start=False, metrics=metrics)
+    rcpts = ["ok@example.net", "later@example.net", "bad@example.net"]
+    await queue(spool, *rcpts, sender="")
+    deliverer.start()
+    await settle(deliverer)
+    await deliverer.stop()  # the depth gauge is refreshed on the loop's next turn: restart
+    deliverer.start()
+    await settle(deliverer)
+    text = metrics.render().decode()
+    for outcome in ("delivered", "deferred", "bounced"):
+        assert f'relaybox_recipients_total{{outcome="{outcome}"}} 1.0' in text
+    assert 'relaybox_queue_depth{state="deferred"} 1.0' in text
+    assert "relaybox_delivery_latency_seconds_count 1.0" in text
 
 
 async def test_the_queue_depth_gauge_is_refreshed_at_most_every_depth_interval(
-    cfg: Config, sink: Sink, clock: ManualClock
+    cfg: Config, sink: Sink, run: Runner
 ) -> None:
     """The gauge costs a query: taken on the loop's first turn, then not again for
     DEPTH_INTERVAL (monotonic time), however often the loop turns meanwhile."""
     sink.script_rcpt("later@example.net", "451 4.3.0 later")
-    c = smarthost_cfg(cfg, sink)
-    spool = await Spool.open(c, clock=clock)
     metrics = Metrics()
-    deliverer = Deliverer(spool, c, clock=clock, metrics=metrics)
-    try:
-        started = time.monotonic()
-        deliverer.start()
-        await settle(deliverer)  # first turn: the empty queue
-        await spool.enqueue(sender="", recipients=["later@example.net"], body=body(), user=None)
-        await settle(deliverer)  # deferred, and the loop turned again since
-        assert (await spool.depth())["deferred"] == 1
-        text = metrics.render().decode()
-        if time.monotonic() - started < DEPTH_INTERVAL:  # only an upper bound can make it due
-            assert 'relaybox_queue_depth{state="deferred"} 0.0' in text
-    finally:
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(smarthost_cfg(cfg, sink), start=False, metrics=metrics)
+    started = time.monotonic()
+    deliverer.start()
+    await settle(deliverer)  # first turn: the empty queue
+    await queue(spool, "later@example.net", sender="")
+    await settle(deliverer)  # deferred, and the loop turned again since
+    assert (await spool.depth())["deferred"] == 1
+    text = metrics.render().decode()
+    if time.monotonic() - started < DEPTH_INTERVAL:  # only an upper bound can make it due
+        assert 'relaybox_queue_depth{state="deferred"} 0.0' in text
 
 
 async def test_done_messages_are_purged_by_the_hourly_sweep_once_past_retention(
@@ -653,9 +634,7 @@ async def test_done_messages_are_purged_by_the_hourly_sweep_once_past_retention(
     c = smarthost_cfg(cfg, sink)
     c = dataclasses.replace(c, spool=SpoolConfig(retention=Duration(60)))
     spool, deliverer = await run(c)  # the first sweep runs on the loop's first turn
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["b@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "b@example.net")
     await settle(deliverer)
     assert (await spool.show(msg_id)).done_at == clock()
     clock.advance(3600 - 1)  # long past retention, but the next (hourly) sweep is not due
@@ -680,7 +659,7 @@ async def test_stop_quits_the_pooled_connections(
 ) -> None:
     caplog.set_level(logging.INFO, logger="mail.log")
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    await spool.enqueue(sender=SENDER, recipients=["b@example.net"], body=body(), user=None)
+    await queue(spool, "b@example.net")
     await settle(deliverer)
     assert len(sink.received) == 1
     assert not any("QUIT" in line for line in sink_lines(caplog))  # kept open for reuse
@@ -688,125 +667,18 @@ async def test_stop_quits_the_pooled_connections(
     assert "QUIT" in sink_lines(caplog)[-1]
 
 
-class HeldUpstream:
-    """A scripted SMTP peer that answers each MAIL FROM only when the test lets one through
-    (``release``): a transaction stays open exactly as long as the test wants, no timing."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port
-        self.connections = 0
-        self.mails = 0  # MAIL commands read
-        self.senders: list[str] = []  # their reverse-paths, in order
-        self.held = 0  # of which waiting for a release now
-        self.open = 0  # transactions between MAIL and the end of DATA (or RSET, or hang-up)
-        self.max_open = 0
-        self.messages = 0
-        self.free = False  # answer every MAIL at once from now on
-        self._tokens = asyncio.Semaphore(0)
-        self._cond = asyncio.Condition()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    def release(self, n: int = 1) -> None:
-        for _ in range(n):
-            self._tokens.release()
-
-    def release_all(self) -> None:
-        self.free = True
-        self.release(self.held)
-
-    async def wait_for(self, pred: Callable[[HeldUpstream], bool]) -> None:
-        async with asyncio.timeout(10), self._cond:
-            await self._cond.wait_for(lambda: pred(self))
-
-    async def _changed(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        in_tx = False
-
-        async def end_tx() -> None:
-            nonlocal in_tx
-            if in_tx:
-                in_tx = False
-                self.open -= 1
-                await self._changed()
-
-        try:
-            writer.write(b"220 held.test ESMTP\r\n")
-            while line := await reader.readline():
-                verb = line.decode("ascii", "replace").split(" ", 1)[0].strip().upper()
-                if verb == "EHLO":
-                    writer.write(b"250-held.test\r\n250 8BITMIME\r\n")
-                elif verb == "MAIL":
-                    self.mails += 1
-                    self.senders.append(
-                        line.decode("ascii", "replace").split("<", 1)[1].split(">")[0]
-                    )
-                    in_tx = True
-                    self.open += 1
-                    self.max_open = max(self.max_open, self.open)
-                    if not self.free:
-                        self.held += 1
-                        await self._changed()
-                        await self._tokens.acquire()
-                        self.held -= 1
-                    writer.write(b"250 2.1.0 OK\r\n")
-                    await self._changed()
-                elif verb == "DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    while await reader.readline() not in (b".\r\n", b""):
-                        pass
-                    self.messages += 1
-                    writer.write(b"250 2.0.0 accepted\r\n")
-                    await end_tx()
-                elif verb == "RSET":
-                    writer.write(b"250 2.0.0 OK\r\n")
-                    await end_tx()
-                elif verb == "QUIT":
-                    writer.write(b"221 2.0.0 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 2.0.0 OK\r\n")
-                await writer.drain()
-        except ConnectionError:
-            return
-        finally:
-            await end_tx()
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-
 @pytest.fixture
-async def held() -> AsyncIterator[HeldUpstream]:
-    server = HeldUpstream()
+async def held(run: Runner) -> AsyncIterator[Upstream]:
+    """An upstream that answers each MAIL FROM only when the test lets one through. It depends
+    on ``run`` so that it is released and stopped first at teardown: no deliverer is left
+    draining a held job."""
+    server = Upstream(extensions=("8BITMIME",), hold_mail=True)
     await server.start()
     yield server
-    server.release_all()
-    await server.stop()
+    await server.stop()  # releases whatever still waits
 
 
-def held_cfg(cfg: Config, server: HeldUpstream, **delivery: object) -> Config:
+def held_cfg(cfg: Config, server: Upstream, **delivery: object) -> Config:
     d = dataclasses.replace(
         cfg.delivery,
         mode="smarthost",
@@ -819,65 +691,45 @@ def held_cfg(cfg: Config, server: HeldUpstream, **delivery: object) -> Config:
 
 
 async def test_stop_without_a_drain_window_hands_back_running_and_waiting_jobs(
-    cfg: Config, held: HeldUpstream, clock: ManualClock, caplog: pytest.LogCaptureFixture
+    cfg: Config, held: Upstream, run: Runner, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One transaction held open upstream, one job waiting for the destination's only slot:
     stop(timeout=0) cancels both, hands both recipients back unattempted, and logs no error."""
-    c = held_cfg(cfg, held, per_destination=1)
-    spool = await Spool.open(c, clock=clock)
-    deliverer = Deliverer(spool, c, clock=clock)
-    try:
-        ids = [
-            await spool.enqueue(
-                sender=SENDER, recipients=[f"r{i}@example.net"], body=body(), user=None
-            )
-            for i in range(2)
-        ]
-        deliverer.start()
-        deliverer.wake()
-        await held.wait_for(lambda h: h.held == 1)  # one MAIL waits; the other job, for the slot
-        await deliverer.stop(timeout=0)
-        for msg_id in ids:
-            [r] = (await spool.show(msg_id)).recipients
-            assert (r.state, r.attempts, r.in_flight) == ("queued", 0, False)
-        assert held.mails == 1 and held.messages == 0
-        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert errors == []
-    finally:
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(held_cfg(cfg, held, per_destination=1), start=False)
+    ids = [await queue(spool, f"r{i}@example.net") for i in range(2)]
+    deliverer.start()
+    deliverer.wake()
+    await held.wait_for(lambda h: h.held == 1)  # one MAIL waits; the other job, for the slot
+    await deliverer.stop(timeout=0)
+    for msg_id in ids:
+        [r] = (await spool.show(msg_id)).recipients
+        assert (r.state, r.attempts, r.in_flight) == ("queued", 0, False)
+    assert len(held.senders) == 1 and held.messages == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_stop_lets_the_started_transaction_finish_and_hands_back_the_waiting_job(
-    cfg: Config, held: HeldUpstream, clock: ManualClock
+    cfg: Config, held: Upstream, run: Runner
 ) -> None:
-    c = held_cfg(cfg, held, per_destination=1)
-    spool = await Spool.open(c, clock=clock)
-    deliverer = Deliverer(spool, c, clock=clock)
-    try:
-        senders = ["first@example.com", "second@example.com"]
-        ids = {
-            s: await spool.enqueue(sender=s, recipients=["r@example.net"], body=body(), user=None)
-            for s in senders
-        }
-        deliverer.start()
-        deliverer.wake()
-        await held.wait_for(lambda h: h.held == 1)
-        [running] = held.senders  # its MAIL waits upstream; the other job waits for the slot
-        [waiting] = [s for s in senders if s != running]
-        # Let the started transaction go on only once stop() has ended the waiting job (the
-        # deliverer names each job's task after its message).
-        [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"deliver-{ids[waiting]}"]
-        task.add_done_callback(lambda _t: held.release_all())
-        await deliverer.stop()  # the default drain window: the started transaction finishes
-        [r] = (await spool.show(ids[running])).recipients
-        assert (r.state, r.attempts) == ("delivered", 1)
-        [w] = (await spool.show(ids[waiting])).recipients
-        assert (w.state, w.attempts, w.in_flight) == ("queued", 0, False)
-        assert held.senders == [running] and held.messages == 1
-    finally:
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(held_cfg(cfg, held, per_destination=1), start=False)
+    senders = ["first@example.com", "second@example.com"]
+    ids = {s: await queue(spool, "r@example.net", sender=s) for s in senders}
+    deliverer.start()
+    deliverer.wake()
+    await held.wait_for(lambda h: h.held == 1)
+    [running] = held.senders  # its MAIL waits upstream; the other job waits for the slot
+    [waiting] = [s for s in senders if s != running]
+    # Let the started transaction go on only once stop() has ended the waiting job (the
+    # deliverer names each job's task after its message).
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"deliver-{ids[waiting]}"]
+    task.add_done_callback(lambda _t: held.release_all())
+    await deliverer.stop()  # the default drain window: the started transaction finishes
+    [r] = (await spool.show(ids[running])).recipients
+    assert (r.state, r.attempts) == ("delivered", 1)
+    [w] = (await spool.show(ids[waiting])).recipients
+    assert (w.state, w.attempts, w.in_flight) == ("queued", 0, False)
+    assert held.senders == [running] and len(held.messages) == 1
 
 
 async def test_a_job_claimed_later_waits_for_the_destination_slot(
@@ -888,7 +740,7 @@ async def test_a_job_claimed_later_waits_for_the_destination_slot(
 ) -> None:
     """per_destination=1 holds for jobs claimed while earlier ones of the destination still run
     or wait, not only for those claimed together."""
-    gated = HeldUpstream("127.0.0.2")
+    gated = Upstream("127.0.0.2", extensions=("8BITMIME",), hold_mail=True)
     await gated.start()
     try:
         other = await sink_factory("127.0.0.3", gated.port)
@@ -897,21 +749,20 @@ async def test_a_job_claimed_later_waits_for_the_destination_slot(
         dns_server.add_a("other.test", "127.0.0.3")
         spool, deliverer = await run(mx_cfg(dns_cfg, gated.port, per_destination=1))
         for rcpt in ("a@gated.test", "b@gated.test"):
-            await spool.enqueue(sender=SENDER, recipients=[rcpt], body=body(), user=None)
+            await queue(spool, rcpt)
         deliverer.wake()
         await gated.wait_for(lambda g: g.held == 1)  # a's MAIL; b waits for the slot
         # Queued meanwhile, claimed once a is done (its job's end wakes the loop): c must wait
         # for b, d (another destination) goes at once and marks when c would have started.
         for rcpt in ("c@gated.test", "d@other.test"):
-            await spool.enqueue(sender=SENDER, recipients=[rcpt], body=body(), user=None)
+            await queue(spool, rcpt)
         gated.release()
         await other.wait_received(1)
         gated.release_all()
         await settle(deliverer)
-        assert gated.messages == 3 and gated.max_open == 1
+        assert len(gated.messages) == 3 and gated.max_open == 1
     finally:
-        gated.release_all()
-        await gated.stop()
+        await gated.stop()  # releases whatever still waits
 
 
 async def test_an_unexpected_error_while_delivering_defers_instead_of_stranding(
@@ -920,9 +771,7 @@ async def test_an_unexpected_error_while_delivering_defers_instead_of_stranding(
     """aiosmtplib refuses to put an address with a space on a command line (ValueError, which
     outbound does not expect): the recipient is deferred with a 451, not left claimed."""
     spool, deliverer = await run(smarthost_cfg(cfg, sink))
-    msg_id = await spool.enqueue(
-        sender=SENDER, recipients=["bad address@example.net"], body=body(), user=None
-    )
+    msg_id = await queue(spool, "bad address@example.net")
     await settle(deliverer)
     [r] = (await spool.show(msg_id)).recipients
     assert (r.state, r.attempts, r.in_flight) == ("deferred", 1, False)
@@ -947,101 +796,76 @@ class _Seen(logging.Handler):
             self.event.set()
 
 
+@contextlib.asynccontextmanager
+async def locked_until_logged(c: Config, prefix: str) -> AsyncIterator[None]:
+    """Hold the spool's write lock (BEGIN IMMEDIATE, as a long CLI transaction would) from the
+    start of the block until, after it, the delivery logger says something starting with
+    ``prefix``; then let go. Waiting for the log line, not for a time."""
+    seen = _Seen(prefix)
+    logger = logging.getLogger("relaybox.delivery")
+    logger.addHandler(seen)
+    lock = sqlite3.connect(c.spool_path(0), isolation_level=None, timeout=0)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        yield
+        async with asyncio.timeout(10):
+            await seen.event.wait()
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+        logger.removeHandler(seen)
+
+
 async def test_recipients_whose_outcome_could_not_be_written_are_handed_back(
-    cfg: Config, held: HeldUpstream, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    cfg: Config, held: Upstream, run: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The spool is locked (a long CLI transaction) when the outcome is written: the recipient
     is not left claimed until a restart; once the store answers again it is delivered (again:
     at least once)."""
     monkeypatch.setattr(db_mod, "BUSY_TIMEOUT_MS", 200)  # give up on the lock quickly
     c = held_cfg(cfg, held)
-    spool = await Spool.open(c, clock=clock)
-    deliverer = Deliverer(spool, c, clock=clock)
-    seen = _Seen("could not record delivery outcomes")
-    logging.getLogger("relaybox.delivery").addHandler(seen)
-    try:
-        msg_id = await spool.enqueue(
-            sender=SENDER, recipients=["r@example.net"], body=body(), user=None
-        )
-        deliverer.start()
-        deliverer.wake()
-        await held.wait_for(lambda h: h.held == 1)
-        lock = sqlite3.connect(c.spool_path(0), isolation_level=None, timeout=0)
-        try:
-            lock.execute("BEGIN IMMEDIATE")
-            held.release_all()
-            async with asyncio.timeout(10):
-                await seen.event.wait()
-            lock.execute("ROLLBACK")
-        finally:
-            lock.close()
-        await settle(deliverer)
-        [r] = (await spool.show(msg_id)).recipients
-        assert (r.state, r.attempts, r.in_flight) == ("delivered", 1, False)
-        assert held.messages == 2
-    finally:
-        logging.getLogger("relaybox.delivery").removeHandler(seen)
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(c, start=False)
+    msg_id = await queue(spool, "r@example.net")
+    deliverer.start()
+    deliverer.wake()
+    await held.wait_for(lambda h: h.held == 1)
+    async with locked_until_logged(c, "could not record delivery outcomes"):
+        held.release_all()
+    await settle(deliverer)
+    [r] = (await spool.show(msg_id)).recipients
+    assert (r.state, r.attempts, r.in_flight) == ("delivered", 1, False)
+    assert len(held.messages) == 2
 
 
 async def test_the_deliverer_claims_up_to_twice_its_concurrency(
-    cfg: Config, held: HeldUpstream, clock: ManualClock
+    cfg: Config, held: Upstream, run: Runner
 ) -> None:
     """concurrency=1: one job runs, one more is claimed and waits for the slot, the rest stay
     queued (due, not in flight) until there is room."""
-    c = held_cfg(cfg, held, concurrency=1)
-    spool = await Spool.open(c, clock=clock)
-    deliverer = Deliverer(spool, c, clock=clock)
-    try:
-        for i in range(4):
-            await spool.enqueue(
-                sender=SENDER, recipients=[f"r{i}@example.net"], body=body(), user=None
-            )
-        deliverer.start()
-        await held.wait_for(lambda h: h.held == 1)
-        stats = await spool.stats()
-        assert stats.in_flight == 2 and stats.recipients["queued"] == 4
-        held.release_all()
-        await settle(deliverer)
-        assert held.messages == 4 and held.max_open == 1
-        assert (await spool.stats()).recipients["delivered"] == 4
-    finally:
-        held.release_all()  # a failed assertion must not leave stop() draining a held job
-        await deliverer.stop()
-        await spool.close()
+    spool, deliverer = await run(held_cfg(cfg, held, concurrency=1), start=False)
+    for i in range(4):
+        await queue(spool, f"r{i}@example.net")
+    deliverer.start()
+    await held.wait_for(lambda h: h.held == 1)
+    stats = await spool.stats()
+    assert stats.in_flight == 2 and stats.recipients["queued"] == 4
+    held.release_all()
+    await settle(deliverer)
+    assert len(held.messages) == 4 and held.max_open == 1
+    assert (await spool.stats()).recipients["delivered"] == 4
 
 
 async def test_a_locked_spool_pauses_the_loop_and_it_carries_on_afterwards(
-    cfg: Config, sink: Sink, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    cfg: Config, sink: Sink, run: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop's own spool writes (purge, claim) fail while a CLI transaction holds the lock:
     logged, and the loop goes on; once the lock is gone the queued mail is delivered."""
     monkeypatch.setattr(db_mod, "BUSY_TIMEOUT_MS", 200)
     c = smarthost_cfg(cfg, sink)
-    spool = await Spool.open(c, clock=clock)
-    deliverer = Deliverer(spool, c, clock=clock)
-    seen = _Seen("delivery: spool unavailable")
-    logging.getLogger("relaybox.delivery").addHandler(seen)
-    try:
-        msg_id = await spool.enqueue(
-            sender=SENDER, recipients=["r@example.net"], body=body(), user=None
-        )
-        lock = sqlite3.connect(c.spool_path(0), isolation_level=None, timeout=0)
-        try:
-            lock.execute("BEGIN IMMEDIATE")
-            deliverer.start()
-            async with asyncio.timeout(10):
-                await seen.event.wait()
-            lock.execute("ROLLBACK")
-        finally:
-            lock.close()
-        await settle(deliverer)
-        assert (await spool.show(msg_id)).recipients[0].state == "delivered"
-        assert len(sink.received) == 1
-    finally:
-        logging.getLogger("relaybox.delivery").removeHandler(seen)
-        try:
-            await deliverer.stop()
-        finally:
-            await spool.close()
+    spool, deliverer = await run(c, start=False)
+    msg_id = await queue(spool, "r@example.net")
+    async with locked_until_logged(c, "delivery: spool unavailable"):
+        deliverer.start()
+    await settle(deliverer)
+    assert (await spool.show(msg_id)).recipients[0].state == "delivered"
+    assert len(sink.received) == 1

@@ -1,7 +1,8 @@
 """relay/outbound.py through its public API (``Outbound``, ``classify``) against real peers on
 loopback: the aiosmtpd sink (tests/sink.py), the DNS server (tests/dnsserver.py) and, where a peer
-must misbehave at an exact point (drop the connection at a given command, refuse STARTTLS), a small
-scripted SMTP server below. These guard what the first mutation run of outbound.py found unguarded.
+must misbehave at an exact point (drop the connection at a given command, refuse STARTTLS), the
+scripted SMTP server of tests/faults/upstream.py. These guard what the first mutation run of
+outbound.py found unguarded.
 
 Idle connections age by ``time.monotonic``, which outbound.py reads through its module-level
 ``time``; the pool tests swap that name for a manual monotonic clock (the stdlib and the event loop
@@ -11,7 +12,6 @@ keep the real one), so ageing is a clock step, not a wait.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,128 +25,13 @@ from relay.delivery import outbound
 from relay.delivery.outbound import Outbound, Result, classify
 from relay.units import Duration
 from tests.dnsserver import TestDNSServer
+from tests.faults.upstream import Upstream
 from tests.sink import SinkFactory
 
 SENDER = "alice@example.com"
 KEEP = 5.0  # seconds an idle connection is kept (outbound.CONN_KEEP, the documented value)
 MAX_ADDRESSES = 6  # MX addresses tried per attempt (outbound.MAX_ADDRESSES)
 BODY = b"From: <alice@example.com>\r\nSubject: hi\r\n\r\nHello.\r\n"
-
-
-class Upstream:
-    """A scripted SMTP peer (raw asyncio, loopback, ephemeral port). It answers 250 to every
-    command and 354 to DATA, and records every line per connection. ``drop_at`` holds
-    ``(connection, verb, n)``: at the n-th ``verb`` of that connection (1-based) it closes the
-    connection without replying; the verb ``"."`` is the end of a message (its content is recorded
-    first, as a real server that crashed before its reply would have it)."""
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        extensions: tuple[str, ...] = ("SIZE 10240000", "8BITMIME", "SMTPUTF8"),
-        starttls_reply: bytes | None = None,
-        ehlo_reply: bytes | None = None,
-        tls_context: ssl.SSLContext | None = None,
-        answer_quit: bool = True,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.ehlo_reply = ehlo_reply  # e.g. a 502: a server that knows only HELO
-        self.tls_context = tls_context  # implicit TLS (RFC 8314) from the first byte
-        self.tls: list[bool] = []  # per connection: was it TLS
-        self.answer_quit = answer_quit  # False: a hung peer that never answers QUIT
-        self.extensions = extensions + (("STARTTLS",) if starttls_reply else ())
-        self.starttls_reply = starttls_reply
-        self.drop_at: set[tuple[int, str, int]] = set()
-        self.hang_at: set[tuple[int, str, int]] = set()  # read on, never answer again
-        self.replies: dict[str, bytes] = {}  # verb -> a scripted reply instead of 250
-        self.lines: list[tuple[int, str]] = []  # (connection number, command line)
-        self.messages: list[tuple[int, bytes]] = []  # (connection number, content)
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    def commands(self, conn: int) -> list[str]:
-        return [line for n, line in self.lines if n == conn]
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, ssl=self.tls_context
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        conn = self.connections
-        self.tls.append(writer.get_extra_info("ssl_object") is not None)
-        seen: dict[str, int] = {}
-        self._writers.add(writer)
-
-        def drop(verb: str) -> bool:
-            seen[verb] = seen.get(verb, 0) + 1
-            return (conn, verb, seen[verb]) in self.drop_at
-
-        try:
-            writer.write(b"220 upstream.test ESMTP\r\n")
-            while line := await reader.readline():
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                self.lines.append((conn, text))
-                verb = text.split(" ", 1)[0].upper()
-                if drop(verb):
-                    return
-                if (conn, verb, seen[verb]) in self.hang_at:
-                    while await reader.readline():
-                        pass
-                    return
-                if verb in self.replies:
-                    writer.write(self.replies[verb])
-                    await writer.drain()
-                    continue
-                if verb == "EHLO" and self.ehlo_reply:
-                    writer.write(self.ehlo_reply)
-                elif verb == "EHLO":
-                    ext = ["upstream.test", *self.extensions]
-                    reply = "".join(
-                        f"250{'-' if i < len(ext) - 1 else ' '}{e}\r\n" for i, e in enumerate(ext)
-                    )
-                    writer.write(reply.encode())
-                elif verb == "STARTTLS" and self.starttls_reply:
-                    writer.write(self.starttls_reply)
-                elif verb == "DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    content = b""
-                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
-                        content += chunk
-                    self.messages.append((conn, content))
-                    if drop("."):
-                        return
-                    writer.write(b"250 2.0.0 accepted\r\n")
-                elif verb == "QUIT" and not self.answer_quit:
-                    continue  # until the client gives up and hangs up
-                elif verb == "QUIT":
-                    writer.write(b"221 2.0.0 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 2.0.0 OK\r\n")
-                await writer.drain()
-        except ConnectionError:
-            return
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
@@ -232,13 +117,19 @@ def test_classify_boundaries(code: int, kind: str) -> None:
     assert classify(code, "x", "r") == Result(kind, f"{code} x", "r")
 
 
-async def test_a_result_shared_by_several_recipients_is_immutable(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
-) -> None:
-    """A failed dial gives every recipient the same Result object: it must be a frozen value."""
+@pytest.fixture
+async def closed_port(upstream: Upstream) -> int:
+    """A loopback port nobody listens on any more: the upstream's, once stopped."""
     port = upstream.port
     await upstream.stop()
-    out = await outbound_for(smarthost_cfg(cfg, port))
+    return port
+
+
+async def test_a_result_shared_by_several_recipients_is_immutable(
+    cfg: Config, closed_port: int, outbound_for: OutboundFactory
+) -> None:
+    """A failed dial gives every recipient the same Result object: it must be a frozen value."""
+    out = await outbound_for(smarthost_cfg(cfg, closed_port))
     first, second = await out.deliver("smarthost", SENDER, BODY, ["b@x.test", "c@x.test"])
     assert first == second and first.kind == "temp"
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -303,6 +194,7 @@ async def test_an_idle_connection_is_kept_for_conn_keep_seconds(
     assert upstream.connections == 1 and len(upstream.messages) == 2
 
 
+@pytest.mark.parametrize("sweep", [False, True], ids=["next-message", "after-the-sweep"])
 @pytest.mark.parametrize("idle", [KEEP, KEEP + 1], ids=["exactly-keep", "past-keep"])
 async def test_a_connection_idle_too_long_is_not_reused(
     cfg: Config,
@@ -310,30 +202,19 @@ async def test_a_connection_idle_too_long_is_not_reused(
     outbound_for: OutboundFactory,
     mono: ManualMonotonic,
     idle: float,
+    sweep: bool,
 ) -> None:
+    """Idle for CONN_KEEP or longer, the connection is not used again: the next message goes on
+    a new one, and a sweep before it QUITs the old one politely (RFC 5321 4.1.1.10)."""
     out = await outbound_for(smarthost_cfg(cfg, upstream.port))
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
     mono.now += idle
+    if sweep:
+        await out.close_idle()  # close_idle awaits the 221
+        assert upstream.commands(1)[-1] == "QUIT"
     assert [r.kind for r in await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])] == ["ok"]
     assert upstream.connections == 2
     assert [n for n, _ in upstream.messages] == [1, 2]
-
-
-@pytest.mark.parametrize("idle", [KEEP, KEEP + 1], ids=["exactly-keep", "past-keep"])
-async def test_the_sweep_quits_connections_idle_too_long(
-    cfg: Config,
-    upstream: Upstream,
-    outbound_for: OutboundFactory,
-    mono: ManualMonotonic,
-    idle: float,
-) -> None:
-    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
-    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    mono.now += idle
-    await out.close_idle()  # QUIT politely (RFC 5321 4.1.1.10); close_idle awaits the 221
-    assert upstream.commands(1)[-1] == "QUIT"
-    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    assert upstream.connections == 2
 
 
 async def test_the_sweep_waits_two_seconds_for_an_unanswered_quit(
@@ -489,14 +370,12 @@ async def test_body_8bitmime_only_for_an_8bit_body_when_offered(
 
 
 async def test_an_unreachable_smarthost_says_why(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+    cfg: Config, closed_port: int, outbound_for: OutboundFactory
 ) -> None:
-    port = upstream.port
-    await upstream.stop()
-    out = await outbound_for(smarthost_cfg(cfg, port))
+    out = await outbound_for(smarthost_cfg(cfg, closed_port))
     [result] = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
     assert result.kind == "temp"
-    assert result.reply.startswith(f"451 4.4.1 Error connecting to 127.0.0.1 on port {port}")
+    assert result.reply.startswith(f"451 4.4.1 Error connecting to 127.0.0.1 on port {closed_port}")
 
 
 async def test_a_server_that_refuses_ehlo_gets_helo(
@@ -630,15 +509,21 @@ async def test_tls_none_does_not_use_offered_starttls(
     assert not got.tls
 
 
-async def test_opportunistic_tls_falls_back_to_plain_when_starttls_fails(
-    dns_cfg: Config,
-    dns_server: TestDNSServer,
-    upstream_factory: UpstreamFactory,
-    outbound_for: OutboundFactory,
-) -> None:
+@pytest.fixture
+async def starttls_refused(
+    dns_server: TestDNSServer, upstream_factory: UpstreamFactory
+) -> Upstream:
+    """example.net's only MX offers STARTTLS and answers it with a 454."""
     up = await upstream_factory("127.0.0.2", starttls_reply=b"454 4.7.0 TLS not available\r\n")
     dns_server.add_mx("example.net", 10, "mx.example.net")
     dns_server.add_a("mx.example.net", "127.0.0.2")
+    return up
+
+
+async def test_opportunistic_tls_falls_back_to_plain_when_starttls_fails(
+    dns_cfg: Config, starttls_refused: Upstream, outbound_for: OutboundFactory
+) -> None:
+    up = starttls_refused
     out = await outbound_for(mx_cfg(dns_cfg, up.port))
     [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
     assert (result.kind, result.relay) == ("ok", "mx.example.net[127.0.0.2]")
@@ -647,14 +532,9 @@ async def test_opportunistic_tls_falls_back_to_plain_when_starttls_fails(
 
 
 async def test_required_tls_defers_when_starttls_fails(
-    dns_cfg: Config,
-    dns_server: TestDNSServer,
-    upstream_factory: UpstreamFactory,
-    outbound_for: OutboundFactory,
+    dns_cfg: Config, starttls_refused: Upstream, outbound_for: OutboundFactory
 ) -> None:
-    up = await upstream_factory("127.0.0.2", starttls_reply=b"454 4.7.0 TLS not available\r\n")
-    dns_server.add_mx("example.net", 10, "mx.example.net")
-    dns_server.add_a("mx.example.net", "127.0.0.2")
+    up = starttls_refused
     out = await outbound_for(mx_cfg(dns_cfg, up.port, tls="required"))
     [result] = await out.deliver("example.net", SENDER, BODY, ["b@example.net"])
     assert result.kind == "temp"

@@ -14,7 +14,7 @@ from relay.clock import ManualClock
 from relay.config import Config
 from relay.delivery.scheduler import BACKOFF
 from tests.faults.flow import copies, delivering, idle, state_of, submit
-from tests.faults.upstream import BadUpstream
+from tests.faults.upstream import ANY, Upstream
 from tests.hostile.kit import LOGIN, queued, started, stopped
 from tests.relayserver import RelayHandle
 from tests.sink import Sink, SinkFactory
@@ -67,38 +67,49 @@ async def test_upstream_down_then_back(
     await comes_back(relay, clock, sink, msg_id, "down")
 
 
-async def test_upstream_hung_then_back(
-    relay_to: Starter, sink_factory: SinkFactory, clock: ManualClock
+def tarpit() -> Upstream:
+    """Accepts the connection and never says anything (a hung or overloaded host)."""
+    return Upstream(greet=False)
+
+
+def drops_in_data() -> Upstream:
+    """Greets, accepts EHLO, MAIL and RCPT, answers DATA with 354, reads the first line of the
+    message and drops the connection (a crash or a network cut mid-transfer), every time."""
+    up = Upstream(extensions=())
+    up.drop_at.add((ANY, "content", 1))
+    return up
+
+
+@pytest.mark.parametrize(
+    ("make", "tag", "deferred_with", "what_it_saw"),
+    [
+        (tarpit, "hung", "451 4.", lambda up: up.connections >= 1),
+        # The transfer was started once and cut after its first line.
+        (drops_in_data, "dropped", "451 4.4.2", lambda up: [n for n, _ in up.partial] == [1]),
+    ],
+    ids=["hung", "drops-mid-data"],
+)
+async def test_upstream_misbehaving_then_back(
+    relay_to: Starter,
+    sink_factory: SinkFactory,
+    clock: ManualClock,
+    make: Callable[[], Upstream],
+    tag: str,
+    deferred_with: str,
+    what_it_saw: Callable[[Upstream], bool],
 ) -> None:
-    bad = BadUpstream("tarpit")
+    bad = make()
     await bad.start()
     relay = await relay_to(bad.port)
     password = await relay.add_user(LOGIN)
-    msg_id = await submit(relay, password, "hung")
+    msg_id = await submit(relay, password, tag)
     await idle(relay)
     state, reply = await state_of(relay, msg_id)
-    assert state == "deferred" and reply.startswith("451 4."), reply
-    assert bad.connections >= 1
+    assert state == "deferred" and reply.startswith(deferred_with), reply
+    assert what_it_saw(bad)
     await bad.stop()
     sink = await sink_factory(port=bad.port)
-    await comes_back(relay, clock, sink, msg_id, "hung")
-
-
-async def test_upstream_drops_the_connection_mid_data(
-    relay_to: Starter, sink_factory: SinkFactory, clock: ManualClock
-) -> None:
-    bad = BadUpstream("drop-in-data")
-    await bad.start()
-    relay = await relay_to(bad.port)
-    password = await relay.add_user(LOGIN)
-    msg_id = await submit(relay, password, "dropped")
-    await idle(relay)
-    state, reply = await state_of(relay, msg_id)
-    assert state == "deferred" and reply.startswith("451 4.4.2"), reply
-    assert bad.data_started == 1
-    await bad.stop()
-    sink = await sink_factory(port=bad.port)
-    await comes_back(relay, clock, sink, msg_id, "dropped")
+    await comes_back(relay, clock, sink, msg_id, tag)
 
 
 async def test_upstream_temporary_refusal_then_accepts(
