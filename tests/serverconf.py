@@ -78,13 +78,14 @@ def toml(table: Table, name: str = "") -> str:
     """``table`` as TOML: its scalars under a ``[name]`` header (none for the top level), then
     each sub-table as a ``[name.sub]`` section. The argon2 parameters stay an inline table."""
     head = [f"[{name}]\n"] if name else []
-    lines = [f"{k} = {_value(v)}\n" for k, v in table.items() if not _sub(k, v)]
-    subs = [toml(v, f"{name}.{k}" if name else k) for k, v in table.items() if _sub(k, v)]
-    return "".join(head + lines) + "".join("\n" + s for s in subs)
-
-
-def _sub(key: str, value: Value) -> bool:
-    return isinstance(value, Mapping) and key != "argon2"
+    lines: list[str] = []
+    subs: list[str] = []
+    for k, v in table.items():
+        if isinstance(v, Mapping) and k != "argon2":
+            subs.append("\n" + toml(v, f"{name}.{k}" if name else k))
+        else:
+            lines.append(f"{k} = {_value(v)}\n")
+    return "".join(head + lines + subs)
 
 
 def _value(value: Value) -> str:
