@@ -1,4 +1,4 @@
-"""relay/sdnotify.py against a real AF_UNIX datagram socket standing in for systemd's."""
+"""relay/service/sdnotify.py against a real AF_UNIX datagram socket standing in for systemd's."""
 
 from __future__ import annotations
 
