@@ -286,7 +286,7 @@ async def test_depth_counts_pending_recipients(spool: Spool) -> None:
     assert await spool.depth() == {"queued": 1, "deferred": 1}
 
 
-# --- behaviours the mutation run of relay/store/spool.py found unguarded ---------------------------
+# --- behaviours the mutation run of relay/store/spool.py found unguarded --------------------------
 
 
 async def test_ids_are_16_base32hex_characters() -> None:

@@ -1,10 +1,10 @@
 """Outbound delivery: take due recipients from the spool, hand them on, record what happened.
 
-The deliverer schedules; relay/delivery/outbound.py speaks SMTP (routing by smarthost or MX,
-TLS policy, connection reuse). One SMTP transaction per message per destination (recipient domain, or the
-smarthost) with all its due recipients; concurrency is bounded in total and per destination.
-Outcomes are per recipient: 2xx delivered; 4xx, timeouts and unreachable hosts deferred with
-backoff until ``delivery.max_age``; 5xx bounced at once. Bounced recipients get one DSN
+The deliverer schedules; relay/delivery/outbound.py speaks SMTP (routing by smarthost or MX, TLS
+policy, connection reuse). One SMTP transaction per message per destination (recipient domain, or
+the smarthost) with all its due recipients; concurrency is bounded in total and per destination.
+Outcomes are per recipient: 2xx delivered; 4xx, timeouts and unreachable hosts deferred with backoff
+until ``delivery.max_age``; 5xx bounced at once. Bounced recipients get one DSN
 (relay/delivery/bounce.py), queued in the same transaction as the outcome.
 """
 

@@ -1,8 +1,8 @@
 """The spool's read and maintenance side: what `relaybox queue`, metrics and the purge use.
 
 Split from relay/store/spool.py (the hot path: enqueue, claim, outcomes through the group-commit
-writer) to keep modules small; it is the same store module's SQL. These run as plain transactions, never
-through the writer: they are rare, and the CLI runs them from another process while the server
+writer) to keep modules small; it is the same store module's SQL. These run as plain transactions,
+never through the writer: they are rare, and the CLI runs them from another process while the server
 delivers (WAL + busy_timeout + BEGIN IMMEDIATE make that safe).
 
 :func:`retry` and :func:`delete` are the operator's changes across every worker's spool: each writes
