@@ -9,6 +9,8 @@ DNS recheck. What varies is a keyword argument::
         listen=[(0, "tls"), (0, "starttls")],
         delivery=smarthost(sink.port, command_timeout="5s"),
     ))
+    # or, with the state and the file in tmp_path and the ``tls_files`` fixture's certificate:
+    path = write_serve_config(tmp_path, tls_files, listen=..., delivery=...)
 
 Tables are plain dicts (a dict value is a sub-table); :func:`toml` writes them out.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 Scalar: TypeAlias = str | int | float | bool | Path
 Value: TypeAlias = Scalar | Sequence[Scalar] | Mapping[str, "Value"]
@@ -72,6 +74,15 @@ def serve_config(
         out.append("[[listen]]\n" + toml({"address": "127.0.0.1", "port": port, "mode": mode}))
     out += [toml(table, name) for name, table in tables.items()]
     return "\n".join(out)
+
+
+def write_serve_config(directory: Path, tls_files: tuple[Path, Path, Path], **kw: Any) -> Path:
+    """``directory/relaybox.toml``, with the state in ``directory/state`` and the certificate and
+    key of ``tls_files`` (tests/relayserver.py); ``kw`` as for :func:`serve_config`."""
+    cert, key, _ca = tls_files
+    path = directory / "relaybox.toml"
+    path.write_text(serve_config(state=directory / "state", cert=cert, key=key, **kw))
+    return path
 
 
 def toml(table: Table, name: str = "") -> str:

@@ -263,30 +263,24 @@ async def test_a_new_connection_lost_at_mail_is_a_temporary_failure(
     assert upstream.connections == 1 and upstream.messages == []
 
 
-async def test_a_pooled_connection_lost_after_the_message_is_not_sent_again(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
+@pytest.mark.parametrize(
+    ("verb", "copies"),
+    [(".", [1, 1]), ("RCPT", [1])],
+    ids=["after-the-message", "at-rcpt"],
+)
+async def test_a_pooled_connection_lost_after_mail_is_not_retried(
+    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory, verb: str, copies: list[int]
 ) -> None:
-    """Lost after the content went out (the server may have it): a temporary failure, never a
-    second copy in the same attempt."""
+    """Lost once the transaction is under way (at RCPT, or after the content went out: the
+    server may have it): a temporary failure, no new connection, never a second copy in the
+    same attempt."""
     out = await outbound_for(smarthost_cfg(cfg, upstream.port))
     await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    upstream.drop_at.add((1, ".", 2))
+    upstream.drop_at.add((1, verb, 2))
     results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
     assert [r.kind for r in results] == ["temp"]
     assert results[0].reply.startswith("451 4.4.2 connection lost (")
-    assert upstream.connections == 1 and [n for n, _ in upstream.messages] == [1, 1]
-
-
-async def test_a_pooled_connection_lost_at_rcpt_is_not_retried(
-    cfg: Config, upstream: Upstream, outbound_for: OutboundFactory
-) -> None:
-    out = await outbound_for(smarthost_cfg(cfg, upstream.port))
-    await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    upstream.drop_at.add((1, "RCPT", 2))
-    results = await out.deliver("smarthost", SENDER, BODY, ["b@x.test"])
-    assert [r.kind for r in results] == ["temp"]
-    assert results[0].reply.startswith("451 4.4.2 connection lost (")
-    assert upstream.connections == 1
+    assert upstream.connections == 1 and [n for n, _ in upstream.messages] == copies
 
 
 async def test_a_421_at_mail_is_a_temporary_failure_for_every_recipient(

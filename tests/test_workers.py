@@ -24,7 +24,7 @@ from relay import config as config_mod
 from relay.config import Config, ConfigError
 from tests.dialogue import Dialogue
 from tests.faults.procserver import ServerProcess
-from tests.serverconf import serve_config, smarthost
+from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
 from tests.userhelpers import seed_user
 
@@ -65,19 +65,14 @@ def write_config(
     workers: int = 2,
     paused: bool = False,
 ) -> Path:
-    cert, key, _ca = tls_files
-    path = tmp_path / "relaybox.toml"
-    text = serve_config(
-        state=tmp_path / "state",
-        cert=cert,
-        key=key,
+    return write_serve_config(
+        tmp_path,
+        tls_files,
         workers=workers,
         listen=[(port, "tls")],
         limits={"drain_timeout": "5s"},
         delivery=smarthost(sink.port, paused=paused),
     )
-    path.write_text(text)
-    return path
 
 
 async def until_ready(server: ServerProcess, workers: int = 2) -> None:

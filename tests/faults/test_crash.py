@@ -36,7 +36,7 @@ from relay.store.spool import Spool
 from tests.dialogue import Dialogue, plain
 from tests.faults.procserver import ServerProcess, relaybox_argv
 from tests.hostile.kit import LOGIN, clean, message
-from tests.serverconf import serve_config, smarthost
+from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
 from tests.userhelpers import seed_user
 
@@ -61,21 +61,16 @@ class Burst:
 
 @pytest.fixture
 async def setup(tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink) -> Setup:
-    cert, key, ca = tls_files
-    path = tmp_path / "relaybox.toml"
-    path.write_text(
-        serve_config(
-            state=tmp_path / "state",
-            cert=cert,
-            key=key,
-            dns={"dkim_key_type": "ed25519"},
-            limits={"drain_timeout": "20s"},
-            delivery=smarthost(sink.port, command_timeout="10s"),
-        )
+    path = write_serve_config(
+        tmp_path,
+        tls_files,
+        dns={"dkim_key_type": "ed25519"},
+        limits={"drain_timeout": "20s"},
+        delivery=smarthost(sink.port, command_timeout="10s"),
     )
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())
-    return Setup(path, cfg, password, ssl.create_default_context(cafile=str(ca)))
+    return Setup(path, cfg, password, ssl.create_default_context(cafile=str(tls_files[2])))
 
 
 @pytest.fixture

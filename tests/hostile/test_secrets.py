@@ -30,7 +30,7 @@ from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.faults.procserver import ServerProcess
 from tests.hostile.kit import LOGIN, message
-from tests.serverconf import serve_config, smarthost
+from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
 from tests.userhelpers import make_domain_sync, seed_user
 
@@ -151,17 +151,12 @@ async def test_serve_at_debug_logs_no_secret(
     """`relaybox serve --log-level DEBUG`: logins (right, wrong, PLAIN, LOGIN, cancelled),
     a signed message, a delivery that fails at the upstream's AUTH, a clean stop. Nothing
     secret in its whole stderr, even with every library's DEBUG logging on."""
-    cert, key, ca = tls_files
-    path = tmp_path / "relaybox.toml"
     upstream_password = leaks.add("Upstream-secret-42")
-    path.write_text(
-        serve_config(
-            state=tmp_path / "state",
-            cert=cert,
-            key=key,
-            listen=[(0, "tls"), (0, "starttls")],
-            delivery=smarthost(sink.port, command_timeout="5s", login=("relay", upstream_password)),
-        )
+    path = write_serve_config(
+        tmp_path,
+        tls_files,
+        listen=[(0, "tls"), (0, "starttls")],
+        delivery=smarthost(sink.port, command_timeout="5s", login=("relay", upstream_password)),
     )
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())
@@ -174,7 +169,7 @@ async def test_serve_at_debug_logs_no_secret(
     server = ServerProcess(path, listeners=2, serve_args=["--log-level", "DEBUG"])
     try:
         await server.start()
-        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx = ssl.create_default_context(cafile=str(tls_files[2]))
         d = await Dialogue.open(server.ports["tls"], tls=ctx)
         await d.expect_after("EHLO c", "250")
         await d.expect_after(f"AUTH PLAIN {plain(LOGIN, wrong)}", "535")
