@@ -18,6 +18,7 @@ import click
 from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.errors import RelayboxError
+from relay.maillog import printable
 from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
 
 P = ParamSpec("P")
@@ -133,12 +134,22 @@ async def main_db(cfg: Config) -> AsyncIterator[Database]:
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+    """``--json``: values whole, and printable ASCII whatever they hold (``ensure_ascii``
+    writes ESC as \\u001b, C1 controls and bidi overrides as \\u009b, \\u202e...)."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=True))
+
+
+def shown(value: object) -> str:
+    """A value from the store or from outside, as a person's terminal shows it: one line, no
+    control, escape or bidi character (each becomes '?'), whatever was stored before relaybox
+    sanitised it on the way in. Every table cell goes through here; use it for other lines
+    that show stored values too."""
+    return "" if value is None else printable(value, limit=None)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned text table for people (scripts use --json)."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    """A plain aligned text table for people (scripts use --json); every cell :func:`shown`."""
+    cells = [[shown(h) for h in headers]] + [[shown(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -78,7 +78,8 @@ def _not_verified_line(d: Domain, cfg: Config) -> str:
         for c in d.checks
         if c.check in cfg.dns.required and c.result != "pass"
     ]
-    return f"not verified: {d.name} is {d.state}" + (f" ({'; '.join(bad)})" if bad else "")
+    line = f"not verified: {d.name} is {d.state}" + (f" ({'; '.join(bad)})" if bad else "")
+    return common.shown(line)  # the reasons quote what DNS answered
 
 
 def register(cli: click.Group) -> None:

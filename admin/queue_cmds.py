@@ -189,10 +189,10 @@ def register(cli: click.Group) -> None:
         if json_:
             common.emit_json(data)
             return
-        click.echo(f"id:       {info.id}")
+        click.echo(f"id:       {common.shown(info.id)}")
         click.echo(f"queued:   {data['created_at']}")
-        click.echo(f"from:     <{info.sender}>")
-        click.echo(f"user:     {info.user or '-'}")
+        click.echo(f"from:     <{common.shown(info.sender)}>")
+        click.echo(f"user:     {common.shown(info.user or '-')}")
         click.echo(f"size:     {info.size}")
         if info.done_at is not None:
             click.echo(f"done:     {data['done_at']}")
@@ -245,7 +245,8 @@ def register(cli: click.Group) -> None:
         info = _run(cfg, lambda spools: spool_admin.find(spools, message_id))[1]
         pending = sum(1 for r in info.recipients if r.state in PENDING)
         common.confirm_or_abort(
-            f"Delete {message_id} from <{info.sender}> ({pending} recipient(s) not delivered)?",
+            f"Delete {message_id} from <{common.shown(info.sender)}> "
+            f"({pending} recipient(s) not delivered)?",
             yes,
         )
 

@@ -2,7 +2,8 @@
 
 Logged to the ``relaybox.mail`` logger. Values that come from clients are made safe: no spaces,
 quotes, control characters or newlines survive (a login cannot forge a second log line or field).
-Never pass a password or an AUTH payload here.
+Never pass a password or an AUTH payload here. :func:`printable` is the milder form for text
+that is stored or shown whole (the audit log, remote replies, CLI tables).
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ def safe(value: object, limit: int = 200) -> str:
         text = text[:limit] + "..."
     text = _UNSAFE.sub("?", text)
     return text or "-"
+
+
+def printable(value: object, limit: int | None = 1000, *, ascii_only: bool = False) -> str:
+    """Outside text (a login, a remote server's reply) made safe to store and to show on a
+    terminal: every character that is not printable becomes '?' (C0 and C1 controls, DEL, line
+    breaks and tabs, the bidi overrides and isolates and every other format character, lone
+    surrogates), so nothing can start an escape sequence, forge a line or reorder what follows.
+    Printable non-ASCII (an SMTPUTF8 address) is kept unless ``ascii_only``; text over ``limit``
+    characters is cut and ends in "...". The audit log, outbound replies and the CLI use it."""
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return "".join(
+        ch if ch.isprintable() and (ch.isascii() or not ascii_only) else "?" for ch in text
+    )
 
 
 def event(name: str, **fields: object) -> None:

@@ -26,22 +26,34 @@ from dataclasses import dataclass, field
 import aiosmtplib
 import dns.asyncresolver
 
-from relay import dnslookup, replies
+from relay import dnslookup, maillog, replies
 from relay.config import Config
 
 log = logging.getLogger("relaybox.delivery")
 
 CONN_KEEP = 5.0  # seconds an idle outbound connection is kept for the next message
 MAX_ADDRESSES = 6  # MX addresses tried per attempt before deferring
+REPLY_LIMIT = 1000  # characters of a reply kept (a multi-line reply is joined into one line)
+RELAY_LIMIT = 300  # "host[ip]": a DNS name is at most 253 characters
+REASON_LIMIT = 200  # characters of an error's text put into our own reasons
 
 
 @dataclass(frozen=True)
 class Result:
-    """What happened to one recipient in one attempt."""
+    """What happened to one recipient in one attempt.
+
+    Made printable when made: a peer's reply (and every text built from what a peer or DNS said)
+    enters the spool, the mail log, the DSN and `queue show` through here, so none of them ever
+    holds a line break, a terminal escape or a bidi override from outside (each becomes '?').
+    """
 
     kind: str  # "ok" | "temp" | "perm"
-    reply: str  # "250 2.0.0 OK ..." as received, or our own reason
+    reply: str  # "250 2.0.0 OK ..." as received (one line, printable ASCII), or our own reason
     relay: str = ""  # "host[ip]" or ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reply", _clean(self.reply, REPLY_LIMIT))
+        object.__setattr__(self, "relay", _clean(self.relay, RELAY_LIMIT))
 
     @property
     def code(self) -> int | None:
@@ -50,7 +62,7 @@ class Result:
 
 
 def classify(code: int, text: str, relay: str = "") -> Result:
-    reply = f"{code} {' '.join(text.split())}"
+    reply = f"{code} {text}"
     if 200 <= code < 300:
         return Result("ok", reply, relay)
     return Result("perm" if 500 <= code < 600 else "temp", reply, relay)
@@ -305,7 +317,7 @@ async def _transaction(conn: _Conn, sender: str, body: bytes, rcpts: Sequence[st
         if not started and conn.idle_since:
             raise _Stale from exc
         smtp.close()
-        fail = Result("temp", str(replies.CONNECTION_LOST_DETAIL.fill(reason=str(exc))), relay)
+        fail = Result("temp", str(replies.CONNECTION_LOST_DETAIL.fill(reason=_reason(exc))), relay)
     except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
         smtp.close()
         fail = Result("temp", str(replies.NETWORK_ERROR.fill(reason=_reason(exc))), relay)
@@ -354,9 +366,20 @@ def _peer(smtp: aiosmtplib.SMTP) -> str:
 
 
 def _one(code: int, text: str) -> str:
-    return f"{code} {' '.join(str(text).split())}"
+    return f"{code} {text}"  # made one printable line by Result
+
+
+def _clean(text: str, limit: int | None) -> str:
+    """One line of printable ASCII: white space runs (a multi-line reply's line breaks) become
+    one space, anything else unprintable '?', at most ``limit`` characters."""
+    return maillog.printable(" ".join(text.split()), limit, ascii_only=True)
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
+    """An error's text for our own reasons and the log: what a peer said (its reply, not the
+    exception's repr of it), printable, its first ``REASON_LIMIT`` characters."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"{exc.code} {exc.message}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return _clean(text, None)[:REASON_LIMIT]

@@ -1,4 +1,8 @@
-"""The audit log: who did what, when. Never a secret: callers pass names, not passwords."""
+"""The audit log: who did what, when. Never a secret: callers pass names, not passwords.
+
+Every field is stored printable (:func:`relay.maillog.printable`): a login or a sender chosen by
+a client cannot carry a newline or a terminal escape into what `relaybox audit` shows.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ from dataclasses import dataclass
 
 import aiosqlite
 
+from relay.maillog import printable
 from relay.store.db import Database
+
+FIELD_LIMIT = 512  # characters kept of a field (a login is at most 320)
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,12 @@ async def add(
     target: str = "",
     detail: str = "",
 ) -> None:
-    """Record an event inside the caller's write transaction (so it commits with the change)."""
+    """Record an event inside the caller's write transaction (so it commits with the change).
+    Each text field is stored printable, cut at ``FIELD_LIMIT``."""
+    fields = [printable(v, FIELD_LIMIT) for v in (actor, action, target, detail)]
     await conn.execute(
         "INSERT INTO events (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-        (now, actor, action, target, detail),
+        (now, *fields),
     )
 
 
