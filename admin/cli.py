@@ -18,6 +18,7 @@ from admin import (
 )
 from relay import __version__
 from relay import config as config_mod
+from relay.service import tlsutil
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -74,9 +75,15 @@ def config_show(ctx: click.Context, json_: bool) -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @click.pass_context
 def config_check(ctx: click.Context, path: str | None) -> None:
-    """Validate a config file (default: the one in effect); exit 1 naming the bad key."""
+    """Validate a config file (default: the one in effect); exit 1 naming the bad key.
+
+    A configured certificate and key must exist, parse and match (what `serve` and a reload
+    load); the error names the file.
+    """
     try:
         cfg = config_mod.load(path) if path else common.get_config(ctx)
+        if cfg.tls.cert:
+            tlsutil.loaded(cfg)
     except config_mod.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"ok: {cfg.source}")

@@ -11,10 +11,13 @@ from collections.abc import Callable
 import click
 
 from admin import common
-from relay.config import Config
+from relay.config import Config, ConfigError
+from relay.service import access
 from relay.service.server import Server
 from relay.service.supervisor import Supervisor, watch_supervisor
 from relay.store.db import StoreError
+
+log = logging.getLogger("relaybox.serve")
 
 
 def setup_logging(level: str) -> None:
@@ -69,6 +72,9 @@ def register(cli: click.Group) -> None:
         """Run the relay in the foreground until SIGTERM (SIGHUP reloads)."""
         cfg = common.get_config(ctx)
         setup_logging(log_level)
+        secret = access.config_secret(cfg)
+        if worker is None and secret is not None and secret.exposed:  # once, not per worker
+            log.warning("%s", secret.detail)
         if worker is None and cfg.workers > 1:
             # The supervisor touches no state: each worker binds, drops root and opens the store.
             ctx.exit(asyncio.run(Supervisor(cfg, worker_command(cfg, log_level)).run()))
@@ -80,5 +86,5 @@ def register(cli: click.Group) -> None:
             asyncio.run(_serve(server, lambda: common.drop_privileges_for(cfg.state_dir)))
         except StoreError as exc:
             raise click.ClickException(f"store error: {exc}") from None
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:  # a ConfigError here: the TLS files, named
             raise click.ClickException(f"cannot start: {exc}") from None

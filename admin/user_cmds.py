@@ -19,9 +19,10 @@ from relay.store import events, passwords, users
 from relay.store.db import Database
 from relay.store.passwords import Hasher
 from relay.store.users import User
-from relay.units import parse_duration
+from relay.units import format_duration, parse_duration
 
 T = TypeVar("T")
+MAX_GRACE = 30 * 86400  # the longest --grace: how long an old password may keep working
 
 
 def _with_store(cfg: Config, fn: Callable[[Database, Hasher], Awaitable[T]]) -> T:
@@ -215,7 +216,8 @@ def register(cli: click.Group) -> None:
         "--grace",
         default=None,
         metavar="DURATION",
-        help="How long the old password keeps working (default auth.reset_grace; 0: not at all).",
+        help="How long the old password keeps working, at most 30d "
+        "(default auth.reset_grace; 0: not at all).",
     )
     @click.option("--password-stdin", is_flag=True, help="Read the new password from stdin.")
     @common.json_option
@@ -313,6 +315,11 @@ def _parse_grace(grace: str | None, cfg: Config) -> float:
     if grace is None:
         return float(cfg.auth.reset_grace)
     try:
-        return float(parse_duration(grace))
+        seconds = float(parse_duration(grace))
     except ValueError as exc:
         raise click.ClickException(f"--grace: {exc}") from None
+    if seconds > MAX_GRACE:
+        # An old password left working for years by a typo (99999d) is a leaked one kept alive.
+        cap = format_duration(MAX_GRACE)
+        raise click.ClickException(f"--grace: {grace} is too long: at most {cap}")
+    return seconds

@@ -162,10 +162,14 @@ class SmarthostConfig:
     security: str = "starttls"  # "starttls", "tls" or "none"
     username: str = ""
     password: str = ""  # secret: redacted by `config show`
+    allow_plaintext_auth: bool = False  # security "none" with a username: the password in clear
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
         _check_choice("security", self.security, ("starttls", "tls", "none"))
+        if self.security == "none" and self.username and not self.allow_plaintext_auth:
+            why = 'security "none" would send the password in clear: use starttls or tls'
+            raise ValueError(f"allow_plaintext_auth: {why}, or set this to true")
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,17 @@ from typing import Any
 import pytest
 import trustme
 from click.testing import CliRunner, Result
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from admin.cli import cli
 from relay import config as config_mod
 from relay.config import Config
-from relay.service.doctor import name_matches, readable_by, stray_files
+from relay.service.access import readable_by, stray_files
+from relay.service.doctor import certificate_on_disk, name_matches
 from relay.store import domains
 from relay.store.db import MAIN_MIGRATIONS, Database
+from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay
 from tests.serverconf import serve_config
@@ -210,6 +214,89 @@ async def test_send_test(box: Box, running: RelayHandle) -> None:
 
     result = await doctor(box, "--send-test", "someone@dest.test")
     assert result.exit_code == 2 and "--user" in result.output
+
+
+def _first_der(box: Box) -> bytes:
+    pem = (box.dir / "cert.pem").read_bytes()
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def _issue_unpadded(box: Box) -> bytes:
+    """A new certificate whose base64 has no padding (its DER a multiple of 3 bytes long):
+    followed by the chain, ssl.PEM_cert_to_DER_cert reads on into the next certificate."""
+    for _ in range(64):
+        box.issue()
+        der = _first_der(box)
+        if len(der) % 3 == 0:
+            return der
+    raise AssertionError("64 certificates, none a multiple of 3 bytes long")
+
+
+def _append_chain(box: Box) -> None:
+    cert = box.dir / "cert.pem"
+    cert.write_bytes(cert.read_bytes() + box.ca.cert_pem.bytes())
+
+
+def test_the_certificate_on_disk_is_the_first_of_a_full_chain(box: Box) -> None:
+    first = _issue_unpadded(box)
+    _append_chain(box)
+    assert certificate_on_disk(box.write()) == first
+
+
+async def test_a_full_chain_file_is_compared_by_its_first_certificate(
+    box: Box, running: RelayHandle
+) -> None:
+    """Let's Encrypt's fullchain.pem holds the certificate and then its chain: the listener
+    serves the first, and doctor compares what it serves with that one only (the same: pass;
+    renewed on disk but not reloaded: the warning)."""
+    listeners = [f"listen 127.0.0.1:{running.tls_port} tls"]
+    listeners.append(f"listen 127.0.0.1:{running.starttls_port} starttls")
+    _append_chain(box)
+    checks = statuses(await doctor(box))
+    assert [checks[name][0] for name in listeners] == ["pass", "pass"], checks
+    _issue_unpadded(box)  # renewed, not reloaded
+    _append_chain(box)
+    checks = statuses(await doctor(box))
+    for name in listeners:
+        status, detail = checks[name]
+        assert status == "warn" and "systemctl reload relaybox" in detail, (name, detail)
+
+
+@pytest.mark.parametrize("missing", ["key.pem", "cert.pem"])
+async def test_a_missing_certificate_or_key_is_named(box: Box, missing: str) -> None:
+    box.write()
+    (box.dir / missing).unlink()
+    status, detail = statuses(await doctor(box))["tls"]
+    other = "cert.pem" if missing == "key.pem" else "key.pem"
+    assert status == "fail" and str(box.dir / missing) in detail, detail
+    assert other not in detail, detail
+
+
+SECRET_CONFIG = '\n[delivery.smarthost]\nhost = "smtp.upstream.test"\nusername = "relay"\n'
+
+
+async def test_a_config_holding_a_password_must_not_be_readable_by_others(box: Box) -> None:
+    """Readable by everyone, or by a group other than the service's: a warning naming the file
+    and its mode. 0600, or 0640 with the service's group (the documented root:relaybox): pass.
+    Without a password in it, the check is not made."""
+    box.write()
+    plain = box.path.read_text()
+    box.path.write_text(plain + SECRET_CONFIG + 'password = "Upstream-secret-42"\n')
+    leaks.add("Upstream-secret-42")
+    for mode, gid, expected in [(0o644, 0, "warn"), (0o600, 0, "pass"), (0o640, None, "pass")]:
+        box.path.chmod(mode)
+        if gid is not None and os.geteuid() == 0:
+            os.chown(box.path, -1, gid)
+        status, detail = statuses(await doctor(box))["config secret"]
+        assert status == expected, (oct(mode), detail)
+        assert str(box.path) in detail and f"{mode:04o}" in detail, detail
+    if os.geteuid() == 0:  # another group: only root can give the file to it
+        os.chown(box.path, -1, 65534)
+        status, detail = statuses(await doctor(box))["config secret"]
+        assert status == "warn" and "group" in detail, detail
+    box.path.write_text(plain + SECRET_CONFIG)
+    box.path.chmod(0o644)
+    assert "config secret" not in statuses(await doctor(box))
 
 
 def test_name_matching() -> None:

@@ -279,6 +279,24 @@ def test_reset_errors_are_one_line(relaybox: Any, domain: str) -> None:
     _one_line_error(relaybox("user", "delete", "ghost@example.com", "--yes"), "no such user")
 
 
+def test_reset_grace_is_capped_at_30_days(relaybox: Any, conf: Config, domain: str) -> None:
+    """An old password cannot be left working for years by a typo: --grace over 30d is refused
+    (the error says the cap), before any password is read or changed."""
+    p1 = _add(relaybox)
+    for too_long in ("99999d", "31d", "2592001s"):
+        _one_line_error(
+            relaybox("user", "reset-password", "app@example.com", "--grace", too_long),
+            "--grace",
+            too_long,
+            "at most 30d",
+        )
+    assert _verify(conf, "app@example.com", p1) == "current"
+    before = time.time()
+    data = _json(relaybox("user", "reset-password", "app@example.com", "--grace", "30d", "--json"))
+    leaks.add(data["password"])
+    assert int(before) + 30 * 86400 <= _ts(data["old_password_valid_until"])
+
+
 def test_delete_disable_enable(relaybox: Any, conf: Config, domain: str) -> None:
     pw = _add(relaybox)
     _one_line_error(relaybox("user", "delete", "app@example.com"), "--yes")  # no terminal to ask

@@ -1,6 +1,7 @@
 """The doctor's checks: tell the operator what is wrong before their users do.
 
-Checks, in order: the install (handed in by the caller), the config, the TLS certificate
+Checks, in order: the install (handed in by the caller), the config (and whether a file holding
+the smarthost password is readable by others: relay/service/access.py), the TLS certificate
 (readable, key matches, expiry, names, readable by the service user), the state dir (mode, owner,
 files the service could not use, free space), the store (users, domains), each domain's DNS
 records (looked up now, never recorded: the domain's state changes only through `domain verify`
@@ -23,15 +24,16 @@ import ssl
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiosmtplib
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from relay import dnscheck
-from relay.config import Config, Listener
+from relay.config import Config, ConfigError, Listener
 from relay.metrics import parse_listen
 from relay.service import probe, tlsutil
+from relay.service.access import config_secret, readable_by, service_user, stray_files
 from relay.store import domains, users
 from relay.store.db import Database
 
@@ -72,43 +74,10 @@ def check_config(cfg: Config) -> list[Check]:
     out = [Check("config", "pass", f"loaded {cfg.source}")]
     if cfg.public_hostname in ("localhost", "localhost.localdomain"):
         out.append(Check("public_hostname", "warn", "is localhost: set the name clients use"))
+    secret = config_secret(cfg)
+    if secret is not None:
+        out.append(Check("config secret", "warn" if secret.exposed else "pass", secret.detail))
     return out
-
-
-def service_user(cfg: Config) -> pwd.struct_passwd | None:
-    """Who the service runs as: the state dir's owner if not root, else a `relaybox` user."""
-    try:
-        owner = cfg.state_dir.stat().st_uid
-        if owner != 0:
-            return pwd.getpwuid(owner)
-    except (OSError, KeyError):
-        pass
-    try:
-        return pwd.getpwnam("relaybox")
-    except KeyError:
-        return None
-
-
-def readable_by(path: Path, user: pwd.struct_passwd) -> bool:
-    """POSIX permission bits only (ACLs are not consulted): every directory on the way, the
-    symlink targets' too (Let's Encrypt's live/ links into archive/), must let ``user`` through."""
-    gids = set(os.getgrouplist(user.pw_name, user.pw_gid))
-
-    def allowed(p: Path, bit: int) -> bool:
-        st = p.stat()
-        if st.st_uid == user.pw_uid:
-            return bool(st.st_mode & (bit << 6))
-        if st.st_gid in gids:
-            return bool(st.st_mode & (bit << 3))
-        return bool(st.st_mode & bit)
-
-    try:
-        for candidate in {path.absolute(), path.resolve()}:
-            if not all(allowed(d, 1) for d in candidate.parents):
-                return False
-        return allowed(path.resolve(), 4)
-    except OSError:
-        return False
 
 
 def check_tls(cfg: Config, now: datetime.datetime) -> list[Check]:
@@ -117,13 +86,12 @@ def check_tls(cfg: Config, now: datetime.datetime) -> list[Check]:
     if generated and not cert_path.exists():
         return [Check("tls", "warn", "no certificate: a self-signed one is made on first start")]
     try:
+        tlsutil.loaded(cfg)  # what a start or a reload does: the message names the file
         cert = tlsutil.certificate_info(cfg)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(cert_path), str(key_path))
-    except OSError as exc:
-        return [Check("tls", "fail", f"cannot read {exc.filename or cert_path}: {exc.strerror}")]
-    except (ValueError, ssl.SSLError) as exc:
-        return [Check("tls", "fail", f"{cert_path} / {key_path} unusable: {exc}")]
+    except ConfigError as exc:
+        return [Check("tls", "fail", str(exc))]
+    except (OSError, ValueError) as exc:  # replaced between the two reads
+        return [Check("tls", "fail", f"{cert_path}: {exc}")]
     out = []
     left = cert.not_valid_after_utc - now
     expiry = cert.not_valid_after_utc.strftime("%Y-%m-%d")
@@ -175,12 +143,6 @@ def name_matches(pattern: str, host: str) -> bool:
         head, _, rest = host.partition(".")
         return bool(head) and rest == pattern[2:]
     return pattern == host
-
-
-def stray_files(state_dir: Path) -> list[Path]:
-    """Files in the state dir that its owner (the service) does not own: it may not open them."""
-    owner = state_dir.stat().st_uid
-    return [p for p in sorted(state_dir.rglob("*")) if p.lstat().st_uid != owner]
 
 
 def check_state_dir(cfg: Config) -> list[Check]:
@@ -345,10 +307,10 @@ async def send_test(cfg: Config, send: SendTest) -> Check:
 
 
 def certificate_on_disk(cfg: Config) -> bytes | None:
-    """The certificate file as DER (what a listener should serve), or None if unreadable."""
-    cert_path, _ = tlsutil.cert_paths(cfg)
+    """The file's first certificate as DER (what a listener should serve; a full-chain file's
+    others are its chain), or None if unreadable."""
     try:
-        return ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+        return tlsutil.certificate_info(cfg).public_bytes(Encoding.DER)
     except (OSError, ValueError):
         return None
 

@@ -66,7 +66,7 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: tlsutil.LiveContext | None = None  # one for good: a reload swaps its certificate
         # Made by startup(), in this order; None until then (and after a failed start).
         self.db: Database | None = None
         self._hasher: Hasher | None = None
@@ -203,9 +203,11 @@ class Server:
         asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self, cfg: Config | None = None, *, notify: bool = True) -> None:
-        """SIGHUP: re-read the config file and reload TLS certificates into the same context.
+        """SIGHUP: re-read the config file and swap in the TLS certificate (:attr:`tls_context`).
 
-        Live: TLS files, auth limits and cache TTL, limits (new sessions), delivery pause.
+        Live: TLS files (checked first: a certificate or key that is missing, does not parse or
+        does not match fails the whole reload, and nothing changes), auth limits and cache TTL,
+        limits (new sessions), delivery pause.
         Delivery settings other than the pause are read when the deliverer is (re)started.
         Listeners, state_dir and databases need a restart (logged if they changed).
         """
@@ -217,8 +219,7 @@ class Server:
             )
             if new.listen != self.cfg.listen or new.state_dir != self.cfg.state_dir:
                 log.warning("reload: listeners and state_dir change only on restart")
-            assert self._ssl is not None
-            tlsutil.reload(self._ssl, new)
+            tlsutil.reload(self.tls_context, new)
             was_paused = self.cfg.delivery.paused
             self.cfg = new
             if was_paused != new.delivery.paused:
@@ -293,6 +294,13 @@ class Server:
             )
             self._orphans.append((spool, deliverer))
             log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)
+
+    @property
+    def tls_context(self) -> tlsutil.LiveContext:
+        """What every new TLS handshake uses, on both listeners (implicit TLS and STARTTLS): the
+        same object for the server's life; a reload swaps the certificate it hands out."""
+        assert self._ssl is not None
+        return self._ssl
 
     @property
     def auth(self) -> Authenticator:
