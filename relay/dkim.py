@@ -22,7 +22,6 @@ import asyncio
 import base64
 import hashlib
 import importlib.metadata
-import re
 import threading
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -39,9 +38,13 @@ DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were 
 INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a thread so the loop keeps serving
 
 # RFC 6376 5.4.1 recommends these; From is signed once more than it occurs (5.4.2) so a second
-# From cannot be added without breaking the signature.
+# From cannot be added without breaking the signature. Sender and the Resent- originators are
+# held to the From rule by the policy, and signed when present.
 SIGNED_HEADERS = (
     "from",
+    "sender",
+    "resent-from",
+    "resent-sender",
     "to",
     "cc",
     "subject",
@@ -52,7 +55,6 @@ SIGNED_HEADERS = (
     "content-type",
     "content-transfer-encoding",
 )
-_HEADER_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _CANON = (b"relaxed", b"relaxed")
 _ALGORITHMS = {
     "rsa": b"rsa-sha256",
@@ -76,7 +78,14 @@ class SigningKey(Protocol):
 
 
 class SigningError(Exception):
-    """The message could not be signed (bad key, unparsable header). Answer 451, log it."""
+    """The message could not be signed (a key or algorithm it cannot use). Answer 451, log it."""
+
+
+class HeaderError(SigningError):
+    """The header section is not one dkimpy reads as relay.grammar does: a line that is not part
+    of a field (dkimpy refuses it, or skips a "From " line), or a field with white space before
+    its colon (dkimpy skips "From :" and refuses the others). Permanent: the message cannot be
+    signed as written (answer 554 5.6.0; relay.grammar.modern_field_names fixes the second)."""
 
 
 class _PreloadedKey:
@@ -143,10 +152,13 @@ _wrap_dkimpy()
 
 
 def headers_to_sign(message: bytes) -> list[bytes]:
-    """The SIGNED_HEADERS present in the header block, once per occurrence, plus From once more."""
-    names = [m.group(1).lower() for m in _HEADER_NAME.finditer(grammar.header_block(message))]
-    wanted = {h.encode() for h in SIGNED_HEADERS}
-    return [n for n in names if n in wanted] + [b"from"]
+    """The SIGNED_HEADERS present in the header block, once per occurrence, plus From once more.
+    A field written with white space before its colon counts as that field (relay.grammar).
+    Raises HeaderError when a line of the header section is not part of a field."""
+    fields = grammar.header_fields(message, SIGNED_HEADERS)
+    if fields is None:
+        raise HeaderError("a line of the header section is not part of a header field")
+    return [f.key.encode("ascii") for f in fields] + [b"from"]
 
 
 class Signer:
@@ -193,6 +205,9 @@ class Signer:
                 privkey = base64.b64encode(pre.key.private_bytes_raw())
         elif algorithm != b"rsa-sha256":
             raise SigningError(f"DKIM key of {key.domain} does not match {key.algorithm}")
+        include = headers_to_sign(message)
+        if grammar.modern_field_names(message) != message:
+            raise HeaderError("a header field has white space before its colon")
         try:
             sig = dkim.sign(
                 message,
@@ -201,7 +216,7 @@ class Signer:
                 privkey,
                 canonicalize=_CANON,
                 signature_algorithm=algorithm,
-                include_headers=headers_to_sign(message),
+                include_headers=include,
             )
         except (dkim.DKIMException, ValueError, UnicodeError) as exc:
             raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc

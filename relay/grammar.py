@@ -6,7 +6,10 @@ DKIM and the bounce builder all read addresses and messages through these.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import idna
 
@@ -93,3 +96,76 @@ def normalize_domain(name: str) -> str:
     if labels[-1].isdigit():
         raise Invalid(f"{name!r} is an address, not a domain name")
     return ascii_name
+
+
+# --- header fields (RFC 5322 2.2, 3.6; the obsolete "Name WSP :" of 4.5 is that field) -----------
+
+# ftext: printable US-ASCII but the colon (RFC 5322 3.6.8). A field is its name, any white space
+# (obs-syntax: RFC 5322 4.5.2-4.5.6 allow WSP before the colon), the colon, and the value: the rest
+# of the line and every continuation line (one starting with WSP, RFC 5322 2.2.3).
+_FIELD_NAME = rb"[\x21-\x39\x3b-\x7e]+"
+_FIELD_REST = rb"([ \t]*):([^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+)(?:\r\n|\Z)"
+_FIELD = re.compile(rb"(" + _FIELD_NAME + rb")" + _FIELD_REST)
+_FIELDS = re.compile(rb"(?:" + _FIELD.pattern + rb")*+")  # a whole header section
+_OBSOLETE_NAME = re.compile(rb"^(" + _FIELD_NAME + rb")[ \t]+:", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One field of a message's header section, read the way every receiver may read it."""
+
+    name: str  # as written, without the white space an obsolete field has before its colon
+    value: bytes  # what follows the colon up to the field's last CRLF (its folds included)
+    obsolete: bool  # written with white space before the colon
+
+    @property
+    def key(self) -> str:
+        """The name lowercased: field names are case-insensitive (RFC 5322 1.2.2)."""
+        return self.name.lower()
+
+    def text(self) -> str:
+        """The value unfolded (RFC 5322 2.2.3), as text (octets that are not UTF-8 replaced)."""
+        return self.value.replace(b"\r\n", b"").decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=32)
+def _named_fields(names: frozenset[str]) -> re.Pattern[bytes]:
+    """The fields of these names, in a header section :data:`_FIELDS` matched whole: there,
+    every line start is a field's or a continuation's (which starts with WSP, never a name)."""
+    alternatives = b"|".join(re.escape(n.encode("ascii")) for n in sorted(names))
+    return re.compile(rb"^(" + alternatives + rb")" + _FIELD_REST, re.MULTILINE | re.IGNORECASE)
+
+
+def header_fields(message: bytes, names: Iterable[str] = ()) -> list[HeaderField] | None:
+    """The fields of the header section, in order; only those named in ``names`` (any case)
+    when some are given. None when a line of the section is not part of a field: no colon, a
+    name with a space or an octet outside printable ASCII, or a continuation line with no field
+    before it. A receiver could read such a line as a field, as the end of the header, or not at
+    all: nothing checked or signed here would then be what it reads.
+
+    The whole section is checked whatever ``names`` says, by one regex scan; only the fields
+    asked for become objects, so a header of many fields costs no memory."""
+    if message.startswith(b"\r\n"):  # an empty header section: the body follows the blank line
+        return []
+    block = header_block(message)
+    if _FIELDS.fullmatch(block) is None:
+        return None
+    wanted = frozenset(n.lower() for n in names)
+    found = _named_fields(wanted).finditer(block) if wanted else _FIELD.finditer(block)
+    return [HeaderField(m[1].decode("ascii"), m[3], bool(m[2])) for m in found]
+
+
+def _modern(m: re.Match[bytes]) -> bytes:
+    return m[1] + b":"
+
+
+def modern_field_names(message: bytes) -> bytes:
+    """The message with every field written "Name WSP :" written "Name:" (same field, same
+    meaning: RFC 5322 4.5; what DKIM's relaxed canonicalisation does too, RFC 6376 3.4.2), so
+    that every reader, dkimpy included, reads the fields this module reads. The message itself
+    when no field needs it. For a message whose :func:`header_fields` is not None."""
+    if message.startswith(b"\r\n"):
+        return message
+    block = header_block(message)
+    modern = _OBSOLETE_NAME.sub(_modern, block)
+    return message if modern == block else modern + message[len(block) :]

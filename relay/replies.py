@@ -51,6 +51,13 @@ SENDER_DOMAIN_UNVERIFIED = Reply(550, "5.7.1", "Sender domain is not verified fo
 NULL_SENDER_REFUSED = Reply(550, "5.7.1", "Null sender not allowed for submission")
 HEADER_FROM_MISMATCH = Reply(550, "5.7.1", "Header From must be in the sender's domain")
 HEADER_FROM_MISSING = Reply(550, "5.6.0", "Message has no valid From header")
+HEADER_SENDER_MISMATCH = Reply(
+    550, "5.7.1", "Header Sender, Resent-From and Resent-Sender must be in the sender's domain"
+)
+HEADER_SENDER_INVALID = Reply(
+    550, "5.6.0", "Message has an invalid Sender, Resent-From or Resent-Sender header"
+)
+HEADER_SYNTAX = Reply(554, "5.6.0", "Message header invalid: a line is not part of a header field")
 BAD_SENDER_SYNTAX = Reply(553, "5.1.7", "Sender address syntax invalid")
 BAD_RCPT_SYNTAX = Reply(553, "5.1.3", "Recipient address syntax invalid")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")

@@ -83,3 +83,60 @@ def test_message_without_body_still_bounces(cfg: Config) -> None:
     new = bounce.for_failures(cfg, _message(body=None), [Failure("b@x.test", "550 no")], now=0)
     assert new is not None
     assert _parse(new.body).get_content_type() == "multipart/report"
+
+
+# --- the returned header section: whole fields, read as relay.grammar reads them (issue 12) -------
+
+
+def _returned(cfg: Config, body: bytes) -> bytes:
+    """The text/rfc822-headers part of the DSN for a message with this body, as sent."""
+    new = bounce.for_failures(cfg, _message(body=body), [Failure("b@x.test", "550 no")], now=0)
+    assert new is not None
+    assert b"\n" not in new.body.replace(b"\r\n", b"")  # CRLF only: no lone CR or LF anywhere
+    assert b"\r" not in new.body.replace(b"\r\n", b"")
+    part = new.body.split(b"Content-Type: text/rfc822-headers\r\n\r\n", 1)[1]
+    return part.rsplit(b"\r\n--", 1)[0]
+
+
+def test_the_returned_header_is_cut_between_fields_never_inside_one(cfg: Config) -> None:
+    """MAX_HEADERS used to cut the section at an octet count: inside a field, even between its
+    CR and its LF (a lone CR in the DSN). Now the last field that does not fit is left out whole."""
+    first = b"From: Alice <alice@example.com>\r\n"
+    filler = b"X-Filler: " + b"f" * 80 + b"\r\n"
+    count = (bounce.MAX_HEADERS - len(first)) // len(filler)
+    head = first + filler * count
+    # The next field is folded across the limit, and the limit falls between a CR and its LF.
+    pad = bounce.MAX_HEADERS - len(head) - len(b"X-Folded: a\r\n ") - 1
+    assert pad > 0
+    folded = b"X-Folded: a\r\n " + b"b" * pad + b"\r\n tail\r\n"
+    assert (head + folded)[bounce.MAX_HEADERS - 1 : bounce.MAX_HEADERS] == b"\r"
+    body = head + folded + b"Subject: after\r\n\r\nbody\r\n"
+    returned = _returned(cfg, body)
+    assert returned == head
+    assert len(returned) <= bounce.MAX_HEADERS
+
+
+def test_a_header_that_fits_is_returned_whole(cfg: Config) -> None:
+    body = b"From: a@example.com\r\nSubject: one\r\n two\r\n\r\nbody\r\n"
+    assert _returned(cfg, body) == b"From: a@example.com\r\nSubject: one\r\n two\r\n"
+    # A message of headers only, without a final CRLF: its last field is returned CRLF-ended.
+    assert _returned(cfg, b"From: a@example.com\r\nSubject: s") == (
+        b"From: a@example.com\r\nSubject: s\r\n"
+    )
+
+
+def test_fields_with_white_space_before_the_colon_are_returned_as_those_fields(
+    cfg: Config,
+) -> None:
+    body = b"From : a@example.com\r\nX-Note\t: hi\r\n there\r\nSubject: s\r\n\r\nX : body\r\n"
+    returned = _returned(cfg, body)
+    assert returned == b"From: a@example.com\r\nX-Note: hi\r\n there\r\nSubject: s\r\n"
+    headers = _parse(b"\r\n".join([returned, b"body"]))
+    assert headers["From"] == "a@example.com" and headers["X-Note"] == "hi there"
+
+
+def test_a_header_with_a_line_that_is_not_a_field_is_not_returned(cfg: Config) -> None:
+    """Only a message queued before DATA refused such lines can have one: the DSN still goes out,
+    without returning a header that a reader could take two ways."""
+    body = b"From: a@example.com\r\nnot a field\r\nFrom: ceo@other.test\r\n\r\nbody\r\n"
+    assert _returned(cfg, body) == b""

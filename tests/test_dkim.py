@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from relay import dkimkeys
+from relay import dkimkeys, grammar
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.dkim import INLINE_LIMIT, Signer, SigningError, headers_to_sign
+from relay.dkim import INLINE_LIMIT, HeaderError, Signer, SigningError, headers_to_sign
 from relay.store import domains
 from relay.store.db import Database
 from relay.store.domains import SigningKey
@@ -317,6 +317,78 @@ def test_an_empty_last_header_field_is_signed(key: SigningKey, keypair: dkimkeys
     signed = Signer().sign(message, key)
     assert _verifies(signed, keypair)
     assert not _verifies(signed.replace(b"Subject:\r\n", b"Subject: added\r\n"), keypair)
+
+
+def test_sender_and_resent_originators_are_signed_when_present(
+    key: SigningKey, keypair: dkimkeys.KeyPair
+) -> None:
+    message = (
+        b"Resent-From: app@example.com\r\nResent-Sender: app@example.com\r\n"
+        b"From: Alice <alice@example.com>\r\nSender: app@example.com\r\nSubject: s\r\n\r\nhi\r\n"
+    )
+    expected = [b"resent-from", b"resent-sender", b"from", b"sender", b"subject", b"from"]
+    assert headers_to_sign(message) == expected
+    signed = Signer().sign(message, key)
+    assert _h_tag(signed) == expected
+    assert _verifies(signed, keypair)
+    assert not _verifies(signed.replace(b"Sender: app@", b"Sender: eve@"), keypair)
+
+
+# --- fields with white space before the colon, and lines that are not fields (issue 12) --------
+
+
+def test_a_field_with_white_space_before_its_colon_is_that_field() -> None:
+    message = b"From: a@example.com\r\nFrom : b@other.test\r\nSubject\t: s\r\n\r\nbody\r\n"
+    assert headers_to_sign(message) == [b"from", b"from", b"subject", b"from"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"not a header", b"X Note: hi", b"From ceo@other.test Mon Jan  1", b": hi", b" leading: fold"],
+    ids=["no-colon", "space-in-name", "mbox-from", "empty-name", "leading-continuation"],
+)
+def test_a_line_that_is_not_a_field_cannot_be_signed(key: SigningKey, line: bytes) -> None:
+    """dkimpy refuses such a line (MessageFormatError), crashes on a leading continuation, or
+    skips a "From " line and signs the rest: a HeaderError (permanent) for all of them."""
+    message = (
+        (line + b"\r\nFrom: a@example.com\r\n")
+        if line.startswith(b" ")
+        else (b"From: a@example.com\r\n" + line + b"\r\nSubject: s\r\n\r\nbody\r\n")
+    )
+    with pytest.raises(HeaderError):
+        headers_to_sign(message)
+    with pytest.raises(HeaderError):
+        Signer().sign(message, key)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"From : ceo@other.test", b"From\t: ceo@other.test", b"X-Note\t: hi", b"Subject  : s"],
+    ids=["from-space", "from-tab", "x-note-tab", "subject-spaces"],
+)
+def test_a_field_with_white_space_before_its_colon_is_not_signed_as_written(
+    key: SigningKey, field: bytes
+) -> None:
+    """dkimpy skips "From :" (an mbox "From " line to it) and so would sign a message whose
+    second From no signature covers; it refuses the others. The signer refuses them all: the
+    DATA handler writes the names the modern way first (relay.grammar.modern_field_names)."""
+    message = b"From: a@example.com\r\n" + field + b"\r\nTo: b@example.net\r\n\r\nbody\r\n"
+    with pytest.raises(HeaderError):
+        Signer().sign(message, key)
+
+
+def test_written_the_modern_way_such_a_field_is_signed_and_verifies(
+    key: SigningKey, keypair: dkimkeys.KeyPair
+) -> None:
+    message = b"From \t: a@example.com\r\nX-Note\t: hi\r\n there\r\nSubject : s\r\n\r\nbody\r\n"
+    modern = grammar.modern_field_names(message)
+    assert modern == b"From: a@example.com\r\nX-Note: hi\r\n there\r\nSubject: s\r\n\r\nbody\r\n"
+    signed = Signer().sign(modern, key)
+    assert _h_tag(signed) == [b"from", b"subject", b"from"]
+    assert _verifies(signed, keypair)
+    assert not _verifies(signed.replace(b"Subject: s", b"Subject: t"), keypair)
+    # A second From added in transit breaks it (From is signed once more than it occurs).
+    assert not _verifies(signed.replace(b"X-Note:", b"From: ceo@other.test\r\nX-Note:"), keypair)
 
 
 # --- keys that cannot sign ------------------------------------------------------------------------

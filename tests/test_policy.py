@@ -199,51 +199,178 @@ def test_broken_angle_syntax_never_passes_a_foreign_address() -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
+    ("fields", "expected"),
     [
-        (f"From : {OWN}",),
-        (f"From: {OWN}", f"From : {FOREIGN}"),
-        (f"From: {OWN}", f"From\t: {FOREIGN}"),
-        (f"From: {OWN}", f"fRoM  : {OWN}"),
-        (f"From : {FOREIGN}", f"From: {OWN}"),
+        ((f"From : {OWN}",), None),
+        ((f"From\t: {OWN}",), None),
+        ((f"From \t \t: App <{OWN}>",), None),
+        ((f"From : {FOREIGN}",), MISMATCH),
+        ((f"From: {OWN}", f"From : {FOREIGN}"), MISSING),
+        ((f"From: {OWN}", f"From\t: {FOREIGN}"), MISSING),
+        ((f"From: {OWN}", f"from \t  \t: {FOREIGN}"), MISSING),
+        ((f"From: {OWN}", f"fRoM  : {OWN}"), MISSING),
+        ((f"From : {FOREIGN}", f"From: {OWN}"), MISSING),
+        ((f"From : {OWN}", f"From\t: {OWN}"), MISSING),
     ],
-    ids=["alone", "second-foreign", "second-tab", "second-owned", "first-foreign"],
+    ids=[
+        "alone-space",
+        "alone-tab",
+        "alone-several",
+        "alone-foreign",
+        "second-foreign",
+        "second-tab",
+        "second-several",
+        "second-owned",
+        "first-foreign",
+        "both-obsolete",
+    ],
 )
-def test_obs_syntax_from_counts_as_a_from_field(fields: tuple[str, ...]) -> None:
-    """Python's parser skips a "From :" line; a receiver may read it as a From. So it counts as
-    one: beside a regular From it makes two (refused), and on its own it is refused too (not a
-    From the relay can check)."""
-    assert decide(message(*fields)) == MISSING
+def test_obs_syntax_from_is_a_from_field(fields: tuple[str, ...], expected: Reply | None) -> None:
+    """A "From :" line is a From field (white space of any kind and length before the colon), as
+    a receiver may read it: beside a regular From it makes two (refused); alone, its addresses are
+    checked like those of any From (the DATA handler then queues it written "From:")."""
+    msg = message(*fields)
+    assert decide(msg) == expected
+    assert policy.check_header(DOMAIN, msg) == expected
 
 
 def test_a_from_hidden_after_a_non_header_line_still_counts() -> None:
-    """The parser ends the header block at a line that is not a field; a receiver may not."""
-    assert decide(message(f"From: {OWN}", "not a header line", f"From: {FOREIGN}")) == MISSING
+    """The line that is not a field makes the whole header refused (a receiver might read what
+    follows it as fields, or as the body)."""
+    msg = message(f"From: {OWN}", "not a header line", f"From: {FOREIGN}")
+    assert decide(msg) == MISSING
+    assert policy.check_header(DOMAIN, msg) == replies.HEADER_SYNTAX
 
 
-# --- Sender and Resent-From: not part of this rule ---------------------------------------------
+# --- lines that are not header fields: refused whole (554 5.6.0) ---------------------------------
 
 
 @pytest.mark.parametrize(
-    "field",
+    "line",
     [
-        f"Sender: {FOREIGN}",
-        f"Resent-From: {FOREIGN}",
-        f"Resent-Sender: {FOREIGN}",
-        f"Sender: {OWN}",
-        f"Resent-From: {OWN}",
+        "not a header line",
+        "X Note: hi",
+        "X Note : hi",
+        f"From {FOREIGN} Mon Jan  1 00:00:00 2024",
+        ": no name",
+        "X-N\u00f6te: eight-bit name",
+    ],
+    ids=["no-colon", "space-in-name", "space-in-obs-name", "mbox-from", "empty-name", "8bit-name"],
+)
+@pytest.mark.parametrize("where", ["first", "after-from", "last"])
+def test_a_line_that_is_not_a_field_is_refused(line: str, where: str) -> None:
+    fields = {
+        "first": (line, f"From: {OWN}"),
+        "after-from": (f"From: {OWN}", line),
+        "last": (f"From: {OWN}",),
+    }[where]
+    head = [*fields, "To: someone@dest.test", "Subject: hi"] + ([line] if where == "last" else [])
+    msg = ("".join(f"{f}\r\n" for f in head) + "\r\nHello.\r\n").encode()
+    assert policy.check_header(DOMAIN, msg) == replies.HEADER_SYNTAX
+
+
+def test_a_continuation_with_no_field_before_it_is_refused() -> None:
+    msg = f" folded: x\r\nFrom: {OWN}\r\n\r\nHello.\r\n".encode()
+    assert policy.check_header(DOMAIN, msg) == replies.HEADER_SYNTAX
+    # The same line after a field continues it: fine.
+    assert policy.check_header(DOMAIN, message(f"From: {OWN}", "X-A: a", " folded: x")) is None
+
+
+def test_the_header_check_refuses_what_the_from_rule_refuses() -> None:
+    assert policy.check_header(DOMAIN, message()) == MISSING
+    assert policy.check_header(DOMAIN, message(f"From: {FOREIGN}")) == MISMATCH
+    assert policy.check_header(DOMAIN, message(f"From: {OWN}", f"From: {OWN}")) == MISSING
+    assert policy.check_header(DOMAIN, message(f"From: {OWN}")) is None
+
+
+# --- Sender, Resent-From and Resent-Sender: held to the From rule --------------------------------
+
+SENDER_MISMATCH = replies.HEADER_SENDER_MISMATCH
+SENDER_INVALID = replies.HEADER_SENDER_INVALID
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ((f"Sender: {OWN}",), None),
+        (("Sender: b@example.com",), None),
+        ((f"Sender: App <{OWN}>",), None),
+        ((f"Resent-From: {OWN}",), None),
+        ((f"Resent-From: {OWN}", f"Resent-From: {OWN}"), None),  # two resent blocks
+        ((f"Resent-From: {OWN}, b@example.com",), None),
+        ((f"Resent-Sender: {OWN}",), None),
+        ((f"Sender: {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Sender : {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Sender\t: {FOREIGN}",), SENDER_MISMATCH),
+        ((f"SENDER: {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Sender: {OWN}, {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Sender: {FOREIGN} ({OWN})",), SENDER_MISMATCH),
+        ((f"Resent-From: {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Resent-From : {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Resent-From: {OWN}", f"Resent-From: {FOREIGN}"), SENDER_MISMATCH),
+        ((f"Resent-From: {OWN},\r\n {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Resent-Sender: {FOREIGN}",), SENDER_MISMATCH),
+        ((f"Sender: {OWN}", f"Sender: {OWN}"), SENDER_INVALID),
+        ((f"Sender: {OWN}", f"Sender : {OWN}"), SENDER_INVALID),
+        (("Sender:",), SENDER_INVALID),
+        (("Sender: nobody",), SENDER_INVALID),
+        (("Resent-From: undisclosed: ;",), SENDER_INVALID),
+        (("Resent-Sender: =?utf-8?q?app=40example=2Ecom?=",), SENDER_INVALID),
+    ],
+    ids=[
+        "sender-owned",
+        "sender-other-owned",
+        "sender-name-addr",
+        "resent-from-owned",
+        "resent-from-two-blocks",
+        "resent-from-list",
+        "resent-sender-owned",
+        "sender-foreign",
+        "sender-obs-space",
+        "sender-obs-tab",
+        "sender-name-case",
+        "sender-list-one-foreign",
+        "sender-comment",
+        "resent-from-foreign",
+        "resent-from-obs",
+        "resent-from-second-block-foreign",
+        "resent-from-folded-foreign",
+        "resent-sender-foreign",
+        "sender-twice",
+        "sender-twice-obs",
+        "sender-empty",
+        "sender-no-address",
+        "resent-from-empty-group",
+        "resent-sender-encoded-word",
     ],
 )
-def test_sender_and_resent_fields_are_not_checked(field: str) -> None:
-    """Pinned as the code stands: only From is checked (what DMARC aligns with). A foreign
-    Sender or Resent-From beside an owned From is accepted (reported in issue 18 for a decision:
-    MUAs show "Sender on behalf of From")."""
-    assert decide(message(f"From: {OWN}", field)) is None
+def test_sender_and_resent_fields_are_held_to_the_from_rule(
+    fields: tuple[str, ...], expected: Reply | None
+) -> None:
+    """Was ``test_sender_and_resent_fields_are_not_checked`` (issue 18 pinned that only From was
+    checked). Issue 12: a signature d= the user's domain must not vouch for a Sender or a
+    Resent- originator in another domain either (a receiver shows "Sender on behalf of From").
+    Every address in them must be the user's; at most one Sender (RFC 5322 3.6); Resent-From
+    and Resent-Sender may repeat (one per resent block), each checked."""
+    assert policy.check_header(DOMAIN, message(f"From: {OWN}", *fields)) == expected
+    assert policy.check_senders(DOMAIN, grammar.header_fields(message(*fields)) or []) == expected
 
 
 @pytest.mark.parametrize("field", [f"Sender: {OWN}", f"Resent-From: {OWN}"])
 def test_an_owned_sender_does_not_excuse_a_foreign_from(field: str) -> None:
     assert decide(message(f"From: {FOREIGN}", field)) == MISMATCH
+    assert policy.check_header(DOMAIN, message(f"From: {FOREIGN}", field)) == MISMATCH
+
+
+def test_an_owned_from_does_not_excuse_a_foreign_sender() -> None:
+    msg = message(f"From: {OWN}", f"Sender: {FOREIGN}")
+    assert decide(msg) is None  # the From rule alone passes it
+    assert policy.check_header(DOMAIN, msg) == SENDER_MISMATCH
+
+
+def test_reply_to_and_other_resent_fields_are_not_originators() -> None:
+    msg = message(f"From: {OWN}", f"Reply-To: {FOREIGN}", f"Resent-To: {FOREIGN}")
+    assert policy.check_header(DOMAIN, msg) is None
 
 
 # --- the header block: where the From rule looks -------------------------------------------------

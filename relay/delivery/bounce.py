@@ -54,10 +54,29 @@ def _oneline(text: str) -> str:
 
 
 def header_block(body: bytes | None) -> bytes:
-    """The original message's header section (up to the blank line), CRLF-terminated."""
+    """The original message's header fields, CRLF-terminated, as relay.grammar reads them: whole
+    fields only (never a cut inside one, so never a lone CR) up to MAX_HEADERS, each name
+    written the modern way ("From :" returned as "From:", the field it is). Empty when there is
+    no body, or when the section has a line that is not part of a field (only a message queued
+    before DATA refused those could): what the DSN returns is never read two ways."""
     if not body:
         return b""
-    return grammar.header_block(body)[:MAX_HEADERS]
+    head = grammar.header_block(body)
+    if len(head) > MAX_HEADERS:
+        head = head[: _fields_end(head, MAX_HEADERS)]
+    fields = grammar.header_fields(head)
+    if fields is None:
+        return b""
+    return b"".join(f.name.encode("ascii") + b":" + f.value + b"\r\n" for f in fields)
+
+
+def _fields_end(head: bytes, limit: int) -> int:
+    """The end of the last whole field that ends within ``limit`` octets (0 if none does): just
+    after a CRLF that the next line does not continue (a continuation starts with WSP)."""
+    end = head.rfind(b"\r\n", 0, limit)
+    while end >= 0 and head[end + 2 : end + 3] in (b" ", b"\t"):
+        end = head.rfind(b"\r\n", 0, end)
+    return end + 2 if end >= 0 else 0
 
 
 def build(cfg: Config, message: Message, failures: Sequence[Failure], *, now: float) -> bytes:

@@ -56,7 +56,12 @@ class Acceptor:
     async def accept(
         self, domain: str, sender: str, recipients: list[str], message: bytes, user: str
     ) -> str:
-        """Sign and queue; returns the queue id once the message is committed to disk."""
+        """Sign and queue; returns the queue id once the message is committed to disk.
+
+        ``message`` has passed the DATA checks (relay.smtp.policy.check_header), its field names
+        written the modern way (relay.grammar.modern_field_names), so the signer reads the fields
+        the policy read. What the signer cannot sign raises SigningError (HeaderError when it is
+        the header) to the DATA handler, which answers it; nothing is queued then."""
         _state, key = await self._domain(domain)
         if key is not None:
             message = await self.signer.sign_async(message, key)
