@@ -13,6 +13,12 @@ void-lookup limits). pyspf is synchronous and resolves through the module-level
 resolver placed in a context variable by the worker thread running the check. Each
 ``asyncio.to_thread`` call runs in its own copy of the context, so concurrent checks against
 different resolvers never see each other's (tests/test_dnscheck.py checks this).
+
+SPF is evaluated as receivers will: HELO is relaybox's own EHLO name (``public_hostname``), and
+the sender, unknown here, is ``postmaster@DOMAIN`` (relaybox sends only as addresses in the
+domain, so ``%{o}`` and ``%{d}`` are the same for every sender). A record read during the
+evaluation that uses ``%{s}`` or ``%{l}`` gives other senders other results: the check's result
+stays what was evaluated, and its reason says so, on a pass too (tests/test_spf_eval.py).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import contextvars
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import dns.asyncresolver
 import dns.exception
@@ -31,7 +37,7 @@ import spf
 
 from relay import dkimkeys
 from relay.config import Config
-from relay.dnslookup import lookup_txt, temperror_reason
+from relay.dnslookup import lookup_txt, sync_twin, temperror_reason
 
 # Re-exported: the resolver the checks use, for callers that only check.
 from relay.dnslookup import make_resolver as make_resolver
@@ -47,7 +53,7 @@ _PROBE_IP = "192.0.2.1"  # RFC 5737 TEST-NET-1: evaluates a record without claim
 class CheckResult:
     check: str  # "ownership" | "spf" | "dkim" | "dmarc"
     result: str  # "pass" | "fail" | "temperror"
-    reason: str  # empty on pass
+    reason: str  # on pass: empty, or a note (SPF: the result depends on the sender)
     expected: str
     found: str
 
@@ -104,30 +110,44 @@ def _spf_dns_lookup(
 spf.DNSLookup = _spf_dns_lookup  # process-wide, once: see the module docstring
 
 
-def _sync_twin(resolver: dns.asyncresolver.Resolver) -> dns.resolver.Resolver:
-    """A blocking resolver with the same servers and limits, for pyspf's worker thread."""
-    twin = dns.resolver.Resolver(configure=False)
-    twin.port = resolver.port
-    twin.nameserver_ports = dict(resolver.nameserver_ports)
-    twin.nameservers = list(resolver.nameservers)
-    twin.timeout = resolver.timeout
-    twin.lifetime = resolver.lifetime
-    twin.use_edns(0, 0, 1232)
-    return twin
+class SpfOutcome(NamedTuple):
+    result: str  # pass, fail, softfail, neutral, none, permerror or temperror
+    explanation: str
+    sender_macros: tuple[str, ...]  # "%{l}", "%{s}": used by an SPF record the evaluation read
 
 
-def _spf_in_thread(resolver: dns.resolver.Resolver, ip: str, domain: str) -> tuple[str, str]:
+_SENDER_MACRO = re.compile(r"%\{([ls])", re.IGNORECASE)  # RFC 7208 7.3: the sender, its local part
+
+
+def _sender_macros(records: list[bytes]) -> tuple[str, ...]:
+    """The sender macros in the terms of the SPF ``records`` (``exp=`` only explains a fail)."""
+    found = {
+        f"%{{{letter.lower()}}}"
+        for record in records
+        if _is_spf(text := record.decode("ascii", "replace"))
+        for term in text.split()
+        if not term.lower().startswith("exp=")
+        for letter in _SENDER_MACRO.findall(term)
+    }
+    return tuple(sorted(found))
+
+
+def _spf_in_thread(resolver: dns.resolver.Resolver, ip: str, sender: str, helo: str) -> SpfOutcome:
     _spf_resolver.set(resolver)  # this thread's own context copy (asyncio.to_thread)
-    result, explanation = spf.check2(
-        i=ip, s=f"postmaster@{domain}", h=domain, querytime=SPF_QUERYTIME
-    )
-    return str(result), str(explanation)
+    query = spf.query(i=ip, s=sender, h=helo, querytime=SPF_QUERYTIME)
+    result, _code, explanation = query.check()
+    # pyspf's cache: every name the evaluation read, (name, type) -> answers (TXT: strings).
+    txt: list[bytes] = [b"".join(v) for (_, t), vs in query.cache.items() if t == "TXT" for v in vs]
+    return SpfOutcome(str(result), str(explanation), _sender_macros(txt))
 
 
-async def spf_result(resolver: dns.asyncresolver.Resolver, ip: str, domain: str) -> tuple[str, str]:
-    """RFC 7208 ``check_host()`` for a sender at ``domain`` connecting from ``ip``:
-    (result, explanation), result in pass/fail/softfail/neutral/none/permerror/temperror."""
-    return await asyncio.to_thread(_spf_in_thread, _sync_twin(resolver), ip, domain)
+async def spf_result(
+    resolver: dns.asyncresolver.Resolver, ip: str, domain: str, *, helo: str, sender: str = ""
+) -> SpfOutcome:
+    """RFC 7208 ``check_host()`` for mail from ``sender`` (default ``postmaster@domain``) by a
+    client at ``ip`` that said ``EHLO helo``."""
+    sender = sender or f"postmaster@{domain}"
+    return await asyncio.to_thread(_spf_in_thread, sync_twin(resolver), ip, sender, helo)
 
 
 def _is_spf(record: str) -> bool:
@@ -207,21 +227,29 @@ async def check_spf(resolver: dns.asyncresolver.Resolver, domain: str, cfg: Conf
     found = records[0]
     include = cfg.dns.spf_include
     probes = list(cfg.dns.outbound_ips) or [_PROBE_IP]
-    outcomes = await asyncio.gather(*(spf_result(resolver, ip, domain) for ip in probes))
-    for ip, (res, explanation) in zip(probes, outcomes, strict=True):
+    helo = cfg.public_hostname  # what receivers see: relaybox's EHLO, never the domain
+    outcomes = await asyncio.gather(*(spf_result(resolver, ip, domain, helo=helo) for ip in probes))
+    macros = ", ".join(sorted({m for outcome in outcomes for m in outcome.sender_macros}))
+    note = f"the result depends on the sender ({macros}): evaluated for postmaster@{domain}"
+    note = note if macros else ""  # a pass says it too: other senders may get a fail
+
+    def failed(why: str) -> CheckResult:
+        return result("fail", f"{why}; {note}" if note else why, found)
+
+    for ip, (res, explanation, _) in zip(probes, outcomes, strict=True):
         if res == "temperror":
             return result("temperror", f"SPF temperror: {explanation}", found)
         if res == "permerror":
             return result("fail", f"SPF permerror: {explanation}", found)
         if cfg.dns.outbound_ips and res != "pass":
-            return result("fail", f"SPF does not authorize {ip} (result {res})", found)
+            return failed(f"SPF does not authorize {ip} (result {res})")
     if include:
         reached, temperror = await _reaches(resolver, found, include)
         if temperror:
             return result("temperror", temperror, found)
         if not reached:
-            return result("fail", f"SPF does not include {include}", found)
-    return result("pass", "", found)
+            return failed(f"SPF does not include {include}")
+    return result("pass", note, found)
 
 
 # --- ownership, DKIM, DMARC ---------------------------------------------------------------------

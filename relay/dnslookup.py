@@ -72,6 +72,18 @@ def make_resolver(cfg: Config) -> dns.asyncresolver.Resolver:
     return resolver
 
 
+def sync_twin(resolver: dns.asyncresolver.Resolver) -> dns.resolver.Resolver:
+    """A blocking resolver with the same servers and limits (pyspf runs in a worker thread)."""
+    twin = dns.resolver.Resolver(configure=False)
+    twin.port = resolver.port
+    twin.nameserver_ports = dict(resolver.nameserver_ports)
+    twin.nameservers = list(resolver.nameservers)
+    twin.timeout = resolver.timeout
+    twin.lifetime = resolver.lifetime
+    twin.use_edns(0, 0, 1232)
+    return twin
+
+
 def temperror_reason(exc: BaseException) -> str:
     """Why a lookup had no definite answer, in the words a check result or log line shows."""
     if isinstance(exc, dns.exception.Timeout):

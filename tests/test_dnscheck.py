@@ -26,6 +26,7 @@ from relay.units import Duration
 from tests.dnsserver import TestDNSServer
 
 D = "example.com"
+HELO = "relay.test"  # the cfg fixture's public_hostname: relaybox's EHLO name
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ async def test_txt_nodata_nxdomain_servfail_timeout(
     # a short dns.timeout shows that nothing lengthens it (6x 0.15 s stays under one second).
     short = dnslookup.make_resolver(with_dns(dns_cfg, timeout=Duration(0.15)))
     started = time.monotonic()
-    assert (await dnscheck.spf_result(short, "192.0.2.10", D))[0] == "temperror"
+    assert (await dnscheck.spf_result(short, "192.0.2.10", D, helo=HELO)).result == "temperror"
     elapsed = time.monotonic() - started
     bound = float(short.lifetime)
     assert 0.9 * bound <= elapsed < 6 * bound, (elapsed, bound)
@@ -128,7 +129,7 @@ async def test_queries_advertise_edns0_with_a_1232_byte_buffer(
     bytes (a 2048-bit DKIM record fits one UDP answer) and no flags (no DNSSEC OK bit)."""
     dns_server.add_txt(D, "v=spf1 ip4:192.0.2.10 -all")
     await dnslookup.lookup_txt(resolver, D)
-    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "pass"
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D, helo=HELO)).result == "pass"
     assert (await dnscheck.check_spf(resolver, D, dns_cfg)).result == "pass"
     assert len(dns_server.queries) >= 3
     assert dns_server.edns == [(1232, 0, 0)] * len(dns_server.queries)
@@ -147,7 +148,8 @@ async def test_lookups_never_try_the_host_domain(
     dns_server.add_txt("_dmarc.example.com.corp.test", "v=DMARC1; p=reject")
     assert await dnslookup.lookup_txt(resolver, D) == dnslookup.TxtAnswer(nxdomain=True)
     assert (await dnscheck.check_dmarc(resolver, D)).reason == "no TXT record"
-    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == "none"  # pyspf's lookups
+    # pyspf's lookups
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D, helo=HELO)).result == "none"
     assert [q for q in dns_server.queries if q[0].endswith("corp.test")] == []
 
 
@@ -165,8 +167,8 @@ async def main(port: int) -> None:
         )
         resolver = dnslookup.make_resolver(cfg)
         txt = await dnslookup.lookup_txt(resolver, "example.com")
-        spf, _ = await dnscheck.spf_result(resolver, "192.0.2.10", "example.com")
-        out[label] = [list(txt.records), txt.temperror, spf]
+        spf = await dnscheck.spf_result(resolver, "192.0.2.10", "example.com", helo="relay.test")
+        out[label] = [list(txt.records), txt.temperror, spf.result]
     print(json.dumps(out))
 
 asyncio.run(main(int(sys.argv[1])))
@@ -280,7 +282,8 @@ async def test_spf_softfail_and_neutral_are_not_a_pass(
 ) -> None:
     """Only "pass" authorizes an outbound address (RFC 7208 2.6: softfail and neutral do not)."""
     dns_server.add_txt(D, record)
-    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D))[0] == spf  # what pyspf says
+    # what pyspf says
+    assert (await dnscheck.spf_result(resolver, "192.0.2.10", D, helo=HELO)).result == spf
     r = await dnscheck.check_spf(resolver, D, dns_cfg)
     assert (r.result, r.reason, r.found) == (
         "fail",
@@ -385,9 +388,11 @@ async def test_concurrent_spf_checks_use_their_own_resolvers(dns_cfg: Config) ->
         b.add_txt(D, "v=spf1 ip4:203.0.113.1 -all")
         ra = dnslookup.make_resolver(with_dns(dns_cfg, port=a.port))
         rb = dnslookup.make_resolver(with_dns(dns_cfg, port=b.port))
-        runs = [dnscheck.spf_result(ra if i % 2 else rb, "192.0.2.10", D) for i in range(20)]
+        runs = [
+            dnscheck.spf_result(ra if i % 2 else rb, "192.0.2.10", D, helo=HELO) for i in range(20)
+        ]
         results = await asyncio.gather(*runs)
-        assert [r for r, _ in results] == ["fail" if i % 2 == 0 else "pass" for i in range(20)]
+        assert [r.result for r in results] == ["fail" if i % 2 == 0 else "pass" for i in range(20)]
     finally:
         a.stop()
         b.stop()
@@ -460,16 +465,16 @@ async def test_spf_include_beyond_the_lookup_limit_is_not_reached(
     r = await dnscheck.check_spf(resolver, D, cfg)
     assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
     # pyspf agrees, for an address that only our include authorizes.
-    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "permerror"
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D, helo=HELO)).result == "permerror"
 
     providers(9)  # ours is the 11th term: one past the limit
     r = await dnscheck.check_spf(resolver, D, cfg)
     assert (r.result, r.reason) == ("fail", "SPF does not include _spf.relay.test")
-    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "permerror"
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D, helo=HELO)).result == "permerror"
 
     providers(8)
     assert (await dnscheck.check_spf(resolver, D, cfg)).result == "pass"
-    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D))[0] == "pass"
+    assert (await dnscheck.spf_result(resolver, "198.51.100.7", D, helo=HELO)).result == "pass"
 
 
 async def test_spf_includes_with_macros_are_skipped(
