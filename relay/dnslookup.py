@@ -7,6 +7,11 @@ SERVFAIL, no nameserver answered), which says nothing about the domain and must 
 
 The domain checks (relay/dnscheck.py) read TXT records through :func:`lookup_txt`; delivery
 (relay/delivery/outbound.py) routes through :func:`resolve_mx` and :func:`lookup_addresses`.
+
+One answer dnspython would turn into a temperror is definite here:
+- A TXT record of no character-strings (RDLENGTH 0; RFC 1035 asks for one or more) makes
+  dnspython refuse the whole answer, and over UDP then wait for another until it times out. This
+  module teaches dnspython's TXT parser, process-wide and once, to read it as one empty string.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
+import dns.wire
 
 from relay.config import Config
 
@@ -45,6 +53,27 @@ class MxResult:
 class AddressResult:
     addresses: tuple[str, ...] = ()  # A records first, then AAAA
     temperror: bool = False
+
+
+# --- what dnspython refuses ----------------------------------------------------------------------
+
+_TXT = dns.rdtypes.ANY.TXT.TXT
+_parse_txt = _TXT.from_wire_parser  # dnspython's own, bound to the TXT class
+
+
+def _parse_txt_of_no_strings(
+    rdclass: dns.rdataclass.RdataClass,
+    rdtype: dns.rdatatype.RdataType,
+    parser: dns.wire.Parser,
+    origin: dns.name.Name | None = None,
+) -> dns.rdtypes.ANY.TXT.TXT:
+    """dnspython's TXT parser, except that a record of no strings is one empty string."""
+    if parser.remaining() == 0:  # the parser is restricted to this record's RDATA
+        return _TXT(rdclass, rdtype, [b""])
+    return _parse_txt(rdclass, rdtype, parser, origin)
+
+
+_TXT.from_wire_parser = staticmethod(_parse_txt_of_no_strings)  # type: ignore[method-assign]
 
 
 # --- the resolver -------------------------------------------------------------------------------
@@ -114,7 +143,8 @@ async def _resolve(
 
 async def lookup_txt(resolver: dns.asyncresolver.Resolver, name: str) -> TxtAnswer:
     """TXT records at ``name``, each record's character-strings joined without separators
-    (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+    (RFC 7208 3.3, RFC 6376 3.6.2.2). A record of no strings is an empty one (see the
+    module docstring)."""
     answer, nxdomain, temperror = await _resolve(resolver, name, "TXT")
     if answer is None:
         return TxtAnswer(temperror=temperror, nxdomain=nxdomain)

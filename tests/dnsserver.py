@@ -8,6 +8,7 @@ Loaded as a pytest plugin (``pytest_plugins`` in tests/conftest.py). Fixtures:
     the test runs; the server answers from the current zone on every query::
 
         dns_server.add_txt("example.com", "v=spf1 ", "ip4:192.0.2.10 -all")  # one TXT, two strings
+        dns_server.add_empty_txt("example.com")   # one TXT with no strings at all (rdlength 0)
         dns_server.add_mx("example.com", 10, "mx1.example.com")
         dns_server.add_a("mx1.example.com", "127.0.0.1")
         dns_server.remove("example.com", "TXT")     # or remove("example.com") for every type
@@ -192,6 +193,11 @@ class TestDNSServer:
         if not parts or any(len(p) > 255 for p in parts):
             raise ValueError("a TXT record needs 1..n strings of at most 255 bytes each")
         self._add(name, "TXT", TXT(parts))
+
+    def add_empty_txt(self, name: str) -> None:
+        """One TXT record with no character-strings at all (RDLENGTH 0). RFC 1035 3.3.14 asks for
+        one or more, yet a zone can hold it (RFC 3597: ``TXT \\# 0``) and servers serve it."""
+        self._add(name, "TXT", TXT([]))
 
     def add_txt_value(self, name: str, value: str) -> None:
         """One TXT record holding ``value``, split into 255-byte strings as a zone file would."""

@@ -1,6 +1,7 @@
 """SPF evaluated the way receivers evaluate it (relay/dnscheck.py ``check_spf``, ``spf_result``):
 with relaybox's own EHLO name as HELO, for a sender in the domain, saying when a record's result
-depends on the sender. Against the real test DNS server on loopback (tests/dnsserver.py)."""
+depends on the sender; and a DNS answer dnspython refuses (a TXT record with no strings).
+Against the real test DNS server on loopback (tests/dnsserver.py)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,38 @@ async def test_a_record_that_does_not_depend_on_the_sender_has_no_note(
     dns_server.add_a("example.com.domains.example.com", "127.0.0.2")
     r = await dnscheck.check_spf(resolver, D, dns_cfg)
     assert (r.result, r.reason) == ("pass", "")
+
+
+# --- a TXT record with no strings ----------------------------------------------------------------
+
+
+async def test_a_txt_record_with_no_strings_is_an_empty_string(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """dnspython refuses a TXT RR of zero character-strings, and over UDP it then waits for an
+    answer that never comes (a timeout, a temperror). It is an empty string: not an SPF record
+    (RFC 7208 4.5), and no reason for the other records of the name not to count."""
+    record = "v=spf1 include:_spf.example.net -all"
+    dns_server.add_empty_txt(D)
+    dns_server.add_txt(D, record)
+    dns_server.add_empty_txt("_spf.example.net")  # read by pyspf, through its DNS hook
+    dns_server.add_txt("_spf.example.net", f"v=spf1 ip4:{OURS} -all")
+    assert await dnslookup.lookup_txt(resolver, D) == dnslookup.TxtAnswer(records=("", record))
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason, r.found) == ("pass", "", record)
+    assert (await dnscheck.spf_result(resolver, OURS, "_spf.example.net", helo="relay.test")) == (
+        "pass",
+        "sender SPF authorized",
+        (),
+    )
+    answer = await resolver.resolve(D, "TXT", tcp=True)  # the same over TCP
+    assert sorted(b"".join(rd.strings) for rd in answer) == [b"", record.encode()]
+
+    dns_server.remove(D, "TXT")
+    dns_server.add_empty_txt(D)
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason, r.found) == ("fail", "no SPF record", "")
+    # The other checks read TXT records the same way.
+    dns_server.add_empty_txt("_relaybox.example.com")
+    dns_server.add_txt("_relaybox.example.com", "relaybox-verification=tok123")
+    assert (await dnscheck.check_ownership(resolver, D, "tok123")).result == "pass"
