@@ -37,7 +37,7 @@ import spf
 
 from relay import dkimkeys
 from relay.config import Config
-from relay.dnslookup import lookup_txt, sync_twin, temperror_reason
+from relay.dnslookup import cname_loop, lookup_txt, sync_twin, temperror_reason
 
 # Re-exported: the resolver the checks use, for callers that only check.
 from relay.dnslookup import make_resolver as make_resolver
@@ -92,6 +92,10 @@ def _spf_dns_lookup(
         answer = resolver.resolve(name, qtype, lifetime=lifetime, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
+    except dns.resolver.NoNameservers as exc:
+        if cname_loop(exc):  # NOERROR, and no record at the end: a void lookup (RFC 7208 4.6.4)
+            return []
+        raise spf.TempError(temperror_reason(exc)) from None
     except (dns.exception.DNSException, OSError) as exc:
         raise spf.TempError(temperror_reason(exc)) from None
     out: list[tuple[tuple[str, str], Any]] = []

@@ -8,10 +8,14 @@ SERVFAIL, no nameserver answered), which says nothing about the domain and must 
 The domain checks (relay/dnscheck.py) read TXT records through :func:`lookup_txt`; delivery
 (relay/delivery/outbound.py) routes through :func:`resolve_mx` and :func:`lookup_addresses`.
 
-One answer dnspython would turn into a temperror is definite here:
+Two answers dnspython would turn into a temperror are definite here, as RFC 7208 reads them:
 - A TXT record of no character-strings (RDLENGTH 0; RFC 1035 asks for one or more) makes
   dnspython refuse the whole answer, and over UDP then wait for another until it times out. This
   module teaches dnspython's TXT parser, process-wide and once, to read it as one empty string.
+- A CNAME loop answered NOERROR (dnspython: "The CNAME chain is too long") has no record at its
+  end: :func:`lookup_txt` (and pyspf's DNS hook) count it as no record, RFC 7208 4.4 and 5 making
+  only an RCODE other than 0 or 3, or a timeout, a temperror. Delivery's MX and address lookups
+  keep it a temperror (defer, never bounce on it). A SERVFAIL for a loop stays a temperror.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.CNAME
 import dns.rdtypes.ANY.TXT
 import dns.resolver
 import dns.wire
@@ -74,6 +80,33 @@ def _parse_txt_of_no_strings(
 
 
 _TXT.from_wire_parser = staticmethod(_parse_txt_of_no_strings)  # type: ignore[method-assign]
+
+
+def _loops(response: dns.message.Message) -> bool:
+    """Whether the CNAME chain in ``response`` comes back to a name it already passed."""
+    if len(response.question) != 1:
+        return False
+    question = response.question[0]
+    name, seen = question.name, set[dns.name.Name]()
+    while name not in seen:
+        seen.add(name)
+        try:
+            rrset = response.find_rrset(
+                response.answer, name, question.rdclass, dns.rdatatype.CNAME
+            )
+        except KeyError:
+            return False  # the chain ends (at an answer, or nowhere): no loop
+        name = next(rd.target for rd in rrset if isinstance(rd, dns.rdtypes.ANY.CNAME.CNAME))
+    return True
+
+
+def cname_loop(exc: dns.resolver.NoNameservers) -> bool:
+    """Whether a server answered NOERROR with a CNAME chain that loops (RFC 1034 3.6.2)."""
+    errors: list[dns.resolver.ErrorTuple] = exc.kwargs.get("errors", [])
+    return any(
+        isinstance(err, dns.message.ChainTooLong) and response is not None and _loops(response)
+        for _server, _tcp, _port, err, response in errors
+    )
 
 
 # --- the resolver -------------------------------------------------------------------------------
@@ -125,15 +158,18 @@ def temperror_reason(exc: BaseException) -> str:
 
 
 async def _resolve(
-    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str, *, loop_is_void: bool = False
 ) -> tuple[dns.resolver.Answer | None, bool, str]:
-    """(answer or None, nxdomain, temperror reason) for one query, no exception escaping."""
+    """(answer or None, nxdomain, temperror reason) for one query, no exception escaping; with
+    ``loop_is_void``, a CNAME loop is a definite "no record" (NODATA) instead of a temperror."""
     try:
         answer = await resolver.resolve(name, rdtype, search=False)
     except dns.resolver.NXDOMAIN:
         return None, True, ""
     except dns.resolver.NoAnswer:
         return None, False, ""
+    except dns.resolver.NoNameservers as exc:
+        return None, False, "" if loop_is_void and cname_loop(exc) else temperror_reason(exc)
     except (dns.name.NameTooLong, dns.name.EmptyLabel, dns.name.LabelTooLong):
         return None, True, ""  # a name that cannot exist has no records
     except (dns.exception.DNSException, OSError) as exc:
@@ -143,9 +179,9 @@ async def _resolve(
 
 async def lookup_txt(resolver: dns.asyncresolver.Resolver, name: str) -> TxtAnswer:
     """TXT records at ``name``, each record's character-strings joined without separators
-    (RFC 7208 3.3, RFC 6376 3.6.2.2). A record of no strings is an empty one (see the
-    module docstring)."""
-    answer, nxdomain, temperror = await _resolve(resolver, name, "TXT")
+    (RFC 7208 3.3, RFC 6376 3.6.2.2). A record of no strings is an empty one; a CNAME loop
+    is no record (see the module docstring)."""
+    answer, nxdomain, temperror = await _resolve(resolver, name, "TXT", loop_is_void=True)
     if answer is None:
         return TxtAnswer(temperror=temperror, nxdomain=nxdomain)
     return TxtAnswer(

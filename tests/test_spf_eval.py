@@ -1,7 +1,7 @@
 """SPF evaluated the way receivers evaluate it (relay/dnscheck.py ``check_spf``, ``spf_result``):
 with relaybox's own EHLO name as HELO, for a sender in the domain, saying when a record's result
-depends on the sender; and a DNS answer dnspython refuses (a TXT record with no strings).
-Against the real test DNS server on loopback (tests/dnsserver.py)."""
+depends on the sender; and the DNS answers RFC 7208 and dnspython disagree on (a TXT record with
+no strings, a CNAME loop). Against the real test DNS server on loopback (tests/dnsserver.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ SENDER_NOTE = "the result depends on the sender ({macros}): evaluated for postma
 @pytest.fixture
 def resolver(dns_cfg: Config) -> dns.asyncresolver.Resolver:
     return dnslookup.make_resolver(dns_cfg)
+
+
+def add_cname_loop(dns_server: TestDNSServer, *names: str) -> None:
+    """Each name a CNAME of the next, the last of the first (one name: a CNAME of itself)."""
+    for name, target in zip(names, names[1:] + names[:1], strict=True):
+        dns_server.add_cname(name, target)
 
 
 # --- HELO: relaybox's own EHLO name ---------------------------------------------------------------
@@ -160,3 +166,78 @@ async def test_a_txt_record_with_no_strings_is_an_empty_string(
     dns_server.add_empty_txt("_relaybox.example.com")
     dns_server.add_txt("_relaybox.example.com", "relaybox-verification=tok123")
     assert (await dnscheck.check_ownership(resolver, D, "tok123")).result == "pass"
+
+
+# --- CNAME loops ---------------------------------------------------------------------------------
+
+
+async def test_a_cname_loop_at_an_includes_target_is_no_record(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """RFC 7208 4.4 and 5: only an RCODE other than 0 (NOERROR) or 3 (NXDOMAIN), or a timeout,
+    is a temperror. A CNAME loop is answered NOERROR with no TXT record at its end: the target has
+    no SPF record, its check_host() is "none", and an include of "none" is a permerror (5.2).
+    Through a CNAME that ends somewhere, the include is followed as before."""
+    add_cname_loop(dns_server, "loop.example.net", "loop2.example.net")
+    dns_server.add_txt(D, f"v=spf1 include:loop.example.net ip4:{OURS} -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert r.result == "fail", r
+    assert r.reason.startswith("SPF permerror: ")
+    assert "No valid SPF record for included domain: loop.example.net" in r.reason
+
+    dns_server.remove(D, "TXT")
+    dns_server.add_txt(D, "v=spf1 include:alias.example.net -all")
+    dns_server.add_cname("alias.example.net", "_spf.example.net")
+    dns_server.add_txt("_spf.example.net", f"v=spf1 ip4:{OURS} -all")
+    assert (await dnscheck.check_spf(resolver, D, dns_cfg)).result == "pass"
+
+
+async def test_a_cname_loop_is_a_void_lookup(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """A mechanism whose name loops matches nothing and evaluation goes on; each such lookup
+    counts against the limit of two void lookups (RFC 7208 4.6.4), as an empty answer does."""
+    add_cname_loop(dns_server, "l1.example.net", "l1b.example.net")
+    add_cname_loop(dns_server, "l2.example.net")
+    add_cname_loop(dns_server, "l3.example.net")
+    dns_server.add_txt(D, f"v=spf1 a:l1.example.net mx:l2.example.net ip4:{OURS} -all")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("pass", "")
+
+    dns_server.remove(D, "TXT")
+    dns_server.add_txt(D, f"v=spf1 a:l1.example.net a:l2.example.net a:l3.example.net ip4:{OURS}")
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert r.result == "fail" and r.reason.startswith("SPF permerror: "), r
+    assert "Void lookup limit of 2 exceeded" in r.reason
+
+
+async def test_a_cname_loop_behind_a_ptr_name_skips_the_name(
+    dns_server: TestDNSServer, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """The RFC 7208 test suite's "ptr-cname-loop" (RFC 7208 5.5: a name whose address lookup
+    fails is skipped and the search goes on): the ``ptr`` matches nothing, the result is
+    neutral."""
+    dns_server.add_txt("loop.example.com", "v=spf1 ptr")
+    dns_server.add_ptr("4.2.0.192.in-addr.arpa", "loop4.example.com.")
+    dns_server.add_cname("loop4.example.com", "CNAME.example.com.")
+    dns_server.add_cname("cname.example.com", "CNAME.example.com.")
+    outcome = await dnscheck.spf_result(
+        resolver, "192.0.2.4", "loop.example.com", helo="loop.example.com"
+    )
+    assert outcome.result == "neutral", outcome
+
+
+async def test_a_cname_loop_at_the_domain_is_no_record(
+    dns_server: TestDNSServer, dns_cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """The domain's own TXT lookup: a loop is a definite "no record", not a temperror (which
+    would leave a domain verified forever on records nobody can read). Delivery's MX lookups
+    keep treating it as a temporary failure (deferral, not a bounce)."""
+    add_cname_loop(dns_server, D, "loop.example.net")
+    assert await dnslookup.lookup_txt(resolver, D) == dnslookup.TxtAnswer()
+    r = await dnscheck.check_spf(resolver, D, dns_cfg)
+    assert (r.result, r.reason) == ("fail", "no TXT record")
+    add_cname_loop(dns_server, "_dmarc.example.org")
+    assert (await dnscheck.check_dmarc(resolver, "example.org")).reason == "no TXT record"
+    mx = await dnslookup.resolve_mx(resolver, D)
+    assert mx.temperror and not mx.hosts
