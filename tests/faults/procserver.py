@@ -28,11 +28,29 @@ def relaybox_argv() -> list[str]:
     return [sys.executable, "-c", "from admin.cli import main; main()"]
 
 
+def nofile_argv(nofile: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` run with RLIMIT_NOFILE (soft and hard) set to ``nofile``: a small Python wrapper
+    sets it and execs, so the limit is the process's own from its first instruction."""
+    wrapper = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    return [sys.executable, "-c", wrapper, str(nofile), *argv]
+
+
 class ServerProcess:
-    def __init__(self, config: Path, listeners: int, serve_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        listeners: int,
+        serve_args: Sequence[str] = (),
+        *,
+        nofile: int | None = None,  # RLIMIT_NOFILE for the server process (fd exhaustion tests)
+    ) -> None:
         self.config = config
         self.listeners = listeners
         self.serve_args = list(serve_args)
+        self.nofile = nofile
         self.ports: dict[str, int] = {}
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
@@ -55,12 +73,11 @@ class ServerProcess:
         self.ports, self._bound = {}, asyncio.Event()
         # A process group of its own: with workers = N, SIGKILL of the supervisor alone would
         # orphan its workers (they hold the stderr pipe, so wait() would never return).
+        argv = [*relaybox_argv(), "--config", str(self.config), "serve", *self.serve_args]
+        if self.nofile is not None:
+            argv = nofile_argv(self.nofile, argv)
         self.proc = await procs.spawn(
-            *relaybox_argv(),
-            "--config",
-            str(self.config),
-            "serve",
-            *self.serve_args,
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
