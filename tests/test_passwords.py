@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import os
 import threading
+import unicodedata
 
 import pytest
+from argon2 import PasswordHasher, Type
 
 from relay.config import Argon2Params, Config
 from relay.errors import Invalid
@@ -192,3 +194,99 @@ async def test_close_waits_for_the_running_hash_and_cancels_the_queued(cfg: Conf
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[0], str)  # the running one finished
     assert all(isinstance(r, asyncio.CancelledError) for r in results[1:]), results
+
+
+# --- SASLprep (RFC 4013): issue 12, item 10 ------------------------------------------------------
+
+COMPOSED = "Pa\u00dfw\u00f6rd-tr\u00e8s-s\u00fbr"  # NFC: ö, è and û as one code point each
+DECOMPOSED = unicodedata.normalize("NFD", COMPOSED)
+
+
+def _unprepared_hash(cfg: Config, password: str) -> str:
+    """A hash as relaybox made it before SASLprep: argon2 over the password as the client sent it,
+    with the same parameters as the hasher of ``cfg``."""
+    p = cfg.auth.argon2
+    ph = PasswordHasher(
+        time_cost=p.time_cost, memory_cost=p.memory_kib, parallelism=p.parallelism, type=Type.ID
+    )
+    return ph.hash(password)
+
+
+async def test_a_decomposed_password_matches_the_composed_one(hasher: Hasher) -> None:
+    """RFC 4013 2.2 (NFKC): the two forms are one password, whichever was set."""
+    leaks.add(COMPOSED)
+    leaks.add(DECOMPOSED)
+    assert COMPOSED != DECOMPOSED
+    for set_as in (COMPOSED, DECOMPOSED):
+        stored = await hasher.hash(set_as)
+        for sent in (COMPOSED, DECOMPOSED):
+            assert await hasher.verify(stored, sent), (set_as, sent)
+        assert not await hasher.verify(stored, COMPOSED + "x")
+
+
+async def test_a_hash_made_before_saslprep_still_verifies(cfg: Config, hasher: Hasher) -> None:
+    """Hashes stored before this change are of the password as the client sent it: that form
+    still matches (as "raw": users.verify upgrades such a hash), the prepared form first."""
+    leaks.add(DECOMPOSED)
+    old = _unprepared_hash(cfg, DECOMPOSED)
+    before = hasher.verifications
+    assert await hasher.match(old, DECOMPOSED) == "raw"
+    assert hasher.verifications == before + 2  # the prepared form, then the raw one
+    new = await hasher.hash(DECOMPOSED)
+    assert await hasher.match(new, DECOMPOSED) == "prepared"
+    assert await hasher.match(new, COMPOSED) == "prepared"
+    assert await hasher.match(new, "wrong-password-123") is None
+
+
+@pytest.mark.parametrize(
+    ("password", "forms"),
+    [
+        ("plain-ascii-password", 1),  # SASLprep changes nothing: one argon2 verify
+        (COMPOSED, 1),
+        (DECOMPOSED, 2),  # changed by NFKC: the prepared form and the raw one
+        ("with\u00a0no-break space", 2),
+        ("line\u2028separator-inside", 1),  # not preparable: the raw form only (an old password)
+    ],
+)
+async def test_a_wrong_password_and_the_dummy_cost_the_same_verifies(
+    hasher: Hasher, password: str, forms: int
+) -> None:
+    """The number of argon2 verifies depends only on the password sent: a wrong password for a
+    real hash and the dummy verify of an unknown user pay the same."""
+    leaks.add(password)
+    stored = await hasher.hash("another-password-456")
+    before = hasher.verifications
+    assert await hasher.match(stored, password) is None
+    assert hasher.verifications == before + forms
+    await hasher.verify_dummy(password)
+    assert hasher.verifications == before + 2 * forms
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        ("emoji-\U0001f600-password", "unassigned"),
+        ("private-\ue000-password", "private use"),
+        ("line\u2028separator-inside", "control character"),
+        ("\u0627\u0644\u0633\u0631-and-latin", "right-to-left"),
+        ("short\u00ad\u00ad\u00ad\u00ad\u00ad\u00ad\u00ad", "too short"),  # 5 once prepared
+        ("\u2168" * 12, "one character repeated"),  # "IX" twelve times: not one character
+    ],
+)
+def test_the_policy_judges_the_prepared_password(cfg: Config, password: str, message: str) -> None:
+    leaks.add(password)
+    if message == "one character repeated":
+        passwords.check_policy(password, cfg)  # "IXIX...": prepared, it is not one character
+        with pytest.raises(Invalid, match=message):
+            passwords.check_policy("\u00aa" * 12, cfg)  # "a" twelve times once prepared
+        return
+    with pytest.raises(Invalid, match=message) as exc:
+        passwords.check_policy(password, cfg)
+    assert password not in str(exc.value)
+
+
+async def test_a_password_saslprep_refuses_is_never_hashed(hasher: Hasher) -> None:
+    """Hasher.hash prepares what it hashes: a caller that skipped the policy still cannot store
+    an unprepared or unpreparable password."""
+    with pytest.raises(Invalid, match="unassigned"):
+        await hasher.hash("emoji-\U0001f600-password")
