@@ -143,6 +143,8 @@ class LimitsConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     idle_timeout: Duration = Duration(300)
+    tls_handshake_timeout: Duration = Duration(10)  # connections count from accept, TLS or not
+    max_idle_commands: int = 100  # commands that bring no message closer, between two messages
     data_timeout: Duration = Duration(600)
     data_memory_budget: Size = Size(1024 * 1024 * 1024)  # messages in DATA at once, ~4x size each
     drain_timeout: Duration = Duration(30)
@@ -151,6 +153,9 @@ class LimitsConfig:
         _check_range("max_recipients", self.max_recipients, 1, 100000)
         _check_range("max_connections", self.max_connections, 1, 1000000)
         _check_range("max_connections_per_ip", self.max_connections_per_ip, 1, 1000000)
+        _check_range("max_idle_commands", self.max_idle_commands, 1, 1000000)
+        if not 0.1 <= float(self.tls_handshake_timeout) <= 300:
+            raise ValueError("tls_handshake_timeout: must be within 100ms..5m")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size: must be at least 1KiB")
 

@@ -41,6 +41,10 @@ AUTH_TOO_MANY = Reply(421, "4.7.0", "Too many failed authentications, closing co
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_UNKNOWN_MECH = Reply(504, "5.5.4", "Unrecognized authentication type")
 
+# --- TLS (RFC 3207) ---
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")  # RFC 3207 4.2: no second TLS layer
+
 # --- envelope and policy ---
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
@@ -78,6 +82,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands without a message, closing connection")
 MEMORY_BUSY = Reply(451, "4.3.1", "Server busy, try again later")
 
 # --- delivery: our own reasons for a recipient's outcome (logged, and shown in a DSN) ---

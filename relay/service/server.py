@@ -5,14 +5,16 @@ every listener and starts delivery; :meth:`Server.run` waits for a stop; :meth:`
 stops accepting, lets sessions finish within ``limits.drain_timeout``, cuts what is left, then
 stops delivery and closes the store. Signal handlers only set flags or schedule work.
 
-aiosmtpd's ``SMTP`` is served with ``loop.create_server`` on this loop (not ``Controller``, which
-runs a second loop in a thread).
+aiosmtpd's ``SMTP`` is served on this loop (not ``Controller``, which runs a second loop in a
+thread), from relaybox's own accept loop (relay/service/listen.py): every connection is counted
+from accept, its TLS handshake included, and running out of file descriptors pauses accepting
+with one log line per interval instead of a traceback per try.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -28,8 +30,9 @@ from relay import dnscheck
 from relay.clock import Clock
 from relay.config import Config, Listener
 from relay.delivery.scheduler import Deliverer
+from relay.loglimit import LogLimit
 from relay.metrics import Metrics
-from relay.service import sdnotify, tlsutil
+from relay.service import listen, sdnotify, tlsutil
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator
 from relay.smtp.gate import Gate
@@ -63,7 +66,7 @@ class Server:
         self.gate = Gate(cfg.limits, cfg.limits.data_memory_budget // cfg.workers, self.metrics)
         self._shutting_down = False
         self.bound: list[Bound] = []
-        self._servers: list[asyncio.Server] = []
+        self._listening: list[listen.Listening] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl: tlsutil.LiveContext | None = None  # one for good: a reload swaps its certificate
@@ -92,19 +95,15 @@ class Server:
         self._ssl = tlsutil.new_context(cfg)
         if cfg.tls.cert:
             tlsutil.reload(self._ssl, cfg)
-        loop = asyncio.get_running_loop()
+        shortage_log = LogLimit(1, listen.LOG_INTERVAL)  # one for every listener
         for listener in cfg.listen:
-            srv = await loop.create_server(
-                lambda lst=listener: self._protocol(lst),
-                host=listener.address,
-                port=listener.port,
-                ssl=self._ssl if listener.mode == "tls" else None,
-                reuse_address=True,
-                reuse_port=cfg.workers > 1,  # workers share the port; the kernel spreads clients
-                backlog=1024,
-                start_serving=False,
+            # Plain TCP on both kinds: an implicit-TLS session does its own handshake, so it is
+            # counted (and bounded by limits.tls_handshake_timeout) from accept.
+            sockets = await listen.bind(
+                listener.address, listener.port, reuse_port=cfg.workers > 1, backlog=1024
             )
-            self._servers.append(srv)
+            factory = functools.partial(self._protocol, listener)
+            self._listening.append(listen.Listening(sockets, factory, shortage_log=shortage_log))
         if after_bind is not None:
             after_bind()
         if not cfg.tls.cert:
@@ -131,9 +130,9 @@ class Server:
             if cfg.metrics.listen:
                 await self.metrics.start_http(cfg.metrics.listen)
             self._tasks.append(asyncio.create_task(self._recheck_loop(), name="relaybox-recheck"))
-        for srv, listener in zip(self._servers, cfg.listen, strict=True):
-            await srv.start_serving()
-            for sock in srv.sockets:
+        for listening, listener in zip(self._listening, cfg.listen, strict=True):
+            listening.start()
+            for sock in listening.sockets:
                 addr = sock.getsockname()
                 bound = Bound(listener, str(addr[0]), int(addr[1]))
                 self.bound.append(bound)
@@ -153,10 +152,11 @@ class Server:
             ident="ESMTP relaybox",
             data_size_limit=int(cfg.limits.max_message_size),
             tls_context=None if tls else self._ssl,
+            implicit_tls=self._ssl if tls else None,
             # RFC 3207 / RFC 4954 4: before STARTTLS, AUTH gets 538 5.7.11 and MAIL gets 530 5.7.0
             # (AUTH comes first), so no envelope travels in the clear. On the implicit-TLS
-            # listener aiosmtpd cannot see the TLS (create_server did it), so its TLS requirement
-            # must be off there, and only there.
+            # listener aiosmtpd cannot see the TLS (the session did it before aiosmtpd's part
+            # began), so its TLS requirement must be off there, and only there.
             auth_require_tls=not tls and not cfg.auth.allow_plaintext,
             timeout=float(cfg.limits.idle_timeout),
             auth_exclude_mechanism=["CRAM-MD5"],
@@ -248,13 +248,10 @@ class Server:
             return
         self._shutting_down = True
         self.gate.draining = True
-        for srv in self._servers:
-            srv.close()
+        for listening in self._listening:
+            listening.close()
         # Idle sessions go at once; sessions mid-transaction may finish within the drain window.
         await self.gate.drain(float(self.cfg.limits.drain_timeout))
-        for srv in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(srv.wait_closed(), 5)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

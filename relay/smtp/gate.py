@@ -1,8 +1,10 @@
 """Who may hold a connection, and how much mail may be held in memory at once.
 
-The gate counts sessions, in total and per client IP, refuses a new connection over the limits
-(421 at once), drains on shutdown (idle sessions go at once, a session mid-transaction may finish
-within the drain window), and holds the DATA memory budget every session reserves from.
+The gate counts sessions, in total and per client IP, from accept (a TLS handshake in progress
+counts), refuses a new connection over the limits (421 at once; on the implicit-TLS listener a
+close before any handshake), drains on shutdown (idle sessions go at once, a session
+mid-transaction may finish within the drain window), and holds the DATA memory budget every
+session reserves from. Failed TLS handshakes are logged here: one line each, rate-limited.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import contextlib
 from collections import Counter
 from typing import Protocol
 
-from relay import replies
+from relay import maillog, replies
 from relay.config import LimitsConfig
+from relay.loglimit import LogLimit
 from relay.metrics import Metrics
 from relay.replies import Reply
 
@@ -48,6 +51,12 @@ class MemoryBudget:
         self.used = max(0, self.used - n)
 
 
+# Failed TLS handshakes: this many mail-log lines a minute, then one line with the count (a
+# scanner must not flood the journal, whose rate limit would drop the auth lines fail2ban reads).
+TLS_FAILURE_BURST = 10
+TLS_FAILURE_INTERVAL = 60.0
+
+
 class Gate:
     def __init__(self, limits: LimitsConfig, memory_total: int, metrics: Metrics) -> None:
         self.limits = limits
@@ -58,6 +67,7 @@ class Gate:
         self.per_ip: Counter[str] = Counter()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
+        self.tls_failures = LogLimit(TLS_FAILURE_BURST, TLS_FAILURE_INTERVAL)
 
     def configure(self, limits: LimitsConfig, memory_total: int) -> None:
         """Reload: new limits apply to new sessions (and to DATA started from now on)."""
@@ -88,6 +98,21 @@ class Gate:
         if self.per_ip[ip] > self.limits.max_connections_per_ip:
             return replies.TOO_MANY_FROM_IP
         return None
+
+    def handshake_failed(self, ip: str, listener: str, reason: str) -> None:
+        """A TLS handshake failed (relay/smtp/tls.py names the reason): one INFO line in the mail
+        log, TLS_FAILURE_BURST a minute at most, then one line with the count of the rest."""
+        if self.draining:
+            return  # cut by the shutdown, not the client's failure
+
+        def line() -> None:
+            maillog.event("tls failed", ip=ip, listener=listener, reason=reason)
+
+        def summary(count: int) -> None:
+            interval = f"{TLS_FAILURE_INTERVAL:.0f}s"
+            maillog.event("tls failures not logged", count=count, interval=interval)
+
+        self.tls_failures.report(line, summary)
 
     async def drain(self, window: float) -> None:
         """Refuse new sessions; idle ones get 421 at once, busy ones within ``window`` seconds."""

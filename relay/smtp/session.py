@@ -7,16 +7,23 @@ aiosmtpd does the protocol; this subclass changes what a production relay needs 
   limit is enforced while reading, and memory is reserved from a shared budget as the message
   grows (a message held in memory costs far more than its size; over budget -> 451 4.3.1).
   The whole DATA transfer is bounded by ``limits.data_timeout``.
-- Connections are counted in total and per client IP; over a limit the client gets 421 at once.
+- Connections are counted in total and per client IP from accept, a TLS handshake included (the
+  implicit-TLS listener hands over plain TCP and the session does the handshake, bounded by
+  ``limits.tls_handshake_timeout``, as STARTTLS is); over a limit the client gets 421 at once, or
+  on the implicit-TLS listener a close before any handshake. A failed handshake is one
+  rate-limited mail-log line (the gate), never a traceback; STARTTLS inside TLS gets 503 5.5.1.
+- Commands that bring no message closer are bounded by ``limits.max_idle_commands`` (421).
 - On shutdown (drain), idle sessions get 421 and are closed; a session in the middle of a
   transaction may finish it, then gets 421 at its next command.
-- AUTH responses are read with a bounded line length and decoded here (RFC 4954 4: "*" cancels).
+- AUTH responses are read with one bounded length, inline or after a 334 (relay/smtp/reader.py),
+  and decoded here (RFC 4954 4: "*" cancels); mechanism names are case-insensitive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import contextlib
 import logging
 from base64 import b64decode, b64encode
@@ -30,10 +37,10 @@ from relay import grammar, replies
 from relay.replies import Reply
 from relay.smtp.auth import Identity
 from relay.smtp.gate import Gate
+from relay.smtp.reader import AUTH_COMMAND_LIMIT, CommandReader
+from relay.smtp.tls import TLSSMTP
 
 log = logging.getLogger("relaybox.session")
-
-_AUTH_LINE_LIMIT = 12288  # RFC 4954 4: at least 12288 octets for an AUTH response line
 
 
 @dataclass
@@ -47,6 +54,7 @@ class SessionState:
     busy: bool = False
     in_data: bool = False
     messages: int = 0
+    idle_commands: int = 0  # since the last accepted message (limits.max_idle_commands)
 
 
 _MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
@@ -57,7 +65,7 @@ _CHUNK = 1024 * 1024
 _MEMORY_FACTOR = 6
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(TLSSMTP):
     def __init__(self, gate: Gate, handler: object, listener_mode: str, **kwargs: Any) -> None:
         """``handler``: the hooks aiosmtpd calls by name (relay.smtp.handler.Handler)."""
         super().__init__(handler, **kwargs)
@@ -65,10 +73,27 @@ class RelaySMTP(SMTP):
         self.listener_mode = listener_mode
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
+        self._refusal: Reply | None = None  # decided at accept
         self._data_reserved = 0  # bytes of the memory budget this session holds during DATA
+        # aiosmtpd's command size limits are one dict shared by every session (each new session
+        # clears it); ours is per session, with AUTH's allowance (relay/smtp/reader.py).
+        self.command_size_limits = collections.defaultdict(
+            lambda: SMTP.command_size_limit, {"AUTH": AUTH_COMMAND_LIMIT}
+        )
+        # aiosmtpd makes a plain StreamReader and has no hook for another kind: set the stream
+        # protocol up again around ours, before any connection (the first one is never used).
+        self._commands = CommandReader(
+            self._between_commands, limit=self.line_length_limit, loop=self.loop
+        )
+        asyncio.StreamReaderProtocol.__init__(
+            self, self._commands, client_connected_cb=self._cb_client_connected, loop=self.loop
+        )
         # Wrap every command so draining and "busy" are known without touching aiosmtpd's loop.
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._guarded(name, method)
+
+    def _between_commands(self) -> bool:
+        return self.state is None or not self.state.busy
 
     def _guarded(
         self, name: str, method: Callable[[str | None], Awaitable[None]]
@@ -79,6 +104,11 @@ class RelaySMTP(SMTP):
                 await self.push(str(replies.SHUTTING_DOWN))
                 self.close()
                 return
+            limit = self.gate.limits.max_idle_commands
+            if st is not None and name != "QUIT" and st.idle_commands >= limit:
+                await self.close_with(replies.TOO_MANY_COMMANDS)
+                return
+            before = self._progress()
             if st is not None:
                 st.busy = True
             try:
@@ -86,45 +116,77 @@ class RelaySMTP(SMTP):
             finally:
                 if st is not None:
                     st.busy = False
+            self._count_idle(name, before)
 
         return run
 
-    # --- connection accounting ---------------------------------------------------------------
+    def _progress(self) -> tuple[int, bool, int]:
+        """Messages accepted, whether MAIL was, and recipients accepted so far."""
+        env, st = self.envelope, self.state
+        messages = st.messages if st is not None else 0
+        if env is None:
+            return messages, False, 0
+        return messages, bool(env.mail_from), len(env.rcpt_tos)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        super().connection_made(transport)
-        if first:
-            peer = transport.get_extra_info("peername")
-            ip = str(peer[0]) if peer else "unknown"
-            self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
-            self._counted_ip = ip
-            self.gate.opened(self, ip)
-        elif self.state is not None:
-            # STARTTLS done (aiosmtpd calls this again): RFC 3207 4.2, forget what the client
-            # said before it, its AUTH included (possible only with auth.allow_plaintext).
-            old = self.state
-            self.state = SessionState(
-                ip=old.ip, listener_mode=old.listener_mode, auth_failures=old.auth_failures
-            )
+    def _count_idle(self, name: str, before: tuple[int, bool, int]) -> None:
+        """NOOP, RSET, HELP, VRFY... each reset the idle timer, so they kept a session for ever:
+        count every command that brings no message closer (an accepted MAIL or RCPT does, and
+        max_recipients bounds those) since the last accepted message."""
+        st = self.state  # after STARTTLS a new state, which carries the count
+        if st is None:
+            return
+        messages, mail, rcpts = self._progress()
+        advanced = (name == "MAIL" and mail and not before[1]) or (
+            name == "RCPT" and rcpts > before[2]
+        )
+        if messages > before[0]:
+            st.idle_commands = 0
+        elif not advanced:
+            st.idle_commands += 1
 
-    def connection_lost(self, error: Exception | None) -> None:
+    # --- connection accounting (TLSSMTP's hooks) ---------------------------------------------
+
+    def accepted(self, transport: asyncio.BaseTransport) -> bool:
+        """Counted from accept, before any TLS: a silent handshake holds a counted place."""
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "unknown"
+        self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
+        self._counted_ip = ip
+        self.gate.opened(self, ip)
+        self._refusal = self.gate.admission(ip)
+        return self._refusal is None
+
+    def released(self) -> None:
         if self._counted_ip is not None:
             self.gate.closed(self, self._counted_ip)
             self._counted_ip = None
-        super().connection_lost(error)
+
+    def handshake_timeout(self) -> float:
+        return float(self.gate.limits.tls_handshake_timeout)
+
+    def handshake_failed(self, reason: str) -> None:
+        assert self.state is not None
+        self.gate.handshake_failed(self.state.ip, self.listener_mode, reason)
+
+    def tls_started(self) -> None:
+        # RFC 3207 4.2: forget what the client said before TLS, its AUTH included (possible
+        # only with auth.allow_plaintext); the failure and idle counts go on.
+        old = self.state
+        assert old is not None
+        self.state = SessionState(
+            ip=old.ip,
+            listener_mode=old.listener_mode,
+            auth_failures=old.auth_failures,
+            idle_commands=old.idle_commands,
+        )
 
     async def _handle_client(self) -> None:
-        refusal = self.gate.admission(self.state.ip if self.state else "")
-        if refusal is not None:
-            await self.push(str(refusal))
+        if self._refusal is not None:
+            await self.push(str(self._refusal))
             self.close()
+            self.released()  # at once: a refused connection must not crowd out the next
             return
         await super()._handle_client()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
     async def close_with(self, reply: Reply) -> None:
         """Say ``reply`` (within a second, if the connection still takes it), then close."""
@@ -186,7 +248,7 @@ class RelaySMTP(SMTP):
         or an overlong line (501 5.5.2).
         """
         await self.push(b"334 " + b64encode(challenge))
-        line = await self._read_auth_line()
+        line = await self._commands.read_response()
         if line is None:
             await self.push(str(replies.AUTH_MALFORMED))
             return None
@@ -204,35 +266,6 @@ class RelaySMTP(SMTP):
         except (binascii.Error, ValueError):
             await self.push(str(replies.AUTH_MALFORMED))
             return None
-
-    async def _read_auth_line(self) -> bytes | None:
-        """One response line of up to _AUTH_LINE_LIMIT octets, or None (discarded) if longer.
-
-        RFC 4954 4: responses may be longer than the SMTP line limit the reader enforces (a PLAIN
-        response for a password of MAX_PASSWORD_BYTES is about 1.4 kB of base64).
-        """
-        buf = bytearray()
-        while True:
-            try:
-                buf += await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                buf += await self._reader.readexactly(exc.consumed)
-                # With the LF already in the buffer, what was consumed ends in the line's CR:
-                # that octet is the terminator's, not the line's.
-                if len(buf) - buf.endswith(b"\r") > _AUTH_LINE_LIMIT:
-                    await self._discard_line(0)
-                    return None
-                continue
-            return bytes(buf) if len(buf) <= _AUTH_LINE_LIMIT + 2 else None  # + CRLF
-
-    async def _discard_line(self, consumed: int) -> None:
-        await self._reader.readexactly(consumed)
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
 
     # --- DATA --------------------------------------------------------------------------------
 

@@ -62,7 +62,8 @@ def b64raw(raw: bytes) -> str:
         (f"AUTH PLAIN {b64(chr(0) + 'app@example.com' + chr(0))}", FAILED),  # empty password
         ("AUTH PLAIN =", MALFORMED),  # RFC 4954 4: "=" is an empty response: no NULs
         ("AUTH PLAIN Zm9v\u00e9", "500 Error: strict ASCII mode"),  # aiosmtpd: no SMTPUTF8
-        (f"AUTH PLAIN {'A' * 2000}", LINE_TOO_LONG),
+        (f"AUTH PLAIN {'A' * 2000}", MALFORMED),  # read whole (up to 12288): 1500 NULs
+        (f"AUTH PLAIN {'A' * 12289}", LINE_TOO_LONG),  # over the one AUTH response limit
         ("AUTH CRAM-MD5", str(replies.AUTH_UNKNOWN_MECH)),
         ("AUTH XOAUTH2 dG9rZW4=", str(replies.AUTH_UNKNOWN_MECH)),
         ("AUTH response", str(replies.AUTH_UNKNOWN_MECH)),  # no helper method is a mechanism
