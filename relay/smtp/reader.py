@@ -9,9 +9,10 @@ long as its mechanisms produce, whatever its line limits elsewhere, and names 12
   AUTH command line is read here whole up to :data:`AUTH_COMMAND_LIMIT` (the session raises
   aiosmtpd's size limit for AUTH alone to match); every other command line keeps 512 octets.
 
-An AUTH command's verb and mechanism are upper-cased before aiosmtpd sees the line: mechanism
-names are case-insensitive (RFC 4422 3.1, registered in upper case), and aiosmtpd both looks the
-mechanism up and hides the response from its own log only for an upper-case ``AUTH``.
+An AUTH command's verb and mechanism are upper-cased before aiosmtpd sees the line: a mechanism
+is matched whatever its case (RFC 5321 2.4: argument values are not case sensitive; SASL names
+are registered in upper case, RFC 4422 3.1), and aiosmtpd both looks the mechanism up and hides
+the response from its own log only for an upper-case ``AUTH``.
 Python's smtplib, for one, sends the initial response inline whatever its length.
 """
 

@@ -3,8 +3,9 @@
 One limit for an AUTH response, inline (``AUTH PLAIN <response>``) or after a 334: 12288 octets,
 the size RFC 4954 4 asks servers to handle whatever their line limits elsewhere. Python's
 smtplib sends the initial response inline whatever its length, so a long password must work that
-way too. Mechanism names are case-insensitive (RFC 4422 3.1: they are upper case in the
-registry; RFC 4954 does not make the AUTH verb's argument case-sensitive, and SMTP verbs are not).
+way too. Mechanism names are matched whatever their case (RFC 5321 2.4: verbs, argument values
+and extension keywords are not case sensitive; SASL names are registered in upper case, RFC 4422
+3.1).
 """
 
 from __future__ import annotations
