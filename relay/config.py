@@ -91,7 +91,9 @@ class AuthConfig:
     reset_grace: Duration = Duration(3600)
     cache_ttl: Duration = Duration(300)
     allow_plaintext: bool = False
-    max_failures: int = 5
+    max_failures: int = 5  # per (client address, login)
+    max_failures_per_address: int = 0  # per client address, any login; 0: 10 x max_failures
+    ipv6_prefix: int = 64  # an IPv6 client address counts as its network of this many bits
     failure_window: Duration = Duration(900)
     lockout: Duration = Duration(900)
     min_password_length: int = 12
@@ -101,6 +103,9 @@ class AuthConfig:
 
     def __post_init__(self) -> None:
         _check_range("max_failures", self.max_failures, 1, 10000)
+        if n := self.max_failures_per_address:  # 0 stands for 10 x max_failures
+            _check_range("max_failures_per_address", n, self.max_failures, 1_000_000)
+        _check_range("ipv6_prefix", self.ipv6_prefix, 32, 128)  # /32: an ISP's whole allocation
         _check_range("min_password_length", self.min_password_length, 8, 1024)
         _check_range("verify_threads", self.verify_threads, 0, 256)
 

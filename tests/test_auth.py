@@ -8,14 +8,16 @@ import dataclasses
 import gc
 import random
 import sqlite3
+import tomllib
 from collections.abc import AsyncIterator, Iterator, Sized
 from pathlib import Path
 
 import pytest
 
+from relay import config as config_mod
 from relay.clock import ManualClock
-from relay.config import Config, Listener
-from relay.smtp.auth import Authenticator, Outcome, Throttle
+from relay.config import Config, ConfigError, Listener
+from relay.smtp.auth import Authenticator, Outcome, Throttle, address_key, address_limit
 from relay.store import db as db_mod
 from relay.store import events, users
 from relay.store.db import MAIN_MIGRATIONS, Database
@@ -152,7 +154,7 @@ async def test_failures_age_out_of_the_failure_window(
     authn: Authenticator, clock: ManualClock
 ) -> None:
     """auth.failure_window slides: failures older than it no longer count toward a lockout,
-    neither for the address nor for the login; failures inside it still add up."""
+    neither for the login on that address nor for the login; failures inside it still add up."""
     limit = authn.cfg.auth.max_failures
     ip = "192.0.2.3"
     for _ in range(limit - 1):
@@ -164,9 +166,13 @@ async def test_failures_age_out_of_the_failure_window(
         assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
     assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.OK
     assert [e.action for e in await events.recent(authn.db) if e.action.startswith("auth.")] == []
-    # One more inside the window reaches the limit: the address is locked, operators are told.
+    # One more inside the window reaches the limit: the login is locked out on that address,
+    # operators are told.
     answer = await authn.authenticate(LOGIN, "bad-password-xx", ip)
-    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out",
+    )
     assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
     assert [e.action for e in await events.recent(authn.db) if e.action.startswith("auth.")] == [
         "auth.lockout",
@@ -247,13 +253,17 @@ async def test_a_reload_that_lowers_max_failures_counts_the_failures_already_mad
     authn: Authenticator,
 ) -> None:
     """configure() keeps the counts: with 3 failures counted and a new limit of 2, the next
-    failure locks the address out."""
+    failure locks the login out on that address; a new per-address limit of 4 locks the address
+    out at the same failure (its fourth)."""
     ip = "192.0.2.8"
     for _ in range(3):
         assert (await authn.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
-    authn.configure(with_auth(authn.cfg, max_failures=2))
+    authn.configure(with_auth(authn.cfg, max_failures=2, max_failures_per_address=4))
     answer = await authn.authenticate(LOGIN, BAD, ip)
-    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out,ip_now_locked_out",
+    )
     assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
 
 
@@ -425,7 +435,7 @@ async def test_an_audit_row_the_store_cannot_write_does_not_fail_the_auth(
             answer = await locking.authenticate(LOGIN, BAD, ip)
             assert (answer.outcome, answer.reason) == (
                 Outcome.FAILED,
-                "bad_credentials,ip_now_locked_out",
+                "bad_credentials,ip_login_now_locked_out",
             )
             assert (await locking.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
         assert [e for e in await events.recent(db) if e.action.startswith("auth.")] == []
@@ -494,7 +504,10 @@ async def test_prune_keeps_failures_and_lockouts_that_still_count(
     answer = await authn.authenticate(LOGIN, BAD, ip)
     assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
     answer = await authn.authenticate(LOGIN, BAD, ip)
-    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out",
+    )
     authn.prune()  # inside the lockout
     assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
 
@@ -532,10 +545,12 @@ async def test_prune_forgets_every_stale_key_after_a_spray_of_addresses(
     )
 
     def tracked() -> list[int]:
-        t, lf = sprayed.throttle, sprayed.login_failures
+        t, p, lf = sprayed.throttle, sprayed.pairs, sprayed.login_failures
         sizes: list[Sized] = [
             t._failures,
             t._locked_until,
+            p._failures,
+            p._locked_until,
             lf._failures,
             lf._locked_until,
             sprayed._cache,
@@ -549,26 +564,39 @@ async def test_prune_forgets_every_stale_key_after_a_spray_of_addresses(
                 f"u{wave}{i}@example.com", BAD, f"198.51.{wave}.{i}"
             )
             assert answer.outcome is Outcome.FAILED
-        for _ in range(cfg.auth.max_failures):  # one address and one login locked out
+        for _ in range(cfg.auth.max_failures):  # one login locked out, on one address and as such
             answer = await sprayed.authenticate(locked_login, BAD, f"192.0.{wave}.4")
             assert answer.outcome is Outcome.FAILED
         clock.advance(1)
-    assert tracked() == [22, 2, 22, 2, 1]
+    assert tracked() == [22, 0, 22, 2, 22, 2, 1]
     clock.advance(span - 3)  # one second before the first wave is stale
     sprayed.prune()
-    assert tracked() == [22, 2, 22, 2, 1]
+    assert tracked() == [22, 0, 22, 2, 22, 2, 1]
     clock.advance(2)  # the first wave one second stale, the second exactly
     sprayed.prune()
-    assert tracked() == [0, 0, 0, 0, 0]
+    assert tracked() == [0, 0, 0, 0, 0, 0, 0]
 
 
-async def test_max_failures_1_locks_an_address_out_at_its_first_failure(
+async def test_max_failures_1_locks_a_login_out_at_its_first_failure(
     db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     strict = Authenticator(db, hasher, with_auth(cfg, max_failures=1), clock=clock)
     answer = await strict.authenticate(LOGIN, BAD, "192.0.2.10")
-    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out",
+    )
     assert (await strict.authenticate(LOGIN, PASSWORD, "192.0.2.10")).outcome is Outcome.THROTTLED
+    assert not strict.is_throttled("192.0.2.10")  # the address has 9 failures to go
+    stricter = Authenticator(
+        db, hasher, with_auth(cfg, max_failures=1, max_failures_per_address=1), clock=clock
+    )
+    answer = await stricter.authenticate(LOGIN, BAD, "192.0.2.11")
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out,ip_now_locked_out",
+    )
+    assert stricter.is_throttled("192.0.2.11")
 
 
 async def test_a_caller_that_goes_away_does_not_cancel_the_shared_verify(
@@ -645,3 +673,180 @@ async def test_a_failed_verify_whose_callers_all_left_logs_nothing(
     del verify
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+# --- lockout per (address, login) and per address; IPv6 by prefix (issue 12, item 4) -------------
+
+
+async def test_failures_with_one_login_do_not_lock_out_another_login_on_that_address(
+    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+) -> None:
+    """Everyone behind one NAT shares an address: one client failing with its login locks that
+    login out there, not the address."""
+    other = leaks.add("Other-user-password-9")
+    await users.create(
+        db, "other@example.com", other, hasher=hasher, cfg=authn.cfg, now=1, actor="t"
+    )
+    ip = "192.0.2.50"
+    for _ in range(authn.cfg.auth.max_failures - 1):
+        answer = await authn.authenticate(LOGIN, BAD, ip)
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    answer = await authn.authenticate(LOGIN, BAD, ip)
+    assert (answer.outcome, answer.reason) == (
+        Outcome.FAILED,
+        "bad_credentials,ip_login_now_locked_out",
+    )
+    before = hasher.verifications
+    locked = await authn.authenticate(LOGIN, PASSWORD, ip)
+    assert (locked.outcome, locked.reason) == (Outcome.THROTTLED, "ip_login_locked_out")
+    assert hasher.verifications == before  # no argon2 work while locked out
+    assert not authn.is_throttled(ip)  # the address itself is not locked
+    assert (await authn.authenticate("other@example.com", other, ip)).outcome is Outcome.OK
+    assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.51")).outcome is Outcome.OK
+    lockouts = [e for e in await events.recent(db) if e.action == "auth.lockout"]
+    assert [(e.target, e.detail) for e in lockouts] == [(ip, f"user={LOGIN}")]
+
+
+async def test_an_address_failing_with_many_logins_is_locked_out_at_its_own_threshold(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """A spray of logins from one address: each login stays under max_failures, the address is
+    locked out (every login, no argon2 work) once it reaches max_failures_per_address."""
+    spray = Authenticator(
+        db, hasher, with_auth(cfg, max_failures=3, max_failures_per_address=7), clock=clock
+    )
+    ip = "192.0.2.60"
+    for i in range(6):
+        answer = await spray.authenticate(f"u{i}@example.com", BAD, ip)
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    answer = await spray.authenticate("u6@example.com", BAD, ip)
+    assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials,ip_now_locked_out")
+    assert spray.is_throttled(ip)
+    before = hasher.verifications
+    locked = await spray.authenticate(LOGIN, PASSWORD, ip)
+    assert (locked.outcome, locked.reason) == (Outcome.THROTTLED, "ip_locked_out")
+    assert hasher.verifications == before
+    assert (await spray.authenticate(LOGIN, PASSWORD, "192.0.2.61")).outcome is Outcome.OK
+    lockouts = [e for e in await events.recent(db) if e.action == "auth.lockout"]
+    assert [(e.target, e.detail) for e in lockouts] == [(ip, "all users; last user=u6@example.com")]
+    clock.advance(float(cfg.auth.lockout))
+    assert (await spray.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.OK
+
+
+def test_the_per_address_threshold_defaults_to_ten_times_max_failures(cfg: Config) -> None:
+    assert cfg.auth.max_failures_per_address == 0
+    assert address_limit(cfg.auth) == 10 * cfg.auth.max_failures == 50
+    assert address_limit(with_auth(cfg, max_failures=7).auth) == 70
+    assert address_limit(with_auth(cfg, max_failures_per_address=12).auth) == 12
+    assert address_limit(with_auth(cfg, max_failures_per_address=5).auth) == 5  # = max_failures
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("max_failures_per_address = 4", r"auth\.max_failures_per_address: 4 is outside 5\.\."),
+        ("max_failures_per_address = -1", r"auth\.max_failures_per_address: -1 is outside"),
+        ("ipv6_prefix = 31", r"auth\.ipv6_prefix: 31 is outside 32\.\.128"),
+        ("ipv6_prefix = 129", r"auth\.ipv6_prefix: 129 is outside 32\.\.128"),
+        ('ipv6_prefix = "64"', r"auth\.ipv6_prefix: expected an integer"),
+    ],
+)
+def test_lockout_keys_are_validated(table: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_mod.from_dict(tomllib.loads(f"[auth]\n{table}\n"))
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "key"),
+    [
+        ("192.0.2.1", 64, "192.0.2.1"),  # IPv4: the address itself (/32)
+        ("192.0.2.2", 64, "192.0.2.2"),
+        ("::ffff:192.0.2.1", 64, "192.0.2.1"),  # IPv4-mapped (a dual-stack listener): IPv4
+        ("2001:db8:1:2::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2:0:0:0:7", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:3::1", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:3::1", 128, "2001:db8:1:3::1/128"),
+        ("fe80::1%eth0", 64, "fe80::/64"),  # a zone is not part of the address
+        ("::1", 64, "::/64"),
+        ("not-an-address", 64, "not-an-address"),  # as it is (nothing to group)
+    ],
+)
+def test_address_key(ip: str, prefix: int, key: str) -> None:
+    assert address_key(ip, prefix) == key
+
+
+async def test_ipv6_addresses_inside_one_prefix_share_a_lockout(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """A client with a /64 rotates its address at will: every address in it counts as one."""
+    limit = cfg.auth.max_failures
+    for i in range(limit):
+        answer = await authn.authenticate(LOGIN, BAD, f"2001:db8:5:6::{i + 1:x}")
+        assert answer.outcome is Outcome.FAILED
+    assert answer.reason == "bad_credentials,ip_login_now_locked_out"
+    locked = await authn.authenticate(LOGIN, PASSWORD, "2001:db8:5:6:abcd::99")
+    assert locked.outcome is Outcome.THROTTLED
+    assert (await authn.authenticate(LOGIN, PASSWORD, "2001:db8:5:7::1")).outcome is Outcome.OK
+    (lockout,) = [e for e in await events.recent(db) if e.action == "auth.lockout"]
+    assert lockout.target == "2001:db8:5:6::/64"
+    # Keyed by the full address (ipv6_prefix = 128), the same rotation is never locked out.
+    full = Authenticator(db, hasher, with_auth(cfg, ipv6_prefix=128), clock=clock)
+    for i in range(limit):
+        answer = await full.authenticate(LOGIN, BAD, f"2001:db8:9::{i + 1:x}")
+        assert (answer.outcome, answer.reason) == (Outcome.FAILED, "bad_credentials")
+    assert (await full.authenticate(LOGIN, PASSWORD, "2001:db8:9::99")).outcome is Outcome.OK
+
+
+async def test_workers_share_the_per_address_threshold(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """With workers = 2 each process locks an address out after half (rounded up) of it."""
+    two = dataclasses.replace(
+        with_auth(cfg, max_failures=5, max_failures_per_address=7),
+        workers=2,
+        listen=(Listener("127.0.0.1", 2587, "starttls"),),
+    )
+    worker = Authenticator(db, hasher, two, clock=clock)
+    for i in range(4):  # ceil(7 / 2), one login each
+        assert (await worker.authenticate(f"w{i}@example.com", BAD, "192.0.2.70")).outcome is (
+            Outcome.FAILED
+        )
+    assert worker.is_throttled("192.0.2.70")
+
+
+# --- login aliases count as the login (issue 12, item 10) ----------------------------------------
+
+ALIASES = (
+    "app@example.com.",
+    " APP@example.com ",
+    "app@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com",
+    "\u3000App@Example.Com",
+    "app@EXAMPLE.COM.",
+)
+
+
+async def test_aliases_of_a_login_add_up_to_one_count(
+    authn: Authenticator, db: Database, hasher: Hasher
+) -> None:
+    """Each alias names the same user (users.normalize_login): their failures are one login's,
+    for the lockout on one address and for the audit of one login failing from many addresses."""
+    assert len(ALIASES) == authn.cfg.auth.max_failures
+    for i, alias in enumerate(ALIASES):  # one address each: only the login adds up
+        assert (await authn.authenticate(alias, BAD, f"192.0.2.{80 + i}")).outcome is Outcome.FAILED
+    audited = [e.target for e in await events.recent(db) if e.action == "auth.login-failures"]
+    assert audited == [LOGIN]
+    ip = "192.0.2.90"  # now all from one address
+    for alias in ALIASES:
+        assert (await authn.authenticate(alias, BAD, ip)).outcome is Outcome.FAILED
+    before = hasher.verifications
+    assert (await authn.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.THROTTLED
+    assert hasher.verifications == before
+
+
+async def test_an_alias_with_the_right_password_logs_in_as_the_user(authn: Authenticator) -> None:
+    for alias in ALIASES:
+        answer = await authn.authenticate(alias, PASSWORD, "192.0.2.95")
+        assert answer.outcome is Outcome.OK and answer.identity is not None
+        assert answer.identity.login == LOGIN

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from admin.cli import cli
 from relay import config as config_mod
 from relay.config import Config
-from relay.store import users
+from relay.store import logins
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.passwords import Hasher
 from tests import leaks
@@ -76,7 +76,7 @@ def _verify(conf: Config, login: str, password: str) -> str | None:
         hasher = Hasher(conf.auth)
         db = await Database.open(conf.db_path, MAIN_MIGRATIONS)
         try:
-            r = await users.verify(db, login, password, hasher=hasher, now=time.time())
+            r = await logins.verify(db, login, password, hasher=hasher, now=time.time())
             return r.matched
         finally:
             await db.close()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from argon2 import PasswordHasher, Type
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
-from relay.store import domains, users
+from relay.store import domains, logins, users
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 from tests import leaks
@@ -47,12 +49,12 @@ async def user(db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, do
 
 async def _current_hash(db: Database, login: str) -> str | None:
     """The current hash of an enabled user, else None (unknown, malformed or disabled)."""
-    creds = await users.credentials(db, login)
+    creds = await logins.credentials(db, login)
     return None if creds is None or creds.disabled else creds.current_hash
 
 
 async def _which(db: Database, hasher: Hasher, login: str, pw: str, now: float) -> str | None:
-    return (await users.verify(db, login, pw, hasher=hasher, now=now)).matched
+    return (await logins.verify(db, login, pw, hasher=hasher, now=now)).matched
 
 
 async def _reset(
@@ -377,7 +379,7 @@ async def test_delete_revokes_everything_at_once(
         assert await _which(db, hasher, user, pw, clock()) is None
     assert await users.get(db, user) is None
     assert await _current_hash(db, user) is None
-    assert await users.credentials(db, user) is None
+    assert await logins.credentials(db, user) is None
     with pytest.raises(NotFound, match="no such user: app@example.com"):
         await users.delete(db, user, now=clock(), actor="test")
 
@@ -393,7 +395,7 @@ async def test_disabled_users_fail_until_enabled(
     assert await _which(db, hasher, user, P1, clock()) is None
     assert hasher.verifications == before + 2  # each paid one (dummy) verify
     assert await _current_hash(db, user) is None
-    creds = await users.credentials(db, user)
+    creds = await logins.credentials(db, user)
     assert creds is not None and creds.disabled
     await users.set_disabled(db, user, False, now=clock(), actor="test")
     assert await _which(db, hasher, user, P2, clock()) == "current"
@@ -420,28 +422,28 @@ async def test_unknown_and_malformed_logins_cost_one_verify(
     cases = [(user, "wrong-password-xyz"), ("nobody@example.com", P1), ("not a login", P1)]
     for login, pw in cases:
         before = hasher.verifications
-        result = await users.verify(db, login, pw, hasher=hasher, now=clock())
-        assert result == users.VerifyResult(None)
+        result = await logins.verify(db, login, pw, hasher=hasher, now=clock())
+        assert result == logins.VerifyResult(None)
         assert hasher.verifications == before + 1, login
 
 
 async def test_verify_result_matched_says_whether_a_password_matched(
     db: Database, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
-    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
+    assert (await logins.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
     await _reset(db, hasher, user, P2, HOUR, clock())
     # the previous one
-    assert (await users.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
+    assert (await logins.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
     for login, pw in ((user, P3), ("nobody@example.com", P1), ("not a login", P1)):
-        assert (await users.verify(db, login, pw, hasher=hasher, now=clock())).matched is None
+        assert (await logins.verify(db, login, pw, hasher=hasher, now=clock())).matched is None
 
 
 async def test_what_the_store_returns_is_frozen_and_hashable(
     db: Database, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     u = await users.get(db, user)
-    creds = await users.credentials(db, user)
-    result = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    creds = await logins.credentials(db, user)
+    result = await logins.verify(db, user, P1, hasher=hasher, now=clock())
     assert u is not None and creds is not None
     with pytest.raises(dataclasses.FrozenInstanceError):
         u.disabled = True  # type: ignore[misc]
@@ -450,27 +452,27 @@ async def test_what_the_store_returns_is_frozen_and_hashable(
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.matched = "previous"  # type: ignore[misc]
     assert {u: 1}[await users.get(db, user)] == 1  # type: ignore[index]
-    assert {creds: 1}[await users.credentials(db, user)] == 1  # type: ignore[index]
-    assert {result: 1}[await users.verify(db, user, P1, hasher=hasher, now=clock())] == 1
+    assert {creds: 1}[await logins.credentials(db, user)] == 1  # type: ignore[index]
+    assert {result: 1}[await logins.verify(db, user, P1, hasher=hasher, now=clock())] == 1
 
 
 async def test_malformed_logins_have_no_hash_and_no_credentials(db: Database, user: str) -> None:
     for raw in ("not a login", "@example.com", "x" * 200):
         assert await _current_hash(db, raw) is None
-        assert await users.credentials(db, raw) is None
+        assert await logins.credentials(db, raw) is None
 
 
 async def test_verify_result_carries_the_matched_hash(
     db: Database, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
-    first = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    first = await logins.verify(db, user, P1, hasher=hasher, now=clock())
     assert first.matched == "current" and first.user is not None
     assert first.user.login == user
     assert first.password_hash == await _current_hash(db, user)
     await _reset(db, hasher, user, P2, HOUR, clock())
-    second = await users.verify(db, user, P1, hasher=hasher, now=clock())
+    second = await logins.verify(db, user, P1, hasher=hasher, now=clock())
     assert second.matched == "previous"
-    creds = await users.credentials(db, user)
+    creds = await logins.credentials(db, user)
     assert creds is not None
     assert second.password_hash == creds.previous_hash == first.password_hash
     assert creds.previous_valid_until == clock() + HOUR
@@ -489,7 +491,7 @@ async def test_successful_login_rehashes_with_new_parameters(
     try:
         assert await _which(db, dearer, user, "wrong-password-xyz", clock()) is None
         assert await _current_hash(db, user) == old_hash  # no rehash on failure
-        result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        result = await logins.verify(db, user, P1, hasher=dearer, now=clock())
         assert result.matched == "current"
         new_hash = await _current_hash(db, user)
         assert new_hash is not None and new_hash != old_hash and ",t=2," in new_hash
@@ -498,9 +500,9 @@ async def test_successful_login_rehashes_with_new_parameters(
         assert await _which(db, dearer, user, P1, clock()) == "current"
         # A password in its grace window is not upgraded: it is on its way out.
         await _reset(db, hasher, user, P2, HOUR, clock())
-        prev = (await users.credentials(db, user)).previous_hash  # type: ignore[union-attr]
+        prev = (await logins.credentials(db, user)).previous_hash  # type: ignore[union-attr]
         assert await _which(db, dearer, user, P1, clock()) == "previous"
-        assert (await users.credentials(db, user)).previous_hash == prev  # type: ignore[union-attr]
+        assert (await logins.credentials(db, user)).previous_hash == prev  # type: ignore[union-attr]
     finally:
         dearer.close()
 
@@ -523,12 +525,12 @@ async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
     cli = sqlite3.connect(cfg.db_path, isolation_level=None, timeout=0)
     try:
         cli.execute("BEGIN IMMEDIATE")
-        result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        result = await logins.verify(db, user, P1, hasher=dearer, now=clock())
         cli.execute("ROLLBACK")
         assert result.matched == "current" and result.password_hash == old_hash
         assert await _current_hash(db, user) == old_hash
         assert "rehash skipped user=app@example.com reason=StoreError" in caplog.messages
-        again = await users.verify(db, user, P1, hasher=dearer, now=clock())
+        again = await logins.verify(db, user, P1, hasher=dearer, now=clock())
         assert again.password_hash != old_hash
         assert again.password_hash == await _current_hash(db, user)
     finally:
@@ -552,11 +554,11 @@ async def test_a_reset_that_ran_meanwhile_wins_over_the_rehash(
     try:
         async with _stale_reader(db):  # verify reads the user as it was before the reset
             await _reset(db, hasher, user, P2, 0, clock())
-            result = await users.verify(db, user, P1, hasher=dearer, now=clock())
+            result = await logins.verify(db, user, P1, hasher=dearer, now=clock())
     finally:
         dearer.close()
     assert result.matched == "current" and result.password_hash == old_hash
-    creds = await users.credentials(db, user)
+    creds = await logins.credentials(db, user)
     assert creds is not None and creds.previous_hash is None
     assert creds.current_hash not in (old_hash, None)
     assert await _which(db, hasher, user, P2, clock()) == "current"
@@ -571,12 +573,12 @@ async def test_record_logins_in_a_batch(
         await users.create(db, "b@example.com", P2, hasher=hasher, cfg=cfg, now=1, actor="t")
     ).login
     t = clock()
-    await users.record_logins(db, {user: t + 10, other: t + 20, "gone@example.com": t})
+    await logins.record_logins(db, {user: t + 10, other: t + 20, "gone@example.com": t})
     assert (await users.get(db, user)).last_login_at == t + 10  # type: ignore[union-attr]
     assert (await users.get(db, other)).last_login_at == t + 20  # type: ignore[union-attr]
-    await users.record_logins(db, {user: t + 5})  # a late, older flush never moves it back
+    await logins.record_logins(db, {user: t + 5})  # a late, older flush never moves it back
     assert (await users.get(db, user)).last_login_at == t + 10  # type: ignore[union-attr]
-    await users.record_logins(db, {})
+    await logins.record_logins(db, {})
 
 
 async def test_a_store_fault_while_recording_logins_is_a_store_error(
@@ -584,7 +586,7 @@ async def test_a_store_fault_while_recording_logins_is_a_store_error(
 ) -> None:
     with pytest.raises(StoreError, match="^users: not authorized$"):
         async with _refused(db, sqlite3.SQLITE_UPDATE, "users"):
-            await users.record_logins(db, {user: clock()})
+            await logins.record_logins(db, {user: clock()})
     assert (await users.get(db, user)).last_login_at is None  # type: ignore[union-attr]
 
 
@@ -616,3 +618,107 @@ async def test_every_admin_action_is_audited_without_secrets(
     for secret in (P1, P2, *hashes):
         assert secret is not None and secret not in everything
     assert "$argon2" not in everything
+
+
+# --- SASLprep and hashes made before it (issue 12, item 10) --------------------------------------
+
+COMPOSED = "Pa\u00dfw\u00f6rd-tr\u00e8s-s\u00fbr"
+DECOMPOSED = unicodedata.normalize("NFD", COMPOSED)
+
+
+async def _store_unprepared_hash(db: Database, cfg: Config, login: str, password: str) -> str:
+    """Make ``login``'s current hash one relaybox made before SASLprep (argon2 over the password
+    as sent). SQL in a test, because no code path of relaybox makes such a hash any more."""
+    p = cfg.auth.argon2
+    old = PasswordHasher(
+        time_cost=p.time_cost, memory_cost=p.memory_kib, parallelism=p.parallelism, type=Type.ID
+    ).hash(password)
+    async with db.transaction() as conn:
+        await conn.execute("UPDATE users SET password_hash = ? WHERE login = ?", (old, login))
+    return old
+
+
+async def test_set_composed_log_in_decomposed(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+) -> None:
+    leaks.add(COMPOSED)
+    leaks.add(DECOMPOSED)
+    login = (
+        await users.create(db, f"u@{domain}", COMPOSED, hasher=hasher, cfg=cfg, now=1, actor="t")
+    ).login
+    assert await _which(db, hasher, login, DECOMPOSED, clock()) == "current"
+    await _reset(db, hasher, login, DECOMPOSED, HOUR, clock())  # set decomposed this time
+    assert await _which(db, hasher, login, COMPOSED, clock()) == "current"
+
+
+async def test_a_hash_made_before_saslprep_logs_in_and_is_upgraded(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    """An app whose password SASLprep changes keeps working after the upgrade of relaybox: its
+    first login matches the old hash with the password as sent and stores the prepared form's
+    hash; from then on one verify suffices, and the other form of the password works too."""
+    leaks.add(DECOMPOSED)
+    old = await _store_unprepared_hash(db, cfg, user, DECOMPOSED)
+    assert await _which(db, hasher, user, COMPOSED, clock()) is None  # the old hash is raw
+    result = await logins.verify(db, user, DECOMPOSED, hasher=hasher, now=clock())
+    assert result.matched == "current"
+    upgraded = await _current_hash(db, user)
+    assert upgraded not in (None, old) and result.password_hash == upgraded
+    for sent in (DECOMPOSED, COMPOSED):
+        before = hasher.verifications
+        assert await _which(db, hasher, user, sent, clock()) == "current"
+        assert hasher.verifications == before + 1, sent
+    assert await _current_hash(db, user) == upgraded  # upgraded once, not at every login
+
+
+async def test_a_hash_made_before_saslprep_keeps_working_in_its_grace_window(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    leaks.add(DECOMPOSED)
+    await _store_unprepared_hash(db, cfg, user, DECOMPOSED)
+    await _reset(db, hasher, user, P2, HOUR, clock())  # the old raw hash becomes the previous one
+    assert await _which(db, hasher, user, DECOMPOSED, clock()) == "previous"
+    assert await _which(db, hasher, user, P2, clock()) == "current"
+    assert await _which(db, hasher, user, DECOMPOSED, clock() + HOUR) is None
+
+
+async def test_unknown_users_cost_what_wrong_passwords_cost_whatever_saslprep_does(
+    db: Database, hasher: Hasher, clock: ManualClock, user: str
+) -> None:
+    """A password that SASLprep changes is tried in two forms (two argon2 verifies): so it is for
+    the dummy of an unknown, disabled or malformed login too; one it leaves alone costs one."""
+    for password, forms in (("wrong-password-xyz", 1), (DECOMPOSED, 2)):
+        leaks.add(password)
+        for login in (user, "nobody@example.com", "not a login"):
+            before = hasher.verifications
+            assert await _which(db, hasher, login, password, clock()) is None
+            assert hasher.verifications == before + forms, (login, password)
+
+
+async def test_a_password_saslprep_refuses_cannot_be_set(
+    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str, domain: str
+) -> None:
+    for bad in ("emoji-\U0001f600-password", "private-\ue000-password"):
+        leaks.add(bad)
+        with pytest.raises(Invalid):
+            await users.create(db, f"new@{domain}", bad, hasher=hasher, cfg=cfg, now=1, actor="t")
+        with pytest.raises(Invalid):
+            await _reset(db, hasher, user, bad, HOUR, clock())
+    assert await users.get(db, f"new@{domain}") is None
+    assert await _which(db, hasher, user, P1, clock()) == "current"
+
+
+@pytest.mark.parametrize(
+    ("alias", "normal"),
+    [
+        ("app@example.com.", "app@example.com"),
+        (" app@example.com\t", "app@example.com"),
+        ("\u3000app@example.com\u00a0", "app@example.com"),  # non-ASCII spaces
+        ("app@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com", "app@example.com"),
+        ("\uff41\uff50\uff50@example.com", "app@example.com"),  # full-width local part
+        ("app\uff20example.com", "app@example.com"),  # FULLWIDTH COMMERCIAL AT
+        ("ap\u00adp@example.com", "app@example.com"),  # SOFT HYPHEN: mapped to nothing
+    ],
+)
+def test_login_aliases_normalize_to_one_login(alias: str, normal: str) -> None:
+    assert users.normalize_login(alias) == normal

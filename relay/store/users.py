@@ -6,22 +6,24 @@ the apps using the old password can be moved over without an outage (only the im
 password survives a second reset). Every admin action writes an audit event in the same
 transaction; no password or hash ever goes into an event or a log line.
 
-The SMTP server uses :func:`verify` (argon2 in the hasher's thread pool), :func:`credentials` to
-check a cached credential cheaply, and :func:`record_logins` to batch its last-login updates (writes
-to the shared database stay rare). Only this module writes the ``users`` table (a domain removed
-with its users calls :func:`delete_in_domain` inside that transaction).
+This module is the admin side (what `relaybox user` and `relaybox domain remove` do) and the model
+both sides share: :class:`User` and :func:`normalize_login`. The SMTP server's side (verify a
+password, read the stored hashes for its cache, batch its last-login updates) is
+relay/store/logins.py, split from here to keep modules small; it is the same store module's SQL.
+Only these two modules write the ``users`` table (a domain removed with its users calls
+:func:`delete_in_domain` inside that transaction).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiosqlite
 
-from relay import grammar, maillog
+from relay import grammar, saslprep
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import events
@@ -29,7 +31,7 @@ from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 from relay.units import format_duration
 
-_COLUMNS = (
+COLUMNS = (  # what a User is read from
     "login, domain, created_at, last_login_at, password_changed_at, previous_hash, "
     "previous_valid_until, disabled"
 )
@@ -56,37 +58,20 @@ class User:
         return self.old_password_valid_until if self.old_password_works(now) else None
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    """What :func:`verify` found. ``user`` and ``password_hash`` are set only when one matched."""
-
-    matched: str | None  # "current", "previous" (in its grace window) or None
-    user: User | None = None
-    password_hash: str | None = field(default=None, repr=False)  # the hash that matched
-
-
-_NO_MATCH = VerifyResult(None)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """The stored hashes of one user, for the server's auth cache only (never shown or logged)."""
-
-    login: str
-    current_hash: str = field(repr=False)
-    previous_hash: str | None = field(repr=False)
-    previous_valid_until: float | None
-    disabled: bool
-
-
 def normalize_login(login: str) -> str:
     """``local@domain`` with the domain IDNA-normalized and the local part checked.
 
-    The local part must be an RFC 5321 dot-atom of at most 64 octets (no quoted strings, ASCII
-    only). It is lower-cased: a login is a name people type into app settings, and two users that
-    differ only in case would be a trap. Raises Invalid with a message naming the problem.
+    The one normalizing function: what creates a user, finds one, and what the server counts
+    AUTH failures under (relay/smtp/auth.py), so no alias of a login escapes the count.
+
+    First SASLprep's mapping and NFKC (RFC 4013 2.1-2.2, as RFC 4616 2 recommends for the PLAIN
+    authentication identity): full-width letters and "@", non-ASCII spaces and soft hyphens come
+    out as what they look like. Then surrounding spaces go. The local part must be an RFC 5321
+    dot-atom of at most 64 octets (no quoted strings, ASCII only). It is lower-cased: a login is a
+    name people type into app settings, and two users that differ only in case would be a trap.
+    The domain loses its final dot and is IDNA-normalized. Raises Invalid naming the problem.
     """
-    local, sep, domain = login.strip().rpartition("@")
+    local, sep, domain = saslprep.map_and_normalize(login).strip().rpartition("@")
     shown = login if len(login) <= 100 else login[:100] + "..."  # client input: keep errors short
     if not sep or not local or not domain:
         raise Invalid(f"login {shown!r} must look like name@domain")
@@ -102,7 +87,8 @@ def normalize_login(login: str) -> str:
     return f"{local.lower()}@{grammar.normalize_domain(domain)}"
 
 
-def _user(row: sqlite3.Row) -> User:
+def from_row(row: sqlite3.Row) -> User:
+    """A :class:`User` from a row holding :data:`COLUMNS`."""
     has_previous = row["previous_hash"] is not None
     return User(
         login=row["login"],
@@ -130,7 +116,7 @@ async def _existing(conn: aiosqlite.Connection, login: str) -> sqlite3.Row:
 
 
 @asynccontextmanager
-async def _writing(db: Database) -> AsyncIterator[aiosqlite.Connection]:
+async def writing(db: Database) -> AsyncIterator[aiosqlite.Connection]:
     """A write transaction whose SQLite errors are this store's (a StoreError naming it)."""
     try:
         async with db.transaction() as conn:
@@ -152,12 +138,12 @@ async def _update(
     db: Database, login: str, change: _Change, *, now: float, actor: str, action: str
 ) -> User:
     """Apply ``change`` to ``login`` and audit it as ``action``, in one transaction."""
-    async with _writing(db) as conn:
+    async with writing(db) as conn:
         sql, params, detail = change(await _existing(conn, login))
         await conn.execute(sql, params)
         await events.add(conn, now=now, actor=actor, action=action, target=login, detail=detail)
         row = await _existing(conn, login)
-    return _user(row)
+    return from_row(row)
 
 
 # --- admin actions ------------------------------------------------------------------------------
@@ -184,7 +170,7 @@ async def create(
     if await get(db, login) is not None:  # cheap early answer before spending an argon2 hash
         raise Conflict(f"user {login} already exists")
     password_hash = await hasher.hash(password)
-    async with _writing(db) as conn:
+    async with writing(db) as conn:
         if await _fetch(conn, login) is not None:
             raise Conflict(f"user {login} already exists")
         try:
@@ -200,7 +186,7 @@ async def create(
             ) from None
         await events.add(conn, now=now, actor=actor, action="user.add", target=login)
         row = await _existing(conn, login)
-    return _user(row)
+    return from_row(row)
 
 
 async def reset_password(
@@ -242,7 +228,7 @@ async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> Use
     login = normalize_login(login)
 
     def change(row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
-        active = _user(row).old_password_works(now)
+        active = from_row(row).old_password_works(now)
         sql = "UPDATE users SET previous_hash = NULL, previous_valid_until = NULL WHERE login = ?"
         return sql, (login,), "window was running" if active else "no window was running"
 
@@ -252,7 +238,7 @@ async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> Use
 async def delete(db: Database, login: str, *, now: float, actor: str) -> None:
     """Remove the user: current and previous passwords stop working at once."""
     login = normalize_login(login)
-    async with _writing(db) as conn:
+    async with writing(db) as conn:
         await _existing(conn, login)
         await conn.execute("DELETE FROM users WHERE login = ?", (login,))
         await events.add(conn, now=now, actor=actor, action="user.delete", target=login)
@@ -286,115 +272,16 @@ async def delete_in_domain(conn: aiosqlite.Connection, domain: str) -> None:
 
 async def get(db: Database, login: str) -> User | None:
     login = normalize_login(login)
-    row = await db.fetchone(f"SELECT {_COLUMNS} FROM users WHERE login = ?", (login,))
-    return None if row is None else _user(row)
+    row = await db.fetchone(f"SELECT {COLUMNS} FROM users WHERE login = ?", (login,))
+    return None if row is None else from_row(row)
 
 
 async def list_all(db: Database, domain: str | None = None) -> list[User]:
     if domain is None:
-        rows = await db.fetchall(f"SELECT {_COLUMNS} FROM users ORDER BY domain, login")
+        rows = await db.fetchall(f"SELECT {COLUMNS} FROM users ORDER BY domain, login")
     else:
         rows = await db.fetchall(
-            f"SELECT {_COLUMNS} FROM users WHERE domain = ? ORDER BY login",
+            f"SELECT {COLUMNS} FROM users WHERE domain = ? ORDER BY login",
             (grammar.normalize_domain(domain),),
         )
-    return [_user(r) for r in rows]
-
-
-# --- the server's side --------------------------------------------------------------------------
-
-
-async def verify(
-    db: Database, login: str, password: str, *, hasher: Hasher, now: float
-) -> VerifyResult:
-    """Which password of ``login`` matches: the current one, the previous one in its window, none.
-
-    Unknown, disabled and malformed logins still pay one argon2 verify (against the dummy hash), so
-    the answer's timing does not tell whether a login exists. A success with the current password
-    whose hash was made with other parameters is re-hashed and stored (argon2's
-    ``check_needs_rehash``); the returned ``password_hash`` is then the new hash.
-    """
-    try:
-        key = normalize_login(login)
-    except Invalid:
-        await hasher.verify_dummy(password)
-        return _NO_MATCH
-    row = await db.fetchone(f"SELECT {_COLUMNS}, password_hash FROM users WHERE login = ?", (key,))
-    if row is None or row["disabled"]:
-        await hasher.verify_dummy(password)
-        return _NO_MATCH
-    user = _user(row)
-    current: str = row["password_hash"]
-    if await hasher.verify(current, password):
-        if hasher.needs_rehash(current):
-            current = await _rehash(db, key, current, password, hasher)
-        return VerifyResult("current", user, current)
-    previous: str | None = row["previous_hash"]
-    if previous is not None and user.old_password_works(now):
-        if await hasher.verify(previous, password):
-            return VerifyResult("previous", user, previous)
-    return _NO_MATCH
-
-
-async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher: Hasher) -> str:
-    """Store a hash with the configured parameters; keep the old one if anything interferes."""
-    new_hash = await hasher.hash(password)
-    try:
-        async with db.transaction() as conn:
-            # Compare-and-set: a reset that ran meanwhile wins over this upgrade.
-            cur = await conn.execute(
-                "UPDATE users SET password_hash = ? WHERE login = ? AND password_hash = ?",
-                (new_hash, login, old_hash),
-            )
-            changed = cur.rowcount
-    except (sqlite3.Error, StoreError) as exc:
-        # The login still succeeds with the old hash; the next login tries again.
-        maillog.event("rehash skipped", user=login, reason=type(exc).__name__)
-        return old_hash
-    if changed != 1:
-        return old_hash
-    maillog.event("rehashed", user=login)
-    return new_hash
-
-
-async def credentials(db: Database, login: str) -> Credentials | None:
-    """The stored hashes of ``login`` (None if unknown or malformed), for the server's auth cache.
-
-    One indexed read, no argon2: the cache compares the hash a cached login matched against these
-    to see at once that a reset, revoke-old, disable or delete took its credential away.
-    """
-    try:
-        key = normalize_login(login)
-    except Invalid:
-        return None
-    row = await db.fetchone(
-        "SELECT login, password_hash, previous_hash, previous_valid_until, disabled FROM users"
-        " WHERE login = ?",
-        (key,),
-    )
-    if row is None:
-        return None
-    has_previous = row["previous_hash"] is not None
-    return Credentials(
-        login=row["login"],
-        current_hash=row["password_hash"],
-        previous_hash=row["previous_hash"],
-        previous_valid_until=row["previous_valid_until"] if has_previous else None,
-        disabled=bool(row["disabled"]),
-    )
-
-
-async def record_logins(db: Database, logins: Mapping[str, float]) -> None:
-    """Set last_login_at for many users in one transaction (the server flushes periodically).
-
-    Never moves a timestamp backwards, and silently skips users deleted meanwhile.
-    """
-    if not logins:
-        return
-    params = [(at, login, at) for login, at in logins.items()]
-    async with _writing(db) as conn:
-        await conn.executemany(
-            "UPDATE users SET last_login_at = ? WHERE login = ?"
-            " AND (last_login_at IS NULL OR last_login_at < ?)",
-            params,
-        )
+    return [from_row(r) for r in rows]

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from admin.cli import cli
 from relay import config as config_mod
 from relay.config import Config
-from relay.store import domains, users
+from relay.store import domains, logins
 from relay.store.db import MAIN_MIGRATIONS, Database
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
@@ -83,7 +83,7 @@ async def stored_secrets(cfg: Config, login: str, domain: str) -> tuple[str, str
     """The password hash and the DKIM private key as stored (to look for them in output)."""
     db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
     try:
-        creds = await users.credentials(db, login)
+        creds = await logins.credentials(db, login)
         key = await domains.signing_key(db, domain)
     finally:
         await db.close()
