@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.units import Duration, Size, format_duration, parse_duration, parse_size
+from relay.units import Duration, Fraction, Size, format_duration, parse_duration, parse_size
 
 SYSTEM_CONFIG = Path("/etc/relaybox/relaybox.toml")
 
@@ -151,7 +151,9 @@ class LimitsConfig:
     tls_handshake_timeout: Duration = Duration(10)  # connections count from accept, TLS or not
     max_idle_commands: int = 100  # commands that bring no message closer, between two messages
     data_timeout: Duration = Duration(600)
-    data_memory_budget: Size = Size(1024 * 1024 * 1024)  # messages in DATA at once, ~4x size each
+    data_memory_budget: Size = Size(1024 * 1024 * 1024)  # messages in DATA at once, ~6x size each
+    data_memory_share_per_user: Fraction = Fraction(0.25)  # of the budget, per user and address
+    data_memory_share_per_ip: Fraction = Fraction(0.25)
     drain_timeout: Duration = Duration(30)
 
     def __post_init__(self) -> None:
@@ -299,6 +301,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError("expected an integer")
             return value
+        if tp is Fraction:
+            return Fraction.parse(value)
         if tp is str:
             if not isinstance(value, str):
                 raise ValueError("expected a string")

@@ -1,4 +1,5 @@
-"""Units written in the config: durations ("90s", "15m", "1h", "5d") and sizes ("25MiB", "100kB").
+"""Units written in the config: durations ("90s", "15m", "1h", "5d"), sizes ("25MiB", "100kB") and
+fractions of a whole (0.25 or "25%").
 
 Pure parsing and spelling, no I/O: relay/config.py converts TOML values through these; the user
 store spells a reset's grace with them in its audit detail; ``user reset-password --grace`` parses.
@@ -18,8 +19,28 @@ class Size(int):
     """Bytes, written in TOML as "25MiB", "512KiB", "1GiB", "100kB" (or a bare integer)."""
 
 
+class Fraction(float):
+    """A share of a whole, more than none and at most all: 0.25 or "25%" in TOML."""
+
+    @classmethod
+    def parse(cls, value: object) -> Fraction:
+        """Parse 0.25 / 1 / "25%" into a fraction in (0, 1]."""
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("expected a fraction such as 0.25 or 25%")
+        if isinstance(value, str):
+            m = _PERCENT_RE.match(value)
+            if not m:
+                raise ValueError(f"{value!r} is not a fraction (use e.g. 0.25 or 25%)")
+            value = float(m.group(1)) / 100
+        share = float(value)
+        if not 0 < share <= 1:  # NaN fails this too
+            raise ValueError(f"{share:g} is not a share of the whole: more than 0, at most 1")
+        return cls(share)
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1,

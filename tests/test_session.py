@@ -139,18 +139,23 @@ def test_memory_budget_bounds_and_release() -> None:
     assert budget.peak == 10
 
 
-# A message held in DATA costs 6x its size; one 1 MiB chunk ahead of it is reserved all along.
-FACTOR, CHUNK = 6, MiB
+# A message held in DATA costs 6x its size; without SIZE= a first 64 KiB step is reserved at
+# DATA, and the reservation grows in 64 KiB steps as the message does (relay/smtp/data.py).
+FACTOR, STEP = 6, 64 * 1024
 
 
 async def with_budget(relay: RelayHandle, total: int) -> None:
-    await relay.server.reload(with_limits(relay.server.cfg, data_memory_budget=total), notify=False)
+    """The budget alone: the per-user and per-address shares (tests/hostile/test_fair_share.py)
+    are the whole of it here."""
+    limits = {"data_memory_share_per_user": 1.0, "data_memory_share_per_ip": 1.0}
+    cfg = with_limits(relay.server.cfg, data_memory_budget=total, **limits)
+    await relay.server.reload(cfg, notify=False)
     assert relay.server.gate.memory.total == total
 
 
 async def test_data_needs_room_for_a_first_chunk(relay: RelayHandle) -> None:
     password = await relay.add_user(LOGIN)
-    await with_budget(relay, FACTOR * CHUNK - 1)
+    await with_budget(relay, FACTOR * STEP - 1)
     d = await authed(relay, password)
     await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250 2.1.0")
     await d.expect_after("RCPT TO:<r@dest.test>", "250 2.1.5")
@@ -160,12 +165,13 @@ async def test_data_needs_room_for_a_first_chunk(relay: RelayHandle) -> None:
 
 
 async def test_memory_reserved_grows_with_the_message(relay: RelayHandle) -> None:
-    """A message of n octets needs 6 x (n + 1 MiB) of the budget by its end: it is accepted when
-    exactly that is free, refused with 451 4.3.1 one octet short; either way all of it is given
-    back, and the session goes on."""
+    """A message of n octets needs 6 x n rounded up to the next 64 KiB step of the budget by its
+    end: it is accepted when exactly that is free, refused with 451 4.3.1 one octet short;
+    either way all of it is given back, and the session goes on."""
     password = await relay.add_user(LOGIN)
-    data = message(body=b"line\r\n" * 100)
-    need = FACTOR * (len(data) + CHUNK)
+    data = message(body=b"line\r\n" * 20_000)  # about 117 KiB: two steps
+    assert STEP < len(data) <= 2 * STEP
+    need = FACTOR * 2 * STEP
     await with_budget(relay, need - 1)
     d = await authed(relay, password)
     assert await send_message(d, data) == str(replies.MEMORY_BUSY)
@@ -187,17 +193,18 @@ FAULTS = [b"a bare\nLF\r\n", b"a bare CR\r\r\n", b"a NUL\0\r\n", b"a bare CR\rin
 
 async def test_a_refused_message_is_not_held_while_it_is_read(relay: RelayHandle) -> None:
     """Once a line is refused, the rest of the message is read to its end but not kept: with room
-    for a small message only, a large one with a bad line early still gets its permanent 554
-    5.6.0, not the temporary 451 of a full budget (a client would retry that for ever)."""
+    for the first step only, a message of several steps with a bad line early still gets its
+    permanent 554 5.6.0, not the temporary 451 of a full budget (a client would retry that for
+    ever)."""
     password = await relay.add_user(LOGIN)
-    await with_budget(relay, FACTOR * (CHUNK + 1024))
+    await with_budget(relay, FACTOR * STEP)
     d = await authed(relay, password)
     head = message(body=b"-").removesuffix(b"-")
     for fault in FAULTS:
-        reply = await send_message(d, head + fault + (b"z" * 998 + b"\r\n") * 2)
+        reply = await send_message(d, head + fault + (b"z" * 998 + b"\r\n") * 200)
         expected = replies.NUL_IN_MESSAGE if b"\0" in fault else replies.BARE_LINE_ENDING
         assert reply == str(expected), fault
-        assert relay.server.gate.memory.peak == FACTOR * (CHUNK + len(head))  # the lines before it
+        assert relay.server.gate.memory.peak == FACTOR * STEP  # the first step, never more
         assert relay.server.gate.memory.used == 0
     assert await queued(relay) == []
     await d.close()

@@ -33,22 +33,74 @@ class Connection(Protocol):
 
 
 class MemoryBudget:
-    """Bytes of message data that may be held in memory at once, across all sessions."""
+    """Bytes of message data that may be held in memory at once, across all sessions, and the
+    share of it one user and one client address may hold (fractions of the total).
 
-    def __init__(self, total: int) -> None:
+    A reservation names its user and address ("" for none: only the total counts); it must be
+    released with the same names. Keys holding nothing are forgotten, so a spray of addresses
+    leaves nothing behind.
+    """
+
+    def __init__(self, total: int, user_share: float = 1.0, ip_share: float = 1.0) -> None:
         self.total = total
+        self.user_share = user_share
+        self.ip_share = ip_share
         self.used = 0
         self.peak = 0
+        self.by_user: Counter[str] = Counter()
+        self.by_ip: Counter[str] = Counter()
 
-    def try_reserve(self, n: int) -> bool:
+    def try_reserve(self, n: int, user: str = "", ip: str = "") -> bool:
         if self.used + n > self.total:
+            return False
+        if user and self.by_user[user] + n > self.total * self.user_share:
+            return False
+        if ip and self.by_ip[ip] + n > self.total * self.ip_share:
             return False
         self.used += n
         self.peak = max(self.peak, self.used)
+        if user:
+            self.by_user[user] += n
+        if ip:
+            self.by_ip[ip] += n
         return True
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, user: str = "", ip: str = "") -> None:
         self.used = max(0, self.used - n)
+        for held, key in ((self.by_user, user), (self.by_ip, ip)):
+            if key:
+                held[key] -= n
+                if held[key] <= 0:
+                    del held[key]
+
+    def hold(self, user: str, ip: str) -> MemoryHold:
+        """A reservation for one DATA of ``user`` from ``ip``, empty to start with."""
+        return MemoryHold(self, user, ip)
+
+
+class MemoryHold:
+    """What one DATA holds of the budget: grown as its message grows, given back once."""
+
+    def __init__(self, budget: MemoryBudget, user: str, ip: str) -> None:
+        self.budget = budget
+        self.user = user
+        self.ip = ip
+        self.reserved = 0
+
+    def grow_to(self, n: int) -> bool:
+        """Hold at least ``n`` bytes; False (holding what it held) if the budget or a share
+        has no room for the rest."""
+        extra = n - self.reserved
+        if extra <= 0:
+            return True
+        if not self.budget.try_reserve(extra, self.user, self.ip):
+            return False
+        self.reserved = n
+        return True
+
+    def release(self) -> None:
+        self.budget.release(self.reserved, self.user, self.ip)
+        self.reserved = 0
 
 
 # Failed TLS handshakes: this many mail-log lines a minute, then one line with the count (a
@@ -60,7 +112,9 @@ TLS_FAILURE_INTERVAL = 60.0
 class Gate:
     def __init__(self, limits: LimitsConfig, memory_total: int, metrics: Metrics) -> None:
         self.limits = limits
-        self.memory = MemoryBudget(memory_total)
+        self.memory = MemoryBudget(
+            memory_total, limits.data_memory_share_per_user, limits.data_memory_share_per_ip
+        )
         self.metrics = metrics
         self.draining = False
         self.sessions: set[Connection] = set()
@@ -73,6 +127,8 @@ class Gate:
         """Reload: new limits apply to new sessions (and to DATA started from now on)."""
         self.limits = limits
         self.memory.total = memory_total
+        self.memory.user_share = limits.data_memory_share_per_user
+        self.memory.ip_share = limits.data_memory_share_per_ip
 
     def opened(self, conn: Connection, ip: str) -> None:
         self.sessions.add(conn)

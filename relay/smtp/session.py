@@ -2,11 +2,12 @@
 
 aiosmtpd does the protocol; this subclass changes what a production relay needs changed:
 
-- DATA is read by our own loop: only ``CRLF.CRLF`` ends it (RFC 5321 4.1.1.4), a bare CR or LF or a
-  NUL anywhere is refused with 554 5.6.0 after the terminator (SMTP smuggling defence), the size
-  limit is enforced while reading, and memory is reserved from a shared budget as the message
-  grows (a message held in memory costs far more than its size; over budget -> 451 4.3.1).
-  The whole DATA transfer is bounded by ``limits.data_timeout``.
+- DATA is read by our own reader (relay/smtp/data.py): only ``CRLF.CRLF`` ends it (RFC 5321
+  4.1.1.4), a bare CR or LF or a NUL anywhere is refused with 554 5.6.0 after the terminator (SMTP
+  smuggling defence), the size limit is enforced while reading, and memory is reserved from a
+  shared budget, within the user's and the client address's shares, by the declared SIZE= or as
+  the message grows (over budget or share -> 451 4.3.1). The whole DATA transfer is bounded by
+  ``limits.data_timeout``.
 - Connections are counted in total and per client IP from accept, a TLS handshake included (the
   implicit-TLS listener hands over plain TCP and the session does the handshake, bounded by
   ``limits.tls_handshake_timeout``, as STARTTLS is); over a limit the client gets 421 at once, or
@@ -36,6 +37,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from relay import grammar, replies
 from relay.replies import Reply
 from relay.smtp.auth import Identity
+from relay.smtp.data import DataReader, declared_size
 from relay.smtp.gate import Gate
 from relay.smtp.reader import AUTH_COMMAND_LIMIT, CommandReader
 from relay.smtp.tls import TLSSMTP
@@ -57,13 +59,6 @@ class SessionState:
     idle_commands: int = 0  # since the last accepted message (limits.max_idle_commands)
 
 
-_MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, CRLF included (not a stuffed dot)
-_CHUNK = 1024 * 1024
-# Held in memory per message: the bytearray (1x) plus the copies made when the message is
-# completed, signed and stored; measured at 5-6x the size (tests/hostile/test_resources.py).
-# Reserved in chunks as it grows.
-_MEMORY_FACTOR = 6
-
 
 class RelaySMTP(TLSSMTP):
     def __init__(self, gate: Gate, handler: object, listener_mode: str, **kwargs: Any) -> None:
@@ -74,7 +69,6 @@ class RelaySMTP(TLSSMTP):
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
         self._refusal: Reply | None = None  # decided at accept
-        self._data_reserved = 0  # bytes of the memory budget this session holds during DATA
         # aiosmtpd's command size limits are one dict shared by every session (each new session
         # clears it); ours is per session, with AUTH's allowance (relay/smtp/reader.py).
         self.command_size_limits = collections.defaultdict(
@@ -273,7 +267,8 @@ class RelaySMTP(TLSSMTP):
         if await self.check_helo_needed():
             return
         assert self.envelope is not None and self.state is not None
-        if self.state.identity is None:
+        identity = self.state.identity
+        if identity is None:
             await self.push(str(replies.AUTH_REQUIRED))
             return
         if not self.envelope.rcpt_tos:
@@ -282,18 +277,22 @@ class RelaySMTP(TLSSMTP):
         if arg:
             await self.push(str(replies.DATA_SYNTAX))
             return
-        budget = self.gate.memory
-        if not budget.try_reserve(_CHUNK * _MEMORY_FACTOR):
+        limits = self.gate.limits
+        # Reserved within this user's and this address's shares, grown as the message grows, and
+        # released below even when reading fails (a client that disconnects or times out
+        # mid-DATA must not keep its share).
+        hold = self.gate.memory.hold(identity.login, self.state.ip)
+        data = DataReader(
+            int(limits.max_message_size), hold, declared_size(self.envelope.mail_options)
+        )
+        if not data.begin():
             await self.push(str(replies.MEMORY_BUSY))
             return
-        # _read_data grows this as the message grows; it is released below even when reading
-        # fails (a client that disconnects or times out mid-DATA must not keep its share).
-        self._data_reserved = _CHUNK * _MEMORY_FACTOR
         self.state.in_data = True
         try:
             await self.push(str(replies.START_DATA))
-            self._reset_timeout(self.gate.limits.data_timeout)
-            reply, content = await self._read_data()
+            self._reset_timeout(limits.data_timeout)
+            reply, content = await data.read(self._reader)
             if reply is None:
                 assert content is not None
                 self.envelope.original_content = content
@@ -304,64 +303,7 @@ class RelaySMTP(TLSSMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(status)
         finally:
-            budget.release(self._data_reserved)
-            self._data_reserved = 0
+            hold.release()
             self.state.in_data = False
             if self.transport is not None:  # back to the idle timer, unless already gone
                 self._reset_timeout()
-
-    async def _read_data(self) -> tuple[Reply | None, bytes | None]:
-        """Read up to CRLF.CRLF; returns (refusal or None, content)."""
-        limit = self.gate.limits.max_message_size
-        budget = self.gate.memory
-        buf = bytearray()
-        problem: Reply | None = None
-        reader = self._reader
-        in_long_line = False
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                # A line over 1000 octets (RFC 5321 4.5.3.1.6): keep reading to the terminator.
-                await reader.readexactly(exc.consumed)
-                problem = problem or replies.LINE_TOO_LONG  # a NUL in it changes nothing
-                buf.clear()
-                in_long_line = True
-                continue
-            if in_long_line:
-                # The rest of that long line, read up to its CRLF: never a line start, so a
-                # "." left over from the cut cannot end DATA (that would run what follows as
-                # commands in this session: SMTP smuggling).
-                in_long_line = False
-                continue
-            if line == b".\r\n":
-                break
-            if problem is not None:
-                continue
-            body = line[:-2]
-            if b"\r" in body or b"\n" in body:
-                problem = replies.BARE_LINE_ENDING
-            elif b"\0" in body:
-                problem = replies.NUL_IN_MESSAGE
-            elif len(line) - line.startswith(b".") > _MAX_LINE:
-                # The reader's limit lets a few octets more through than RFC 5321 4.5.3.1.6.
-                problem = replies.LINE_TOO_LONG
-            elif len(buf) + len(line) - line.startswith(b".") > limit:  # as stored: unstuffed
-                problem = replies.MESSAGE_TOO_BIG
-            if problem is not None:
-                buf.clear()
-                continue
-            if line.startswith(b"."):  # RFC 5321 4.5.2 transparency
-                line = line[1:]
-            buf += line
-            need = (len(buf) + _CHUNK) * _MEMORY_FACTOR
-            if need > self._data_reserved:
-                extra = need - self._data_reserved
-                if budget.try_reserve(extra):
-                    self._data_reserved += extra
-                else:
-                    problem = replies.MEMORY_BUSY
-                    buf.clear()
-        if problem is not None:
-            return problem, None
-        return None, bytes(buf)
