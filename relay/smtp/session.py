@@ -59,7 +59,6 @@ class SessionState:
     idle_commands: int = 0  # since the last accepted message (limits.max_idle_commands)
 
 
-
 class RelaySMTP(TLSSMTP):
     def __init__(self, gate: Gate, handler: object, listener_mode: str, **kwargs: Any) -> None:
         """``handler``: the hooks aiosmtpd calls by name (relay.smtp.handler.Handler)."""
