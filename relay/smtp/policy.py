@@ -66,16 +66,9 @@ def from_addresses(fields: Sequence[HeaderField] | None) -> list[str] | None:
 
 def check_header_from(user_domain: str, addresses: Iterable[str] | None) -> Reply | None:
     """DATA: every header From address must be in the sender's domain (DMARC alignment)."""
-    addresses = None if addresses is None else list(addresses)
-    if not addresses:  # none at all, or an empty group ("undisclosed-senders: ;")
-        return replies.HEADER_FROM_MISSING
-    for addr in addresses:
-        dom = grammar.mailbox_domain(addr)
-        if dom is None:
-            return replies.HEADER_FROM_MISSING
-        if dom != user_domain.lower():
-            return replies.HEADER_FROM_MISMATCH
-    return None
+    # None: no From at all; an empty list: an empty group ("undisclosed-senders: ;").
+    found = [] if addresses is None else list(addresses)
+    return _aligned(found, user_domain, replies.HEADER_FROM_MISSING, replies.HEADER_FROM_MISMATCH)
 
 
 def check_senders(user_domain: str, fields: Sequence[HeaderField]) -> Reply | None:
@@ -88,15 +81,30 @@ def check_senders(user_domain: str, fields: Sequence[HeaderField]) -> Reply | No
     for field in fields:
         if field.key not in _SENDERS:
             continue
-        addresses = _addresses(field)
-        if not addresses:
-            return replies.HEADER_SENDER_INVALID
-        for addr in addresses:
-            dom = grammar.mailbox_domain(addr)
-            if dom is None:
-                return replies.HEADER_SENDER_INVALID
-            if dom != user_domain.lower():
-                return replies.HEADER_SENDER_MISMATCH
+        refusal = _aligned(
+            _addresses(field),
+            user_domain,
+            replies.HEADER_SENDER_INVALID,
+            replies.HEADER_SENDER_MISMATCH,
+        )
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def _aligned(
+    addresses: Sequence[str], user_domain: str, invalid: Reply, foreign: Reply
+) -> Reply | None:
+    """Some address, each one a mailbox (else ``invalid``) in the user's domain (else
+    ``foreign``): the rule every originator field is held to."""
+    if not addresses:
+        return invalid
+    for addr in addresses:
+        dom = grammar.mailbox_domain(addr)
+        if dom is None:
+            return invalid
+        if dom != user_domain.lower():
+            return foreign
     return None
 
 
