@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 
-from relay.config import AuthConfig
+from relay.config_sections import AuthConfig
 from relay.store.passwords import Hasher
 
 

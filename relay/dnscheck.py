@@ -375,7 +375,7 @@ async def run_checks(
     dkim_public_key: str,
     cfg: Config,
 ) -> list[CheckResult]:
-    """Every check in ``config.CHECKS`` (required or not), concurrently, in that order."""
+    """Every check in ``config_sections.CHECKS`` (required or not), concurrently, in that order."""
     results = await asyncio.gather(
         check_ownership(resolver, domain, token),
         check_spf(resolver, domain, cfg),

@@ -19,7 +19,8 @@ import pytest
 import trustme
 
 from relay.clock import ManualClock
-from relay.config import Config, SmarthostConfig, SpoolConfig
+from relay.config import Config
+from relay.config_sections import SmarthostConfig, SpoolConfig
 from relay.delivery.outbound import classify
 from relay.delivery.scheduler import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
 from relay.errors import NotFound

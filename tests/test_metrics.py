@@ -13,7 +13,8 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
-from relay.config import Config, MetricsConfig
+from relay.config import Config
+from relay.config_sections import MetricsConfig
 from relay.metrics import MAX_REASONS, Metrics, parse_listen
 from tests import procs
 from tests.dialogue import Dialogue, plain

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.config import Config, SmarthostConfig
+from relay.config import Config
+from relay.config_sections import SmarthostConfig
 from relay.delivery import outbound
 from relay.delivery.outbound import Outbound, Result, classify
 from relay.units import Duration

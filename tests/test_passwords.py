@@ -11,7 +11,8 @@ import unicodedata
 import pytest
 from argon2 import PasswordHasher, Type
 
-from relay.config import Argon2Params, Config
+from relay.config import Config
+from relay.config_sections import Argon2Params
 from relay.errors import Invalid
 from relay.store import passwords
 from relay.store.passwords import Hasher

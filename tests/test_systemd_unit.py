@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import LimitsConfig
+from relay.config_sections import LimitsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "relaybox.service"

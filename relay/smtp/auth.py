@@ -37,7 +37,8 @@ from enum import Enum
 from relay import clock as clock_mod
 from relay import maillog
 from relay.clock import Clock
-from relay.config import AuthConfig, Config
+from relay.config import Config
+from relay.config_sections import AuthConfig
 from relay.errors import Invalid
 from relay.store import events, logins, users
 from relay.store.db import Database, StoreError

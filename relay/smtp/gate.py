@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Protocol
 
 from relay import maillog, replies
-from relay.config import LimitsConfig
+from relay.config_sections import LimitsConfig
 from relay.loglimit import LogLimit
 from relay.metrics import Metrics
 from relay.replies import Reply

@@ -32,7 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from relay.config import AuthConfig, Config
+from relay.config import Config
+from relay.config_sections import AuthConfig
 from relay.errors import Invalid
 from relay.saslprep import SASLprepError, saslprep
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from relay.config import Config, SmarthostConfig
+from relay.config import Config
+from relay.config_sections import SmarthostConfig
 from relay.units import Duration
 from tests.dialogue import Dialogue
 from tests.hostile.kit import LOGIN, authed, message

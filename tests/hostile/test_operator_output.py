@@ -31,7 +31,8 @@ from admin import common
 from admin.cli import cli
 from relay import config as config_mod
 from relay.clock import ManualClock
-from relay.config import Config, SmarthostConfig
+from relay.config import Config
+from relay.config_sections import SmarthostConfig
 from relay.delivery.outbound import Outbound
 from relay.delivery.scheduler import Deliverer
 from relay.store import events
