@@ -31,7 +31,7 @@ from relay import grammar
 from relay.clock import Clock
 from relay.config import Config
 from relay.errors import Invalid
-from relay.store.db import Database, Migration, StoreError
+from relay.store.db import Database, StoreError
 from relay.store.spool_admin import (
     FINAL,
     NEXT_DUE,
@@ -42,6 +42,7 @@ from relay.store.spool_admin import (
     SpoolAdmin,
     Stats,
 )
+from relay.store.spool_schema import SPOOL_MIGRATIONS
 
 log = logging.getLogger("relaybox.spool")
 
@@ -62,45 +63,6 @@ __all__ = [
 ]
 
 MAX_BATCH_OPS = 1024  # bounds one transaction (and the time others wait for the write lock)
-
-SPOOL_MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        """
-        CREATE TABLE messages (
-            id TEXT PRIMARY KEY,
-            sender TEXT NOT NULL,
-            user TEXT,
-            size INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            done_at REAL,
-            body BLOB
-        );
-        CREATE INDEX messages_created ON messages(created_at);
-        CREATE INDEX messages_done ON messages(done_at) WHERE done_at IS NOT NULL;
-        CREATE TABLE recipients (
-            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-            idx INTEGER NOT NULL,
-            address TEXT NOT NULL,
-            domain TEXT NOT NULL,
-            state TEXT NOT NULL DEFAULT 'queued'
-                CHECK (state IN ('queued', 'deferred', 'delivered', 'bounced')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL,
-            claimed_at REAL,
-            last_attempt_at REAL,
-            last_code INTEGER,
-            last_reply TEXT,
-            relay TEXT,
-            PRIMARY KEY (message_id, idx)
-        ) WITHOUT ROWID;
-        CREATE INDEX recipients_due ON recipients(next_attempt_at)
-            WHERE next_attempt_at IS NOT NULL;
-        CREATE INDEX recipients_claimed ON recipients(claimed_at) WHERE claimed_at IS NOT NULL;
-        CREATE INDEX recipients_state ON recipients(state)
-        """,
-    ),
-)
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, sender, user, size, created_at, body) VALUES (?, ?, ?, ?, ?, ?)"

@@ -1,0 +1,49 @@
+"""The spool file's schema: its tables and their migrations (applied by relay/store/db.py).
+
+Split from relay/store/spool.py, whose SQL reads and writes these tables (with
+relay/store/spool_admin.py). Migrations only add: a spool left by an older release opens with its
+queue as it was.
+"""
+
+from __future__ import annotations
+
+from relay.store.db import Migration
+
+SPOOL_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        """
+        CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            sender TEXT NOT NULL,
+            user TEXT,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            done_at REAL,
+            body BLOB
+        );
+        CREATE INDEX messages_created ON messages(created_at);
+        CREATE INDEX messages_done ON messages(done_at) WHERE done_at IS NOT NULL;
+        CREATE TABLE recipients (
+            message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'queued'
+                CHECK (state IN ('queued', 'deferred', 'delivered', 'bounced')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            claimed_at REAL,
+            last_attempt_at REAL,
+            last_code INTEGER,
+            last_reply TEXT,
+            relay TEXT,
+            PRIMARY KEY (message_id, idx)
+        ) WITHOUT ROWID;
+        CREATE INDEX recipients_due ON recipients(next_attempt_at)
+            WHERE next_attempt_at IS NOT NULL;
+        CREATE INDEX recipients_claimed ON recipients(claimed_at) WHERE claimed_at IS NOT NULL;
+        CREATE INDEX recipients_state ON recipients(state)
+        """,
+    ),
+)
