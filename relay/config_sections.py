@@ -130,8 +130,10 @@ class LimitsConfig:
     data_memory_share_per_user: Fraction = Fraction(0.25)  # of the budget, per user and address
     data_memory_share_per_ip: Fraction = Fraction(0.25)
     drain_timeout: Duration = Duration(30)
+    bare_newline: str = "normalize"  # a bare LF in DATA: a line end (Postfix 3.9), or "reject"
 
     def __post_init__(self) -> None:
+        check_choice("bare_newline", self.bare_newline, ("normalize", "reject"))
         check_range("max_recipients", self.max_recipients, 1, 100000)
         check_range("max_connections", self.max_connections, 1, 1000000)
         check_range("max_connections_per_ip", self.max_connections_per_ip, 1, 1000000)

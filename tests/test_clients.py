@@ -7,11 +7,13 @@ password must make each tool fail. The tools are installed by scripts/test (apt-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
+from relay.store import spool as spool_mod
 from tests import leaks, procs
 from tests.relayserver import RelayHandle
 
@@ -124,3 +126,50 @@ async def test_curl(relay: RelayHandle, tmp_path: Path, mode: str) -> None:
     rc, out = await run(*argv(leaks.add("Wrong-password-99")))
     assert rc != 0
     assert "535 5.7.8" in out
+
+
+@pytest.mark.parametrize("bare_newline", ["normalize", "reject"])
+async def test_curl_uploads_a_file_with_lf_line_endings(
+    relay: RelayHandle, tmp_path: Path, bare_newline: str
+) -> None:
+    """curl sends a file as it is: an LF-only file (every Unix editor's) has bare LFs, which the
+    default ``limits.bare_newline = "normalize"`` takes as line ends (Postfix 3.9's default) and
+    stores as CRLF; ``"reject"`` refuses them (554 5.6.0)."""
+    if bare_newline == "reject":
+        cfg = relay.server.cfg
+        await relay.server.reload(
+            dataclasses.replace(
+                cfg, limits=dataclasses.replace(cfg.limits, bare_newline=bare_newline)
+            ),
+            notify=False,
+        )
+    password = await relay.add_user(LOGIN)
+    msg = tmp_path / "msg.txt"
+    text = MESSAGE.replace("\r\n", "\n") + "a line of text\n" * 200
+    msg.write_bytes(text.encode())
+    rc, out = await run(
+        "curl", "--silent", "--show-error", "--verbose",
+        "--url", f"smtp://127.0.0.1:{relay.port('starttls')}/client.test",
+        "--ssl-reqd", "--cacert", str(relay.ca_path),
+        "--mail-from", LOGIN, "--mail-rcpt", "someone@dest.test",
+        "--upload-file", str(msg),
+        "--user", f"{LOGIN}:{password}",
+        "--max-time", "20",
+    )  # fmt: skip
+    spool = relay.server.spool
+    assert spool is not None
+    msgs = await spool.list_messages(spool_mod.STATES)
+    if bare_newline == "reject":
+        assert rc != 0
+        assert "554 5.6.0" in out, out
+        assert msgs == []
+        return
+    assert rc == 0, out
+    assert "250 2.0.0 queued as" in out
+    (info,) = msgs
+    stored = await spool.load(info.id)
+    assert stored is not None and stored.body is not None
+    body = stored.body
+    assert body.count(b"\n") == body.count(b"\r\n") == body.count(b"\r")
+    assert b"\r\nSubject: tool test\r\n" in body
+    assert body.count(b"a line of text\r\n") == 200

@@ -195,8 +195,9 @@ async def test_a_refused_message_is_not_held_while_it_is_read(relay: RelayHandle
     """Once a line is refused, the rest of the message is read to its end but not kept: with room
     for the first step only, a message of several steps with a bad line early still gets its
     permanent 554 5.6.0, not the temporary 451 of a full budget (a client would retry that for
-    ever)."""
+    ever). In "reject" mode, where a bare LF is a fault too."""
     password = await relay.add_user(LOGIN)
+    await relay.server.reload(with_limits(relay.server.cfg, bare_newline="reject"), notify=False)
     await with_budget(relay, FACTOR * STEP)
     d = await authed(relay, password)
     head = message(body=b"-").removesuffix(b"-")

@@ -282,7 +282,10 @@ async def test_limits_size_recipients_bare_lf(relay: RelayHandle) -> None:
     cfg = dataclasses.replace(
         relay.server.cfg,
         limits=dataclasses.replace(
-            relay.server.cfg.limits, max_message_size=20000, max_recipients=3
+            relay.server.cfg.limits,
+            max_message_size=20000,
+            max_recipients=3,
+            bare_newline="reject",  # "normalize" is tests/hostile/test_smuggling.py's
         ),
     )
     await relay.server.reload(cfg, notify=False)

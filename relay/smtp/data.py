@@ -8,6 +8,10 @@ What a message is, whatever the reads look like:
 - A bare CR or LF, or a NUL, refuses the message (554 5.6.0) once its end is read; so does a line of
   more than 998 octets of text (CRLF and a stuffed dot not counted, RFC 5321 4.5.3.1.6). The tail
   of a line is never a line start: a dot after a cut cannot end DATA.
+- With ``normalize`` (``limits.bare_newline = "normalize"``, Postfix 3.9's default) a bare LF is a
+  line end instead, stored as CRLF: its line's length counts to it, and a dot after it is unstuffed
+  like any line start; but it is never the CRLF before an end (``LF . CRLF`` ends nothing). A bare
+  CR and a NUL are still refused.
 - Dot-stuffing is undone (RFC 5321 4.5.2); ``limits.max_message_size`` holds for the message as
   stored, whatever SIZE= said (552 5.3.4); the first fault wins and the rest is read, not kept.
 - Memory is reserved from the budget before it is held: the declared SIZE= at once (or one
@@ -57,8 +61,12 @@ def declared_size(mail_options: list[str]) -> int | None:
 class DataReader:
     """One message after 354: ``begin()`` reserves its first memory, ``read()`` reads it."""
 
-    def __init__(self, limit: int, hold: MemoryHold, declared: int | None) -> None:
+    def __init__(
+        self, limit: int, hold: MemoryHold, declared: int | None, *, normalize: bool
+    ) -> None:
         self.limit = limit
+        self.normalize = normalize  # a bare LF is a line end, stored as CRLF
+        self._eol = b"\n" if normalize else b"\r\n"  # what ends a line
         self.hold = hold
         self.first = min(STEP if declared is None else declared, limit)
         self.covered = 0  # message octets the hold has room for
@@ -68,6 +76,7 @@ class DataReader:
         self._tail = b"\r\n"  # the last four octets read, after a CRLF before the first one
         self._line = b""  # the line being read, up to its CRLF; once too long, only a CR it ends in
         self._long = False
+        self._at_crlf = True  # whether the line being read follows a CRLF: only then may it end
 
     def begin(self) -> bool:
         """Reserve room for the declared size (or one STEP); False if there is none."""
@@ -129,13 +138,14 @@ class DataReader:
         text = self._line + data  # begins at a line start, unless in a long line
         pos = 0
         if self._long:
-            eol = text.find(b"\r\n")
+            eol = text.find(self._eol)
             if eol < 0:
                 self._line = b"\r" if text.endswith(b"\r") else b""
                 return
             self._long = False
-            pos = eol + 2
-        if text.startswith(b".\r\n", pos):
+            pos = eol + len(self._eol)
+            self._at_crlf = text.endswith(b"\r\n", 0, pos)
+        if self._at_crlf and text.startswith(b".\r\n", pos):
             last = pos  # the line of the end
         else:
             last = text.find(END, pos)
@@ -144,10 +154,11 @@ class DataReader:
             self._lines(text[pos:last])
             self.done = True
             return
-        eol = text.rfind(b"\r\n", pos)
+        eol = text.rfind(self._eol, pos)
         if eol >= 0:
-            self._lines(text[pos : eol + 2])
-            pos = eol + 2
+            self._lines(text[pos : eol + len(self._eol)])
+            pos = eol + len(self._eol)
+            self._at_crlf = text.endswith(b"\r\n", 0, pos)
         rest = text[pos:]
         if len(rest) - rest.endswith(b"\r") > _CUT:  # more text than _CUT, wherever its CRLF
             self._refuse(replies.LINE_TOO_LONG)
@@ -159,9 +170,9 @@ class DataReader:
         """Whole lines, each with its CRLF: kept, or the first fault among them refuses."""
         if self.problem is not None or not region:
             return
-        body = _unstuffed(region)
+        body = _normalized(region) if self.normalize else _unstuffed(region)
         if body is None or len(self.kept) + len(body) > self.limit:
-            self._refuse(_first_fault(region, len(self.kept), self.limit))
+            self._refuse(_first_fault(region, len(self.kept), self.limit, self.normalize))
         elif not self._cover(len(self.kept) + len(body)):
             self._refuse(replies.MEMORY_BUSY)
         else:
@@ -196,9 +207,24 @@ def _unstuffed(region: bytes) -> bytes | None:
     return body
 
 
-def _first_fault(region: bytes, kept: int, limit: int) -> Reply:
+def _normalized(region: bytes) -> bytes | None:
+    """As _unstuffed, with a bare LF as a line end too: the lines with CRLF line ends."""
+    if region.count(b"\r") != region.count(b"\r\n") or b"\0" in region:
+        return None
+    body = region.replace(b"\r\n", b"\n")
+    lines = body.count(b"\n")
+    body = body[1:] if body.startswith(b".") else body
+    body = body.replace(b"\n.", b"\n")
+    if len(body) - lines > _MAX_TEXT and max(map(len, body.split(b"\n"))) > _MAX_TEXT:
+        return None
+    return body.replace(b"\n", b"\r\n")
+
+
+def _first_fault(region: bytes, kept: int, limit: int, normalize: bool) -> Reply:
     """The refusal of the first line at fault, checked in the per-line reader's order."""
     size = kept
+    if normalize:  # the lines end at each LF; a CR before it is its CRLF's
+        region = region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     for line in region.split(b"\r\n")[:-1]:
         stuffed = line.startswith(b".")
         if len(line) > _CUT:

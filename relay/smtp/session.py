@@ -282,7 +282,10 @@ class RelaySMTP(TLSSMTP):
         # mid-DATA must not keep its share).
         hold = self.gate.memory.hold(identity.login, self.state.ip)
         data = DataReader(
-            int(limits.max_message_size), hold, declared_size(self.envelope.mail_options)
+            int(limits.max_message_size),
+            hold,
+            declared_size(self.envelope.mail_options),
+            normalize=limits.bare_newline == "normalize",
         )
         if not data.begin():
             await self.push(str(replies.MEMORY_BUSY))

@@ -316,9 +316,10 @@ async def run_reader(
     return "done", problem, content, bytes(reader._buffer)  # type: ignore[attr-defined]
 
 
-def bulk(limit: int) -> Callable[[asyncio.StreamReader], object]:
+def bulk(limit: int, normalize: bool = False) -> Callable[[asyncio.StreamReader], object]:
     budget = MemoryBudget(1 << 40)
-    return lambda reader: DataReader(limit, budget.hold("u", "ip"), None).read(reader)
+    hold = budget.hold("u", "ip")
+    return lambda reader: DataReader(limit, hold, None, normalize=normalize).read(reader)
 
 
 TOKENS = [
@@ -375,6 +376,42 @@ def test_bulk_reader_agrees_with_the_per_line_reader(
     assert new == ref
 
 
+@settings(max_examples=400, deadline=None)
+@example(body=b"a\n.\r\nMAIL FROM:<x@example.com>", end=END, sizes=[2, 1, 1], limit=9000)
+@example(body=b"z" * 3000 + b"\n.\r\n" + b"x" * 10, end=END, sizes=[3001, 3], limit=9000)
+@example(body=b"x\n" * 600, end=END, sizes=[7], limit=9000)
+@given(
+    body=st.lists(st.one_of(token, st.just(b"\n"), st.just(b"\n.")), max_size=40).map(b"".join),
+    end=st.sampled_from([END, b"", b".\r\n", b"\r\n.\r"]),
+    sizes=st.lists(st.integers(1, 3000), max_size=12),
+    limit=st.integers(1, 6000),
+)
+def test_the_normalizing_reader_ends_where_the_rejecting_one_does(
+    body: bytes, end: bytes, sizes: list[int], limit: int
+) -> None:
+    """``limits.bare_newline = "normalize"``: the message ends where it does in "reject" mode
+    (only CRLF . CRLF; no bare LF can start a second transaction), whatever the cuts; what
+    "reject" accepts is accepted alike; what is accepted has CRLF line ends only and no NUL."""
+    data = body + end
+
+    async def three() -> tuple[Outcome, Outcome, Outcome]:
+        ref = await run_reader(bulk(limit), [data])
+        whole = await run_reader(bulk(limit, normalize=True), [data])
+        new = await run_reader(bulk(limit, normalize=True), cut(data, sizes))
+        return ref, whole, new
+
+    ref, whole, new = asyncio.run(three())
+    assert new == whole
+    assert (new[0], new[3]) == (ref[0], ref[3])
+    if ref[0] == "done" and ref[1] is None:
+        assert new == ref
+    content = new[2]
+    if content is not None:
+        assert content.count(b"\n") == content.count(b"\r") == content.count(b"\r\n")
+        assert b"\0" not in content and len(content) <= limit
+        assert ref[1] in (None, replies.BARE_LINE_ENDING, replies.LINE_TOO_LONG)
+
+
 def test_the_comparison_sees_a_reader_that_takes_a_bare_lf_end() -> None:
     """The property test can fail: a reader that also ends DATA at LF.LF disagrees at once."""
 
@@ -406,17 +443,23 @@ LIVE = [
 ]
 
 
-async def test_the_server_reads_messages_sent_in_tiny_writes(relay: RelayHandle) -> None:
+@pytest.mark.parametrize("mode", ["reject", "normalize"])
+async def test_the_server_reads_messages_sent_in_tiny_writes(relay: RelayHandle, mode: str) -> None:
     """Each message, written in pieces of 1 to 13 octets (each its own TLS record) with a NOOP
-    pipelined behind its end, gets the reply the per-line reader implies, the stored body is the
-    content it read, and the NOOP is the session's next command: nothing of the message is left
-    over, nothing after its end is lost."""
+    pipelined behind its end, gets the reply the per-line reader implies (in "normalize" mode:
+    the bulk reader reading it whole), the stored body is the content it read, and the NOOP is
+    the session's next command: nothing of the message is left over, nothing after its end is
+    lost."""
+    await relay.server.reload(with_limits(relay.server.cfg, bare_newline=mode), notify=False)
+    reference = bulk(25 * MiB, normalize=True) if mode == "normalize" else None
     password = await relay.add_user(LOGIN)
     d = await session_from(relay, "127.0.0.1")
     await d.login(LOGIN, password)
     expected_ids = 0
     for n, data in enumerate(LIVE):
-        ref = await run_reader(lambda r: per_line_reader(r, 25 * MiB), [data + b".\r\n"])
+        ref = await run_reader(
+            reference or (lambda r: per_line_reader(r, 25 * MiB)), [data + b".\r\n"]
+        )
         await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250 2.1.0")
         await d.expect_after("RCPT TO:<r@dest.test>", "250 2.1.5")
         await d.expect_after("DATA", "354")

@@ -2,9 +2,12 @@
 
 A smuggling attack hides a second SMTP transaction inside a message behind an end-of-data marker
 that the receiving server reads differently from the sender (SEC Consult, 2023). relaybox accepts
-only ``CRLF . CRLF`` as the end of DATA (RFC 5321 4.1.1.4) and refuses any message with a bare CR
-or LF (554 5.6.0), so whatever follows a lax marker stays inside the one refused message. After each
-attempt the spool is read: never a second message, never a queued message that was refused.
+only ``CRLF . CRLF`` as the end of DATA (RFC 5321 4.1.1.4), in both modes of
+``limits.bare_newline``: ``"reject"`` refuses any message with a bare CR or LF (554 5.6.0);
+``"normalize"`` (the default, Postfix 3.9's) takes a bare LF as a line end and stores it as CRLF,
+and still refuses a bare CR. Whatever follows a lax marker stays inside the one message, refused
+or accepted as text. After each attempt the spool is read: never a second message, never a queued
+message that was refused, never a stored line ending other than CRLF.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import config as config_mod
 from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
@@ -28,6 +32,7 @@ from tests.hostile.kit import (
     started,
     stopped,
     with_auth,
+    with_limits,
 )
 from tests.relayserver import RelayHandle
 
@@ -80,10 +85,32 @@ async def assert_one_reply_then_quiet(d: Dialogue, expected: str) -> None:
     assert await d.reply_after("NOOP") == "250 OK"
 
 
+MODES = ["reject", "normalize"]
+
+
+async def in_mode(relay: RelayHandle, mode: str) -> None:
+    if relay.server.cfg.limits.bare_newline != mode:
+        await relay.server.reload(with_limits(relay.server.cfg, bare_newline=mode), notify=False)
+
+
+async def stored_body(relay: RelayHandle, message_id: str) -> bytes:
+    spool = relay.server.spool
+    assert spool is not None
+    stored = await spool.load(message_id)
+    assert stored is not None and stored.body is not None
+    return stored.body
+
+
+def only_crlf(body: bytes) -> bool:
+    return body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n") and b"\0" not in body
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", END_VARIANTS, ids=[repr(v)[2:-1] for v in END_VARIANTS])
 async def test_end_of_data_variants_never_make_a_second_message(
-    relay: RelayHandle, variant: bytes
+    relay: RelayHandle, variant: bytes, mode: str
 ) -> None:
+    await in_mode(relay, mode)
     password = await relay.add_user(LOGIN)
     d = await authed(relay, password)
     await start_data(d)
@@ -91,8 +118,23 @@ async def test_end_of_data_variants_never_make_a_second_message(
     first = message(subject="first").removesuffix(b"\r\n")
     d.send_raw(first + variant + SMUGGLED)
     await d.writer.drain()
-    await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
-    assert await queued(relay) == []
+    if mode == "reject" or b"\r" in variant.replace(b"\r\n", b""):
+        await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
+        assert await queued(relay) == []
+        before: list[str] = []
+    else:
+        # Normalized: one message up to the real CRLF.CRLF, the smuggled transaction its text.
+        reply = await d.reply()
+        assert reply.startswith("250 2.0.0 queued as "), reply
+        assert await d.reply_after("NOOP") == "250 OK"
+        (msg,) = await queued(relay)
+        assert msg.id == reply.rsplit(" ", 1)[1]
+        assert [r.address for r in msg.recipients] == ["r@dest.test"]
+        body = await stored_body(relay, msg.id)
+        assert only_crlf(body)
+        assert b"\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n" in body
+        assert b"Subject: smuggled" in body
+        before = [msg.id]
     # The session is still usable, and a clean message is exactly one message.
     await start_data(d)
     d.send_raw(message(subject="clean") + b".\r\n")
@@ -100,43 +142,92 @@ async def test_end_of_data_variants_never_make_a_second_message(
     reply = await d.reply()
     assert reply.startswith("250 2.0.0 queued as "), reply
     msgs = await queued(relay)
-    assert [m.id for m in msgs] == [reply.rsplit(" ", 1)[1]]
-    assert [r.address for r in msgs[0].recipients] == ["r@dest.test"]
+    assert sorted(m.id for m in msgs) == sorted([*before, reply.rsplit(" ", 1)[1]])
+    assert all([r.address for r in m.recipients] == ["r@dest.test"] for m in msgs)
     await d.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
-    ("body", "expected"),
+    ("body", "expected", "normalized"),
     [
-        (b"bare\nLF inside a line\r\n", replies.BARE_LINE_ENDING),
-        (b"bare\rCR inside a line\r\n", replies.BARE_LINE_ENDING),
-        (b"ends with a bare CR\r\r\n", replies.BARE_LINE_ENDING),
-        (b"lone LF at the end\n", replies.BARE_LINE_ENDING),
-        (b"a NUL \0 byte\r\n", replies.NUL_IN_MESSAGE),
-        (b"\n.\n", replies.BARE_LINE_ENDING),
+        (b"bare\nLF inside a line\r\n", replies.BARE_LINE_ENDING, b"bare\r\nLF inside a line\r\n"),
+        (b"bare\rCR inside a line\r\n", replies.BARE_LINE_ENDING, None),
+        (b"ends with a bare CR\r\r\n", replies.BARE_LINE_ENDING, None),
+        (b"lone LF at the end\n", replies.BARE_LINE_ENDING, b"lone LF at the end\r\n"),
+        (b"a NUL \0 byte\r\n", replies.NUL_IN_MESSAGE, None),
+        (b"\n.\n", replies.BARE_LINE_ENDING, b"\r\n\r\n"),
+        (b"x\n..\n.y\r\n", replies.BARE_LINE_ENDING, b"x\r\n.\r\ny\r\n"),
+        (b"CR then LF\r\r\n\n", replies.BARE_LINE_ENDING, None),
     ],
-    ids=["lf", "cr", "cr-before-crlf", "trailing-lf", "nul", "lf-dot-lf-alone"],
+    ids=["lf", "cr", "cr-before-crlf", "trailing-lf", "nul", "lf-dot-lf-alone", "lf-dots", "cr-lf"],
 )
 async def test_bare_cr_lf_and_nul_are_refused(
-    relay: RelayHandle, body: bytes, expected: replies.Reply
+    relay: RelayHandle, body: bytes, expected: replies.Reply, normalized: bytes | None, mode: str
 ) -> None:
+    """In "normalize" mode only a bare LF is taken (a line end, dot-unstuffed like any line
+    start, stored as CRLF); a bare CR and a NUL are refused in both modes."""
+    await in_mode(relay, mode)
     password = await relay.add_user(LOGIN)
     d = await authed(relay, password)
     await start_data(d)
     d.send_raw(message(body=body) + b"\r\n.\r\n")
     await d.writer.drain()
-    await assert_one_reply_then_quiet(d, str(expected))
-    assert await queued(relay) == []
+    if mode == "reject" or normalized is None:
+        await assert_one_reply_then_quiet(d, str(expected))
+        assert await queued(relay) == []
+    else:
+        reply = await d.reply()
+        assert reply.startswith("250 2.0.0 queued as "), reply
+        (msg,) = await queued(relay)
+        stored = await stored_body(relay, msg.id)
+        assert only_crlf(stored)
+        assert stored.endswith(b"\r\n\r\n" + normalized + b"\r\n"), stored
     await d.close()
 
 
-async def test_bare_lf_in_a_header_is_refused(relay: RelayHandle) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_bare_lf_in_a_header(relay: RelayHandle, mode: str) -> None:
+    """Refused in "reject" mode; in "normalize" mode the LF ends the field, as at Postfix: the
+    Bcc is a field of the message, never a recipient of the envelope."""
+    await in_mode(relay, mode)
     password = await relay.add_user(LOGIN)
     d = await authed(relay, password)
     await start_data(d)
     d.send_raw(b"From: app@example.com\nBcc: victim@dest.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
     await d.writer.drain()
-    await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
+    if mode == "reject":
+        await assert_one_reply_then_quiet(d, str(replies.BARE_LINE_ENDING))
+        assert await queued(relay) == []
+    else:
+        reply = await d.reply()
+        assert reply.startswith("250 2.0.0 queued as "), reply
+        (msg,) = await queued(relay)
+        assert [r.address for r in msg.recipients] == ["r@dest.test"]
+        assert only_crlf(await stored_body(relay, msg.id))
+    await d.close()
+
+
+def test_bare_newline_is_normalize_or_reject() -> None:
+    assert config_mod.from_dict({}).limits.bare_newline == "normalize"
+    cfg = config_mod.from_dict({"limits": {"bare_newline": "reject"}})
+    assert cfg.limits.bare_newline == "reject"
+    with pytest.raises(config_mod.ConfigError, match=r"limits\.bare_newline: 'lax' is not one of"):
+        config_mod.from_dict({"limits": {"bare_newline": "lax"}})
+
+
+async def test_a_bare_lf_after_an_overlong_line_is_no_crlf_before_an_end(
+    relay: RelayHandle,
+) -> None:
+    """In "normalize" mode a bare LF ends a line too long to keep, but a dot after it is still
+    no end of DATA: only CRLF . CRLF is."""
+    await in_mode(relay, "normalize")
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    await start_data(d)
+    d.send_raw(message(body=b"x" * 3000 + b"\n.\r\n" + SMUGGLED))
+    await d.writer.drain()
+    await assert_one_reply_then_quiet(d, str(replies.LINE_TOO_LONG))
     assert await queued(relay) == []
     await d.close()
 
