@@ -14,15 +14,22 @@ a dependency. Without PyNaCl, dkimpy has no ``nacl`` name at all; we give it a s
 deterministic, so the result is what PyNaCl would give) and raises the same NameError as before for
 anything else, so dkimpy still reports "pynacl required" where it did. With PyNaCl installed, the
 raw seed is passed to dkimpy unchanged.
+
+:func:`verify` checks a signature against keys the caller hands it (the sandbox inbox: the domain's
+key from the store, no DNS). The stand-in's ``VerifyKey`` verifies Ed25519 with `cryptography`
+only while :func:`verify` runs; anywhere else it raises the NameError dkimpy expects without PyNaCl.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import importlib.metadata
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Protocol
 
@@ -108,8 +115,21 @@ def _nacl_signing_key(seed: Any, encoder: Any = None) -> Any:
     return _no_nacl()
 
 
+_VERIFYING = threading.local()  # .on: inside verify(), in this thread
+
+
+def _nacl_verify_key(key: Any, encoder: Any = None) -> Any:
+    if not getattr(_VERIFYING, "on", False):
+        return _no_nacl()
+    try:  # dkimpy hands over the p= tag, base64 (its Base64Encoder, None in the stand-in)
+        public = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(key, validate=True))
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"not an Ed25519 public key: {exc}") from None
+    return SimpleNamespace(verify=lambda digest, signature: public.verify(signature, digest))
+
+
 _NACL_STANDIN = SimpleNamespace(
-    signing=SimpleNamespace(SigningKey=_nacl_signing_key, VerifyKey=_no_nacl),
+    signing=SimpleNamespace(SigningKey=_nacl_signing_key, VerifyKey=_nacl_verify_key),
     encoding=SimpleNamespace(Base64Encoder=None),
     exceptions=SimpleNamespace(ValueError=ValueError, BadSignatureError=InvalidSignature),
 )
@@ -227,3 +247,57 @@ class Signer:
         if len(message) <= INLINE_LIMIT:
             return self.sign(message, key)
         return await asyncio.to_thread(self.sign, message, key)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The first (topmost) DKIM-Signature of a message, checked."""
+
+    result: str  # "pass" | "fail" | "none" (no signature)
+    domain: str  # its d= ("" when there is none)
+    selector: str  # its s=
+    reason: str  # why not "pass"; "" for a pass
+
+
+def signature_of(message: bytes) -> tuple[str, str] | None:
+    """(d=, s=) of the first DKIM-Signature, or None when there is none (or it has neither)."""
+    fields = grammar.header_fields(message, ("dkim-signature",))
+    if not fields:
+        return None
+    try:
+        tags = dkim.util.parse_tag_value(b" ".join(fields[0].value.split()))
+        return tags[b"d"].decode("ascii").lower(), tags[b"s"].decode("ascii").lower()
+    except (dkim.util.InvalidTagValueList, KeyError, UnicodeError):
+        return None
+
+
+def key_name(domain: str, selector: str) -> str:
+    """Where the key of ``selector`` is published (RFC 6376 3.6.2.1), no final dot."""
+    return f"{selector}._domainkey.{domain}"
+
+
+def verify(message: bytes, keys: Mapping[str, str]) -> Verification:
+    """Verify the first signature with the key records in ``keys`` (:func:`key_name` -> TXT
+    value); nothing else is looked up. CPU-bound (RSA in pure Python): not on the event loop."""
+    signed = signature_of(message)
+    if signed is None:
+        return Verification("none", "", "", "no DKIM-Signature")
+    domain, selector = signed
+    if key_name(domain, selector) not in keys:
+        return Verification("fail", domain, selector, f"no key at {key_name(domain, selector)}")
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        found = keys.get(name.decode("ascii", "replace").rstrip(".").lower())
+        return found.encode("ascii") if found is not None else b""
+
+    _VERIFYING.on = True
+    try:
+        ok = dkim.DKIM(message).verify(dnsfunc=dnsfunc)
+    except dkim.DKIMException as exc:
+        return Verification("fail", domain, selector, str(exc) or type(exc).__name__)
+    finally:
+        _VERIFYING.on = False
+    if not ok:
+        why = "the signature does not match the message (changed after signing) or the key"
+        return Verification("fail", domain, selector, why)
+    return Verification("pass", domain, selector, "")
