@@ -26,6 +26,7 @@ from relay.config_sections import (
     DNSConfig,
     LimitsConfig,
     MetricsConfig,
+    SandboxConfig,
     SpoolConfig,
     TLSConfig,
     check_choice,
@@ -85,6 +86,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int = 1
     source: str = field(default="(built-in defaults)", compare=False)
@@ -102,6 +104,11 @@ class Config:
 
     def spool_path(self, worker: int = 0) -> Path:
         return self.state_dir / f"spool-{worker}.db"
+
+    @property
+    def inbox_path(self) -> Path:
+        """The sandbox domains' captured mail (relay/store/inbox.py), shared by every worker."""
+        return self.state_dir / "inbox.db"
 
 
 SECRET_KEYS = {("delivery", "smarthost", "password")}

@@ -1,5 +1,6 @@
 """The config file's sections (``[tls]``, ``[auth]``, ``[dns]``, ``[limits]``, ``[delivery]``,
-``[spool]``, ``[metrics]``): one frozen dataclass each, validating its own keys at load.
+``[spool]``, ``[sandbox]``, ``[metrics]``): one frozen dataclass each, validating its own keys at
+load.
 
 Split from relay/config.py, which keeps the top-level keys (``state_dir``, ``public_hostname``,
 ``[[listen]]``, ``workers``), the :class:`relay.config.Config` tree and the TOML loader. Durations
@@ -187,6 +188,14 @@ class DeliveryConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     retention: Duration = Duration(7 * 86400)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    inbox_max_messages: int = 1000  # captured messages kept; the oldest are dropped first
+
+    def __post_init__(self) -> None:
+        check_range("inbox_max_messages", self.inbox_max_messages, 1, 1_000_000)
 
 
 @dataclass(frozen=True)

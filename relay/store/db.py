@@ -1,14 +1,16 @@
 """SQLite connections, pragmas and migrations.
 
-Two databases live in the state dir: ``relaybox.db`` (users, domains, audit events; written rarely,
-shared by every worker and the CLI) and ``spool-<worker>.db`` (the queue of one worker). Both run in
-WAL mode with ``synchronous=FULL`` so a COMMIT that returned is on disk, and ``busy_timeout`` so the
-CLI and the server can write at the same time: every write transaction starts with
-``BEGIN IMMEDIATE`` (take the write lock up front; no deadlock-prone lock upgrade).
+The databases in the state dir: ``relaybox.db`` (users, domains, audit events; written rarely,
+shared by every worker and the CLI), ``spool-<worker>.db`` (the queue of one worker) and
+``inbox.db`` (the sandbox domains' captured mail, relay/store/inbox.py; shared). All run in WAL
+mode with ``synchronous=FULL`` so a COMMIT that returned is on disk, and ``busy_timeout`` so the CLI
+and the server can write at the same time: every write transaction starts with ``BEGIN IMMEDIATE``
+(take the write lock up front; no deadlock-prone lock upgrade).
 
 Each :class:`Database` has one writer connection (its transactions serialised by an asyncio lock)
 and one reader connection, each running in aiosqlite's own thread so SQL never blocks the loop.
-Only the store modules (``users``, ``domains``, ``spool``, ``events``) use it to run SQL.
+Only the store modules (``users``, ``domains``, ``sandbox``, ``spool``, ``events``, ``inbox``...)
+use it to run SQL.
 """
 
 from __future__ import annotations
@@ -221,6 +223,17 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
             detail TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX events_at ON events(at)
+        """,
+    ),
+    Migration(
+        2,
+        """
+        ALTER TABLE domains ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE sandbox_recipients (
+            domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+            address TEXT NOT NULL,
+            PRIMARY KEY (domain, address)
+        ) WITHOUT ROWID
         """,
     ),
 )

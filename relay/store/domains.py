@@ -15,6 +15,9 @@ The results themselves are always stored as the last results (with ``last_checke
 included, so ``domain show`` says what the last check saw. A ``failing`` domain still sends (it is
 in its grace window); ``suspended`` and ``pending`` do not: see :attr:`Domain.can_send`.
 
+A *sandbox* domain (``add(sandbox=True)``, relay/store/sandbox.py) is added ``verified`` and no
+check ever changes it: :func:`recheck` skips it, :func:`verify` and :func:`record_results` refuse.
+
 The DKIM private key lives in the ``domains`` row but never in :class:`Domain`: only
 :func:`signing_key` reads it, for the signer.
 """
@@ -60,6 +63,7 @@ STATES = ("pending", "verified", "failing", "suspended")
 # The states in which a domain's users may send: verified, or failing inside dns.failure_grace.
 SENDING_STATES = frozenset({"verified", "failing"})
 RECHECK_CONCURRENCY = 8
+_SANDBOX = "{name} is a sandbox domain: verified without DNS, it is never checked"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Domain:
     verified_at: float | None  # when it last became verified
     failing_since: float | None
     checks: tuple[CheckResult, ...]  # the last results, in check order
+    sandbox: bool = False  # verified without DNS; its mail is captured (relay/store/sandbox.py)
 
     @property
     def can_send(self) -> bool:
@@ -112,12 +117,13 @@ def _domain(row: sqlite3.Row) -> Domain:
         verified_at=row["verified_at"],
         failing_since=row["failing_since"],
         checks=checks,
+        sandbox=bool(row["sandbox"]),
     )
 
 
 _COLUMNS = (
     "name, state, token, dkim_selector, dkim_algorithm, dkim_public_key, created_at, "
-    "last_checked_at, verified_at, failing_since, checks"
+    "last_checked_at, verified_at, failing_since, checks, sandbox"
 )
 
 
@@ -131,8 +137,11 @@ async def _fetch(conn: aiosqlite.Connection, name: str) -> sqlite3.Row | None:
 # --- admin actions ------------------------------------------------------------------------------
 
 
-async def add(db: Database, name: str, *, cfg: Config, now: float, actor: str) -> Domain:
-    """Add a domain ``pending`` with a new ownership token and DKIM key. Conflict if it exists."""
+async def add(
+    db: Database, name: str, *, cfg: Config, now: float, actor: str, sandbox: bool = False
+) -> Domain:
+    """Add a domain ``pending`` with a new ownership token and DKIM key. Conflict if it exists.
+    A ``sandbox`` domain is ``verified`` from now on, without DNS (see the module docstring)."""
     name = normalize_domain(name)
     if await get(db, name) is not None:  # early answer before paying for an RSA key
         raise Conflict(f"domain {name} already exists")
@@ -143,25 +152,19 @@ async def add(db: Database, name: str, *, cfg: Config, now: float, actor: str) -
             raise Conflict(f"domain {name} already exists")
         await conn.execute(
             "INSERT INTO domains (name, token, dkim_selector, dkim_algorithm, dkim_private_key, "
-            "dkim_public_key, state, checks, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', "
-            "'[]', ?)",
-            (
-                name,
-                token,
-                cfg.dns.dkim_selector,
-                key.algorithm,
-                key.private_pem,
-                key.public_b64,
-                now,
-            ),
+            "dkim_public_key, state, checks, created_at, verified_at, sandbox) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', ?, ?, ?)",
+            (name, token, cfg.dns.dkim_selector, key.algorithm, key.private_pem, key.public_b64)
+            + (("verified", now, now, 1) if sandbox else ("pending", now, None, 0)),
         )
+        detail = f"dkim={key.algorithm} selector={cfg.dns.dkim_selector}"
         await events.add(
             conn,
             now=now,
             actor=actor,
             action="domain.add",
             target=name,
-            detail=f"dkim={key.algorithm} selector={cfg.dns.dkim_selector}",
+            detail=detail + (" sandbox" if sandbox else ""),
         )
         row = await _fetch(conn, name)
     assert row is not None
@@ -288,6 +291,8 @@ async def _record(
         if row is None:
             raise NotFound(f"no such domain: {name}")
         before = _domain(row)
+        if before.sandbox:
+            raise Conflict(_SANDBOX.format(name=name))
         state, verified_at, failing_since = next_state(before, results, cfg=cfg, now=now)
         checks = json.dumps([r.as_json() for r in results])
         await conn.execute(
@@ -339,6 +344,8 @@ async def verify(
     domain = await get(db, name)
     if domain is None:
         raise NotFound(f"no such domain: {normalize_domain(name)}")
+    if domain.sandbox:
+        raise Conflict(_SANDBOX.format(name=domain.name))
     results = await check_records(resolver, domain, cfg)
     return await _record(
         db, domain.name, results, cfg=cfg, now=now, actor=actor, action="domain.verify"
@@ -350,12 +357,14 @@ async def recheck(
 ) -> list[Domain]:
     """Re-check every domain (the server calls this every ``dns.recheck_interval``).
 
-    Checks run concurrently, a few domains at a time; a domain removed meanwhile is skipped.
-    Returns the domains as they are after the check.
+    Checks run concurrently, a few domains at a time; a domain removed meanwhile is skipped, a
+    sandbox domain is never checked. Returns the domains as they are after the check.
     """
     limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
 
     async def one(domain: Domain) -> Domain | None:
+        if domain.sandbox:
+            return domain
         async with limit:
             results = await check_records(resolver, domain, cfg)
         try:

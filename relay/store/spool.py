@@ -65,11 +65,12 @@ __all__ = [
 MAX_BATCH_OPS = 1024  # bounds one transaction (and the time others wait for the write lock)
 
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, sender, user, size, created_at, body) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, sender, user, size, created_at, body, sandbox) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_RECIPIENT = (
-    "INSERT INTO recipients (message_id, idx, address, domain, next_attempt_at) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO recipients (message_id, idx, address, domain, next_attempt_at, capture) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 _OUTCOME = (
     "UPDATE recipients SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
@@ -93,7 +94,7 @@ _CLAIM = """
         SELECT message_id FROM recipients WHERE next_attempt_at <= :now
         ORDER BY next_attempt_at LIMIT :limit)
       AND +next_attempt_at <= :now
-    RETURNING message_id, idx, address, domain, attempts
+    RETURNING message_id, idx, address, domain, attempts, capture
 """
 
 
@@ -114,6 +115,7 @@ class DueRecipient:
     address: str
     domain: str
     attempts: int
+    capture: bool = False  # a sandbox message's: into the inbox, never out (relay/store/sandbox.py)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Message:
     size: int
     created_at: float
     body: bytes | None  # None once the message is done
+    sandbox: str | None = None  # the sandbox domain it was sent from
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ class NewMessage:
     recipients: tuple[str, ...]
     body: bytes
     user: str | None = None
+    sandbox: str | None = None  # from a sandbox domain: every recipient captured, except...
+    allowed: frozenset[str] = frozenset()  # ...these (as in recipients), delivered as usual
 
 
 @dataclass
@@ -209,11 +214,20 @@ class Spool(SpoolAdmin):
     # --- the hot path, through the writer ----------------------------------------------------
 
     async def enqueue(
-        self, *, sender: str, recipients: Sequence[str], body: bytes, user: str | None
+        self,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        user: str | None,
+        sandbox: str | None = None,
+        allowed: frozenset[str] = frozenset(),
     ) -> str:
-        """Queue a message; returns its id once the COMMIT holding it returned."""
+        """Queue a message; returns its id once the COMMIT holding it returned. A ``sandbox``
+        domain's recipients are captured, except those in ``allowed`` (see NewMessage)."""
         op = _Op()
-        msg_id = self._add_message(op, NewMessage(sender, tuple(recipients), body, user))
+        new = NewMessage(sender, tuple(recipients), body, user, sandbox, allowed)
+        msg_id = self._add_message(op, new)
         await self._submit(op)
         return msg_id
 
@@ -253,9 +267,10 @@ class Spool(SpoolAdmin):
             raise Invalid("a message needs at least one recipient")
         now = self._clock()
         msg_id = new_id(now)
-        op.messages.append((msg_id, m.sender, m.user, len(m.body), now, m.body))
+        op.messages.append((msg_id, m.sender, m.user, len(m.body), now, m.body, m.sandbox))
         for i, rcpt in enumerate(m.recipients):
-            op.recipients.append((msg_id, i, rcpt, grammar.domain_part(rcpt), now))
+            capture = m.sandbox is not None and rcpt not in m.allowed
+            op.recipients.append((msg_id, i, rcpt, grammar.domain_part(rcpt), now, int(capture)))
         return msg_id
 
     async def _submit(self, op: _Op) -> Any:
@@ -317,7 +332,7 @@ class Spool(SpoolAdmin):
                         now, limit = op.claim
                         rows = await conn.execute_fetchall(_CLAIM, {"now": now, "limit": limit})
                         op.result = sorted(
-                            (DueRecipient(r[0], r[1], r[2], r[3], r[4]) for r in rows),
+                            (DueRecipient(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows),
                             key=lambda d: (d.message_id, d.idx),
                         )
         except sqlite3.Error as exc:
@@ -336,13 +351,14 @@ class Spool(SpoolAdmin):
 
     async def load(self, message_id: str) -> Message | None:
         r = await self.db.fetchone(
-            "SELECT id, sender, user, size, created_at, body FROM messages WHERE id = ?",
+            "SELECT id, sender, user, size, created_at, body, sandbox FROM messages WHERE id = ?",
             (message_id,),
         )
         if r is None:
             return None
         body = bytes(r["body"]) if r["body"] is not None else None
-        return Message(r["id"], r["sender"], r["user"], r["size"], r["created_at"], body)
+        fields = (r["id"], r["sender"], r["user"], r["size"], r["created_at"])
+        return Message(*fields, body, r["sandbox"])
 
     async def query_plans(self) -> dict[str, list[str]]:
         """EXPLAIN QUERY PLAN of the hot queries (a test checks none is a full-table SCAN)."""

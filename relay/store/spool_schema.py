@@ -46,4 +46,14 @@ SPOOL_MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX recipients_state ON recipients(state)
         """,
     ),
+    # A sandbox domain's message (relay/store/sandbox.py): messages.sandbox names the domain,
+    # recipients.capture marks those delivered into the inbox instead of to the Internet. Both
+    # are set at enqueue: what the accept side decided is what delivery does.
+    Migration(
+        2,
+        """
+        ALTER TABLE messages ADD COLUMN sandbox TEXT;
+        ALTER TABLE recipients ADD COLUMN capture INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
 )
