@@ -12,6 +12,8 @@ The API the server and delivery call (all cheap, synchronous, safe on the event 
     m.rejected(reason)              # a refused command/message; reason: a short fixed token
     m.delivered(latency)            # one recipient delivered, seconds since it was queued
     m.deferred()   m.bounced()      # one recipient attempt ended 4xx / one recipient bounced
+    m.sandbox_accepted()            # a sandbox domain's message queued (besides accepted())
+    m.captured(recipients)          # recipients delivered into the sandbox inbox
     m.set_queue_depth({"queued": 3, "deferred": 1})                   # snapshot from the spool
     m.set_domain_states({"verified": 2, "failing": 1})                # snapshot from domains
     m.render() -> bytes             # the text exposition (what /metrics serves)
@@ -23,7 +25,8 @@ Exposed names (all prefixed ``relaybox_``): ``connections_total{listener}``,
 ``messages_accepted_total``, ``recipients_accepted_total``, ``accepted_bytes_total``,
 ``messages_rejected_total{reason}``, ``recipients_total{outcome=delivered|deferred|bounced}``,
 ``queue_depth{state}``, ``delivery_latency_seconds`` (histogram), ``domains{state}``,
-``build_info{version}``, and the standard ``process_*`` metrics.
+``sandbox_messages_total``, ``sandbox_captured_total``, ``build_info{version}``, and the standard
+``process_*`` metrics.
 
 Label values are bounded: a rejection reason is folded to ``[a-z0-9_]`` and, past
 ``MAX_REASONS`` distinct values, counted as ``other`` (a label per client-chosen string would let
@@ -105,6 +108,14 @@ class Metrics:
         self._domains = Gauge(
             "relaybox_domains", "Sending domains, by state.", ["state"], registry=r
         )
+        self._sandbox = Counter(
+            "relaybox_sandbox_messages", "Messages queued from sandbox domains.", registry=r
+        )
+        self._captured = Counter(
+            "relaybox_sandbox_captured",
+            "Recipients delivered into the sandbox inbox instead of out.",
+            registry=r,
+        )
         info = Gauge(
             "relaybox_build_info", "Always 1; the version as a label.", ["version"], registry=r
         )
@@ -165,6 +176,12 @@ class Metrics:
 
     def bounced(self) -> None:
         self._recipients.labels("bounced").inc()
+
+    def sandbox_accepted(self) -> None:
+        self._sandbox.inc()
+
+    def captured(self, recipients: int) -> None:
+        self._captured.inc(max(0, recipients))
 
     def set_queue_depth(self, counts: Mapping[str, int]) -> None:
         """Replace the queue snapshot; a state absent from ``counts`` reads 0."""

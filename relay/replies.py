@@ -99,6 +99,9 @@ CONNECTION_LOST = Reply(451, "4.4.2", "connection lost")
 CONNECTION_LOST_DETAIL = Reply(451, "4.4.2", "connection lost ({reason})")
 NETWORK_ERROR = Reply(451, "4.4.2", "{reason}")
 DELIVERY_INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery")
+# A sandbox domain's recipient (relay/store/sandbox.py): kept in the local inbox, never sent out.
+CAPTURED = Reply(250, "2.0.0", "captured in the sandbox inbox as {id}")
+INBOX_UNAVAILABLE = Reply(451, "4.3.0", "sandbox inbox unavailable")
 
 
 def token(reply: Reply) -> str:

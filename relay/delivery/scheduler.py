@@ -6,12 +6,18 @@ the smarthost) with all its due recipients; concurrency is bounded in total and 
 Outcomes are per recipient: 2xx delivered; 4xx, timeouts and unreachable hosts deferred with backoff
 until ``delivery.max_age``; 5xx bounced at once. Bounced recipients get one DSN
 (relay/delivery/bounce.py), queued in the same transaction as the outcome.
+
+A recipient the spool marks ``capture`` (a sandbox domain's, relay/store/sandbox.py) never reaches
+relay/delivery/outbound.py, whatever ``delivery.mode`` says: its job goes to the sandbox inbox
+(relay/store/inbox.py), and the outcome is "delivered" with relay ``inbox``. A DSN about a sandbox
+message is a sandbox message too: captured, like everything its sender's domain sends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -27,6 +33,7 @@ from relay.delivery import bounce
 from relay.delivery.outbound import Outbound, Result
 from relay.metrics import Metrics
 from relay.store.db import StoreError
+from relay.store.inbox import Inbox
 from relay.store.spool import DueRecipient, Message, Outcome, Spool
 
 log = logging.getLogger("relaybox.delivery")
@@ -35,6 +42,8 @@ BACKOFF = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)  # then every 4h
 IDLE_POLL = 5.0  # an idle deliverer still looks this often (a `queue retry` from the CLI)
 PURGE_INTERVAL = 3600.0
 DEPTH_INTERVAL = 15.0  # how often the queue-depth gauge is refreshed (with metrics)
+INBOX = "(sandbox inbox)"  # the destination of captured recipients: no domain is spelt so
+INBOX_RELAY = "inbox"  # what the spool, the mail log and `queue show` record as their relay
 
 
 def retry_at(attempts: int, created_at: float, now: float, max_age: float) -> float | None:
@@ -70,8 +79,11 @@ class Deliverer:
         clock: Clock = clock_mod.system,
         resolver: dns.asyncresolver.Resolver | None = None,
         metrics: Metrics | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
-        """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth."""
+        """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth.
+        ``inbox``: where captured recipients go; without one, ``cfg``'s is opened when the first
+        is due (and closed by :meth:`stop`)."""
         self.spool = spool
         self.cfg = cfg
         self._clock = clock
@@ -89,6 +101,9 @@ class Deliverer:
         self._stopping = False
         self._next_purge = 0.0
         self._next_depth = 0.0
+        self._inbox = inbox
+        self._own_inbox = inbox is None
+        self._inbox_lock = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -131,6 +146,9 @@ class Deliverer:
                 await self.spool.release(sorted(self._inflight))
             self._inflight.clear()
         await self._out.close_idle(everything=True)
+        if self._own_inbox and self._inbox is not None:
+            inbox, self._inbox = self._inbox, None
+            await inbox.close()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -183,7 +201,7 @@ class Deliverer:
         smarthost = self.cfg.delivery.mode == "smarthost"
         for r in claimed:
             self._inflight.add((r.message_id, r.idx))
-            key = "smarthost" if smarthost else r.domain
+            key = INBOX if r.capture else "smarthost" if smarthost else r.domain
             jobs.setdefault((r.message_id, key), _Job(key, r.message_id, [])).recipients.append(r)
         loop = asyncio.get_running_loop()
         for job in jobs.values():
@@ -211,7 +229,10 @@ class Deliverer:
                     return
                 try:
                     addresses = [r.address for r in job.recipients]
-                    results = await self._out.deliver(job.key, msg.sender, msg.body, addresses)
+                    if job.key == INBOX:
+                        results = await self._capture(msg, msg.body, addresses)
+                    else:
+                        results = await self._out.deliver(job.key, msg.sender, msg.body, addresses)
                 except Exception:  # a bug must not leave recipients claimed until a restart
                     log.exception("delivery of %s failed unexpectedly", job.message_id)
                     results = [Result("temp", str(replies.DELIVERY_INTERNAL_ERROR))] * len(
@@ -222,6 +243,29 @@ class Deliverer:
             limit.users -= 1
             if limit.users == 0:
                 self._limits.pop(job.key, None)
+
+    async def _capture(self, msg: Message, body: bytes, addresses: list[str]) -> list[Result]:
+        """Into the sandbox inbox: "delivered" once committed there; a store fault defers."""
+        try:
+            async with self._inbox_lock:
+                if self._inbox is None:
+                    self._inbox = await Inbox.open(self.cfg)
+                inbox = self._inbox
+            inbox_id = await inbox.capture(
+                queue_id=msg.id,
+                domain=msg.sandbox or "",
+                sender=msg.sender,
+                recipients=addresses,
+                body=body,
+                now=self._clock(),
+            )
+        except StoreError as exc:
+            log.error("sandbox inbox: cannot capture %s: %s", msg.id, exc)
+            return [Result("temp", str(replies.INBOX_UNAVAILABLE), INBOX_RELAY)] * len(addresses)
+        if self._metrics is not None:
+            self._metrics.captured(len(addresses))
+        ok = Result("ok", str(replies.CAPTURED.fill(id=str(inbox_id))), INBOX_RELAY)
+        return [ok] * len(addresses)
 
     # --- outcomes --------------------------------------------------------------------------------
 
@@ -253,6 +297,8 @@ class Deliverer:
                     bounce.Failure(r.address, res.reply, res.relay, res.kind == "temp", now)
                 )
         dsn = bounce.for_failures(self.cfg, msg, failures, now=now)
+        if dsn is not None and msg.sandbox is not None:
+            dsn = dataclasses.replace(dsn, sandbox=msg.sandbox)  # to the sandbox sender: captured
         try:
             dsn_id = await self.spool.record(outcomes, bounce=dsn)
         except StoreError as exc:

@@ -1,19 +1,50 @@
 """From a complete message to "250 queued as <id>": the sender domain's state and signing key
-(cached briefly), DKIM signing, the durable enqueue, and a wake-up for delivery."""
+(cached briefly), DKIM signing, the durable enqueue, and a wake-up for delivery.
+
+A sandbox domain's message (relay/store/sandbox.py) is marked so when it is queued: the domain, and
+which recipients the operator allows out (every other one is captured into the inbox). Delivery
+reads only that mark, so no later change of the domain can let mail already queued out."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from relay import maillog
 from relay.dkim import Signer
+from relay.errors import Invalid
 from relay.metrics import Metrics
-from relay.store import domains
+from relay.store import domains, sandbox
 from relay.store.db import Database
 from relay.store.domains import SigningKey
 from relay.store.spool import Spool
 
 DOMAIN_CACHE_TTL = 10.0  # seconds a domain's state/key is trusted before it is read again
+
+
+@dataclass(frozen=True)
+class _Cached:
+    at: float
+    name: str  # as stored (A-label, lowercase)
+    state: str | None  # None: not a domain of ours
+    key: SigningKey | None
+    sandbox: bool
+    allowed: frozenset[str]  # a sandbox domain's allowed recipients (sandbox.address_key form)
+
+
+def allowed_of(recipients: Sequence[str], allowed: frozenset[str]) -> frozenset[str]:
+    """The recipients (as given) that a sandbox domain's allow list names; an address that is
+    not one (no key) is never among them."""
+    out: set[str] = set()
+    for rcpt in recipients:
+        try:
+            key = sandbox.address_key(rcpt)
+        except Invalid:
+            continue
+        if key in allowed:
+            out.add(rcpt)
+    return frozenset(out)
 
 
 class Acceptor:
@@ -31,23 +62,25 @@ class Acceptor:
         self.metrics = metrics
         self.wake = wake
         self.signer = signer or Signer()
-        self._cache: dict[str, tuple[float, str | None, SigningKey | None]] = {}
+        self._cache: dict[str, _Cached] = {}
 
-    async def _domain(self, name: str) -> tuple[str | None, SigningKey | None]:
+    async def _domain(self, name: str) -> _Cached:
         now = time.monotonic()
         hit = self._cache.get(name)
-        if hit is not None and now - hit[0] < DOMAIN_CACHE_TTL:
-            return hit[1], hit[2]
+        if hit is not None and now - hit.at < DOMAIN_CACHE_TTL:
+            return hit
         d = await domains.get(self.db, name)
         key = await domains.signing_key(self.db, name) if d is not None else None
+        is_sandbox = d is not None and d.sandbox
+        allowed = frozenset(await sandbox.allowed(self.db, name)) if is_sandbox else frozenset()
         state = d.state if d is not None else None
-        self._cache[name] = (now, state, key)
-        return state, key
+        entry = _Cached(now, d.name if d is not None else name, state, key, is_sandbox, allowed)
+        self._cache[name] = entry
+        return entry
 
     async def domain_state(self, name: str) -> str | None:
         """The domain's verification state (None: not a domain of ours)."""
-        state, _key = await self._domain(name)
-        return state
+        return (await self._domain(name)).state
 
     def forget(self) -> None:
         """Drop what the cache holds (after a recheck changed states)."""
@@ -62,12 +95,24 @@ class Acceptor:
         written the modern way (relay.grammar.modern_field_names), so the signer reads the fields
         the policy read. What the signer cannot sign raises SigningError (HeaderError when it is
         the header) to the DATA handler, which answers it; nothing is queued then."""
-        _state, key = await self._domain(domain)
-        if key is not None:
-            message = await self.signer.sign_async(message, key)
+        d = await self._domain(domain)
+        if d.key is not None:
+            message = await self.signer.sign_async(message, d.key)
+        allowed = allowed_of(recipients, d.allowed) if d.sandbox else frozenset()
         msg_id = await self.spool.enqueue(
-            sender=sender, recipients=recipients, body=message, user=user
+            sender=sender,
+            recipients=recipients,
+            body=message,
+            user=user,
+            sandbox=d.name if d.sandbox else None,
+            allowed=allowed,
         )
         self.metrics.accepted(len(recipients), len(message))
+        if d.sandbox:
+            self.metrics.sandbox_accepted()
+            captured = len(recipients) - len(allowed)
+            maillog.event(
+                "sandbox", id=msg_id, domain=d.name, captured=captured, allowed=len(allowed)
+            )
         self.wake()
         return msg_id
