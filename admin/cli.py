@@ -11,6 +11,7 @@ from admin import (
     common,
     doctor_cmd,
     domain_cmds,
+    inbox_cmd,
     lockinfo,
     queue_cmds,
     serve_cmd,
@@ -91,7 +92,7 @@ def config_check(ctx: click.Context, path: str | None) -> None:
 
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
-    for mod in (serve_cmd, domain_cmds, user_cmds, queue_cmds, audit_cmd, doctor_cmd):
+    for mod in (serve_cmd, domain_cmds, user_cmds, queue_cmds, inbox_cmd, audit_cmd, doctor_cmd):
         mod.register(cli)
 
 

@@ -1,8 +1,11 @@
-"""`relaybox domain ...`: sender domains (add, verify, list, show, remove).
+"""`relaybox domain ...`: sender domains (add, verify, list, show, set, remove).
 
-Presentation only: the rules live in relay/store/domains.py, the DNS in relay/dnscheck.py. Records
-are printed as zone-file lines, long TXT values split into quoted <=255-byte strings (RFC 1035
-3.3.14); ``--json`` carries each value whole (a check result in the shape of CheckResult.as_json).
+Presentation only: the rules live in relay/store/domains.py (sandbox domains:
+relay/store/sandbox.py), the DNS in relay/dnscheck.py. Records are printed as zone-file lines, long
+TXT values split into quoted <=255-byte strings (RFC 1035 3.3.14); ``--json`` carries each value
+whole (a check result in the shape of CheckResult.as_json), and says whether the domain is a sandbox
+(``sandbox``) and whom its mail may reach (``allow_rcpt``: a list for a sandbox domain, null for any
+other).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from relay import clock, dkimkeys, dnscheck
 from relay.config import Config
 from relay.dnscheck import CheckResult
 from relay.grammar import normalize_domain
-from relay.store import domains, events
+from relay.store import domains, events, sandbox
 from relay.store.db import Database
 from relay.store.domains import Domain
 
@@ -41,7 +44,7 @@ def _with_db(cfg: Config, fn: Callable[[Database], Awaitable[T]]) -> T:
     return common.run(_main())
 
 
-def _domain_json(d: Domain, cfg: Config) -> dict[str, Any]:
+def _domain_json(d: Domain, cfg: Config, allowed: tuple[str, ...]) -> dict[str, Any]:
     return {
         "name": d.name,
         "state": d.state,
@@ -50,7 +53,23 @@ def _domain_json(d: Domain, cfg: Config) -> dict[str, Any]:
             for r in domains.records(d, cfg)
         ],
         "checks": [c.as_json() for c in d.checks],
+        "sandbox": d.sandbox,
+        "allow_rcpt": list(allowed) if d.sandbox else None,
     }
+
+
+def _state_text(d: Domain) -> str:
+    return f"{d.state} (sandbox)" if d.sandbox else d.state
+
+
+def _capture_text(d: Domain, allowed: tuple[str, ...]) -> str:
+    """Where a sandbox domain's mail goes, in one line."""
+    if not allowed:
+        return f"{d.name}: all its mail is kept in the sandbox inbox (`relaybox inbox list`)"
+    return common.shown(
+        f"{d.name}: mail to {', '.join(allowed)} is delivered; to anyone else it is kept in the "
+        "sandbox inbox (`relaybox inbox list`)"
+    )
 
 
 def _print_records(d: Domain, cfg: Config) -> None:
@@ -89,23 +108,53 @@ def register(cli: click.Group) -> None:
 
     @domain_group.command("add")
     @click.argument("domain")
+    @click.option(
+        "--sandbox",
+        "is_sandbox",
+        is_flag=True,
+        help="A sandbox domain: verified at once without DNS; its mail is kept in the local "
+        "inbox (`relaybox inbox`) and never leaves the box, except to --allow-rcpt.",
+    )
+    @click.option(
+        "--allow-rcpt",
+        "allow_rcpt",
+        multiple=True,
+        metavar="ADDRESS",
+        help="With --sandbox: deliver mail to ADDRESS (repeatable) as usual.",
+    )
     @common.json_option
     @click.pass_context
     @common.user_errors
-    def domain_add(ctx: click.Context, domain: str, json_: bool) -> None:
+    def domain_add(
+        ctx: click.Context, domain: str, is_sandbox: bool, allow_rcpt: tuple[str, ...], json_: bool
+    ) -> None:
         """Add DOMAIN (IDNA names accepted) and print the DNS records to publish.
 
         A new ownership token and DKIM key are created (dns.dkim_key_type: RSA 2048 by default).
+        With --sandbox there is nothing to publish: try relaybox out with a name of your choice.
         """
         cfg = common.get_config(ctx)
         name = normalize_domain(domain)
+        if allow_rcpt and not is_sandbox:
+            raise click.ClickException("--allow-rcpt: only for a sandbox domain (add --sandbox)")
         now = clock.system()
-        d = _with_db(
-            cfg,
-            lambda db: domains.add(db, name, cfg=cfg, now=now, actor=events.current_actor()),
-        )
+        actor = events.current_actor()
+
+        async def run(db: Database) -> tuple[Domain, tuple[str, ...]]:
+            if is_sandbox:
+                return await sandbox.add(
+                    db, name, allow_rcpt=allow_rcpt, cfg=cfg, now=now, actor=actor
+                )
+            return await domains.add(db, name, cfg=cfg, now=now, actor=actor), ()
+
+        d, allowed = _with_db(cfg, run)
         if json_:
-            common.emit_json(_domain_json(d, cfg))
+            common.emit_json(_domain_json(d, cfg, allowed))
+            return
+        if d.sandbox:
+            click.echo(f"Added {d.name} (sandbox): verified, no DNS records needed.")
+            click.echo(_capture_text(d, allowed))
+            click.echo(f"\nnext: relaybox user add NAME@{d.name}")
             return
         click.echo(f"Added {d.name} (pending). Publish these DNS records:\n")
         _print_records(d, cfg)
@@ -166,6 +215,7 @@ def register(cli: click.Group) -> None:
                         "last_checked_at": clock.iso(d.last_checked_at),
                         "verified_at": clock.iso(d.verified_at),
                         "failing_since": clock.iso(d.failing_since),
+                        "sandbox": d.sandbox,
                     }
                     for d in found
                 ]
@@ -177,8 +227,8 @@ def register(cli: click.Group) -> None:
         rows = [
             (
                 d.name,
-                d.state,
-                clock.iso(d.last_checked_at) or "never",
+                _state_text(d),
+                "- (sandbox)" if d.sandbox else clock.iso(d.last_checked_at) or "never",
                 clock.iso(d.verified_at) or "-",
                 clock.iso(d.failing_since) or "-",
             )
@@ -197,11 +247,17 @@ def register(cli: click.Group) -> None:
         """DOMAIN's state, the records to publish, and the last check results."""
         cfg = common.get_config(ctx)
         d = _get(cfg, domain)
+        allowed = _with_db(cfg, lambda db: sandbox.allowed(db, d.name)) if d.sandbox else ()
         if json_:
-            common.emit_json(_domain_json(d, cfg))
+            common.emit_json(_domain_json(d, cfg, allowed))
             return
-        click.echo(f"{d.name}: {d.state}")
+        click.echo(f"{d.name}: {_state_text(d)}")
         click.echo(f"created {clock.iso(d.created_at)}")
+        if d.sandbox:
+            click.echo("verified without DNS: a sandbox domain is never checked")
+            click.echo(_capture_text(d, allowed))
+            click.echo(f"DKIM: signs as d={d.name} s={d.dkim_selector} ({d.dkim_algorithm})")
+            return
         click.echo(f"last checked {clock.iso(d.last_checked_at) or 'never'}")
         if d.verified_at is not None:
             click.echo(f"verified {clock.iso(d.verified_at)}")
@@ -213,6 +269,71 @@ def register(cli: click.Group) -> None:
         if d.checks:
             click.echo("\nLast check:")
             _print_checks(d.checks)
+
+    @domain_group.command("set")
+    @click.argument("domain")
+    @click.option(
+        "--allow-rcpt",
+        "add",
+        multiple=True,
+        metavar="ADDRESS",
+        help="Deliver the sandbox domain's mail to ADDRESS as usual (repeatable).",
+    )
+    @click.option(
+        "--remove-rcpt",
+        "remove",
+        multiple=True,
+        metavar="ADDRESS",
+        help="Capture mail to ADDRESS again (repeatable).",
+    )
+    @click.option(
+        "--no-allow-rcpt",
+        "clear",
+        is_flag=True,
+        help="Allow nobody (before any --allow-rcpt): every message is captured.",
+    )
+    @common.json_option
+    @click.pass_context
+    @common.user_errors
+    def domain_set(
+        ctx: click.Context,
+        domain: str,
+        add: tuple[str, ...],
+        remove: tuple[str, ...],
+        clear: bool,
+        json_: bool,
+    ) -> None:
+        """Change whom sandbox DOMAIN's mail may reach (the rest is kept in the inbox).
+
+        Mail already queued goes where it was meant to go when it was accepted.
+        """
+        cfg = common.get_config(ctx)
+        if not (add or remove or clear):
+            raise click.ClickException(
+                "nothing to change: give --allow-rcpt, --remove-rcpt or --no-allow-rcpt"
+            )
+        now = clock.system()
+        name = normalize_domain(domain)
+
+        async def run(db: Database) -> tuple[Domain | None, tuple[str, ...]]:
+            allowed = await sandbox.set_allowed(
+                db,
+                name,
+                add=add,
+                remove=remove,
+                clear=clear,
+                now=now,
+                actor=events.current_actor(),
+            )
+            return await domains.get(db, name), allowed
+
+        d, allowed = _with_db(cfg, run)
+        if d is None:  # removed meanwhile
+            raise click.ClickException(f"no such domain: {name}")
+        if json_:
+            common.emit_json(_domain_json(d, cfg, allowed))
+            return
+        click.echo(_capture_text(d, allowed))
 
     @domain_group.command("remove")
     @click.argument("domain")

@@ -15,7 +15,7 @@ import click
 from admin import common
 from relay import clock
 from relay.config import Config
-from relay.store import events, passwords, users
+from relay.store import domains, events, passwords, users
 from relay.store.db import Database
 from relay.store.passwords import Hasher
 from relay.store.users import User
@@ -191,11 +191,14 @@ def register(cli: click.Group) -> None:
         """Connection info and state of LOGIN (the password itself cannot be shown)."""
         cfg = common.get_config(ctx)
         user = _get(cfg, login)
+        domain = _with_store(cfg, lambda db, _h: domains.get(db, user.domain))
+        is_sandbox = domain is not None and domain.sandbox
         now = clock.system()
         if json_:
             data = _row(user, now)
             data["host"] = cfg.public_hostname
             data["listeners"] = _listeners(cfg)
+            data["sandbox"] = is_sandbox
             common.emit_json(data)
             return
         click.echo(f"SMTP user:  {user.login}")
@@ -205,6 +208,11 @@ def register(cli: click.Group) -> None:
         )
         click.echo(_connection_info(cfg))
         click.echo(f"State:      {'disabled' if user.disabled else 'active'}")
+        if is_sandbox:
+            click.echo(
+                f"Sandbox:    yes: {user.domain} is a sandbox domain; its mail is kept in "
+                "`relaybox inbox` unless the recipient is allowed (`relaybox domain show`)"
+            )
         click.echo(f"Created:    {clock.iso(user.created_at)}")
         click.echo(f"Last login: {clock.iso(user.last_login_at) or 'never'}")
         click.echo(f"Password changed: {clock.iso(user.password_changed_at)}")

@@ -57,8 +57,9 @@ def publish(dns_server: TestDNSServer, shown: dict[str, Any]) -> None:
 
 def test_add_shows_records_json(config_path: Path) -> None:
     data = ok_json(config_path, "domain", "add", "Bücher.example")
-    assert list(data) == ["name", "state", "records", "checks"]
+    assert list(data) == ["name", "state", "records", "checks", "sandbox", "allow_rcpt"]
     assert (data["name"], data["state"], data["checks"]) == ("xn--bcher-kva.example", "pending", [])
+    assert (data["sandbox"], data["allow_rcpt"]) == (False, None)  # tests/test_sandbox.py: True
     recs = {r["purpose"]: r for r in data["records"]}
     assert list(recs) == ["ownership", "spf", "dkim", "dmarc"]
     assert all(set(r) == {"purpose", "type", "name", "value"} for r in recs.values())

@@ -180,7 +180,8 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
     assert [u["login"] for u in only] == ["c@other.example"]
 
     shown = _json(relaybox("user", "show", "b@example.com", "--json"))
-    assert list(shown) == [*LIST_KEYS, "host", "listeners"]
+    assert list(shown) == [*LIST_KEYS, "host", "listeners", "sandbox"]
+    assert shown["sandbox"] is False  # tests/test_sandbox.py: True
     assert shown["domain"] == "example.com"
     assert shown["host"] == "smtp.relay.test"
     assert shown["listeners"] == LISTENERS
