@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
-from relay.store.db import Database, Migration, StoreError
+from relay.store.db import MAIN_MIGRATIONS, Database, Migration, StoreError
 
 SCHEMA = (Migration(1, "CREATE TABLE t (x INTEGER)"),)
 
@@ -64,5 +65,53 @@ async def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
                 await conn.execute("INSERT INTO t VALUES (1)")
                 raise RuntimeError("boom")
         assert await db.fetchall("SELECT * FROM t") == []
+    finally:
+        await db.close()
+
+
+OPEN_ONE = """
+import asyncio, sys
+from pathlib import Path
+from relay.store.db import MAIN_MIGRATIONS, Database
+
+async def main() -> None:
+    sys.stdin.readline()  # every process waits here, then they all open at once
+    db = await Database.open(Path(sys.argv[1]), MAIN_MIGRATIONS)
+    await db.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("round_", range(10))
+async def test_processes_opening_a_fresh_database_together_all_succeed(
+    tmp_path: Path, round_: int
+) -> None:
+    """Regression: `relaybox serve` with workers = 2 on a fresh state dir: both workers create
+    and migrate the databases at the same moment, and one failed with "database is locked"
+    (switching to WAL) or would re-run a migration the other had just applied. Six processes
+    released together: every one opens, the schema is applied once."""
+    path = tmp_path / "state" / "relaybox.db"
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            OPEN_ONE,
+            str(path),
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(8)
+    ]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+    results = [await p.communicate() for p in procs]
+    errors = [err.decode() for (_out, err), p in zip(results, procs, strict=True) if p.returncode]
+    assert not errors, errors[0]
+    db = await Database.open(path, MAIN_MIGRATIONS)
+    try:
+        (version,) = (await db.fetchone("PRAGMA user_version")) or (0,)
+        assert version == max(m.version for m in MAIN_MIGRATIONS)
     finally:
         await db.close()

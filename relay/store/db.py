@@ -63,10 +63,32 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    await conn.execute("PRAGMA journal_mode = WAL")
+    await _set_wal(conn)
     await conn.execute("PRAGMA synchronous = FULL")
     await conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+async def _set_wal(conn: aiosqlite.Connection) -> None:
+    """``journal_mode = WAL``, retried while another process holds the file.
+
+    Switching a new file to WAL takes an exclusive lock, and where waiting could deadlock SQLite
+    answers "database is locked" at once instead of calling the busy handler: seen once with
+    two workers opening a fresh state dir together (not reproduced since). Retried for up to
+    the busy timeout.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)  # sleep-ok: back-off while another process holds the lock
+        delay = min(delay * 2, 0.1)
 
 
 class Database:
@@ -168,6 +190,14 @@ async def _migrate(conn: aiosqlite.Connection, migrations: Sequence[Migration]) 
             continue
         await conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read again under the write lock: another process (a worker starting at the same
+            # moment) may have applied it while this one waited.
+            async with conn.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            current = int(row[0]) if row else 0
+            if m.version <= current:
+                await conn.execute("COMMIT")
+                continue
             for stmt in _split_sql(m.sql):
                 await conn.execute(stmt)
             await conn.execute(f"PRAGMA user_version = {int(m.version)}")
