@@ -48,6 +48,8 @@ class TLSSMTP(SMTP):
         self._handshake: asyncio.Task[None] | None = None
         self._accepted = False
         self._started = False  # aiosmtpd's side runs (after an implicit handshake, if any)
+        self._early_eof = False  # the client closed before aiosmtpd's side started
+        self._lost = False
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -104,13 +106,28 @@ class TLSSMTP(SMTP):
             self.handshake_failed(reason)
             self.released()
             return
+        if self._lost:  # gone in the turn between the handshake and this task's
+            self.released()
+            return
         self._start(tls)  # aiosmtpd's session begins, as after create_server(ssl=...)
 
     def _start(self, transport: asyncio.BaseTransport) -> None:
         self._started = True
         super().connection_made(transport)
+        if self._early_eof:
+            super().eof_received()  # what it would have done then: the session ends
+
+    def eof_received(self) -> bool | None:
+        if not self._started:
+            # Implicit TLS: the TLS layer read the client's close in the same turn as its last
+            # handshake flight, before _implicit_handshake could start aiosmtpd's session (whose
+            # eof_received needs it). Kept for _start; False: the TLS layer closes its side.
+            self._early_eof = True
+            return False
+        return super().eof_received()
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._lost = True
         self.released()
         if self._started:  # else aiosmtpd never ran (refused, or its handshake failed)
             self._started = False

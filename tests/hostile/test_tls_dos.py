@@ -239,6 +239,52 @@ async def test_a_failed_handshake_is_one_info_line(
     await d.close()
 
 
+async def finished_then_closed(port: int, ctx: ssl.SSLContext, then: bytes = b"") -> None:
+    """An implicit-TLS client whose last handshake flight, ``then`` (encrypted) and its
+    close_notify leave in one write, then EOF: the server's TLS layer completes the handshake and
+    reads the close in one go, before the session has had its turn to start."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="relay.test")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+    if then:
+        obj.write(then)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.unwrap()
+    writer.write(outgoing.read())  # Finished (+ data) + close_notify
+    writer.write_eof()
+    while await asyncio.wait_for(reader.read(65536), 10):
+        pass  # until the server closes
+    writer.close()
+
+
+@pytest.mark.parametrize("then", [b"", b"EHLO client.test\r\n"])
+async def test_a_client_closing_with_its_last_handshake_flight_is_released_quietly(
+    relay: RelayHandle, caplog: pytest.LogCaptureFixture, then: bytes
+) -> None:
+    """Regression: aiosmtpd's eof_received ran before its session existed (asyncio logged "Error
+    calling eof_received()" with an AssertionError traceback; seen with a client that only
+    fetched the certificate). Now the close waits for the session and ends it; the place is
+    given back each time and a real client is served after."""
+    caplog.set_level(logging.INFO)
+    for _ in range(5):
+        await finished_then_closed(relay.tls_port, relay.client_context(), then)
+    await eventually(lambda: relay.server.gate.per_ip == {}, what="every close counted")
+    no_errors_logged(caplog.records)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    d = await Dialogue.open(relay.tls_port, tls=relay.client_context())
+    await d.expect_after("NOOP", "250")
+    await d.close()
+
+
 async def test_failed_handshakes_are_rate_limited(
     relay: RelayHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
