@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -37,6 +38,20 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
+class HangupLatch:
+    """SIGHUP from the start of ``serve`` until the event loop's handler takes over: remembered,
+    where the default action would end the process (a reload asked by a script or a supervisor
+    while relaybox is starting). The config is read after this is installed, so a SIGHUP before
+    that changes nothing; one after it is replayed once the relay is serving."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.seen = True
+
+
 def worker_command(cfg: Config, log_level: str) -> Callable[[int], list[str]]:
     """How the supervisor starts worker I: this interpreter in isolated mode (``-I``), so neither
     the working directory nor PYTHON* variables reach sys.path. Plain ``-m`` puts the working
@@ -52,10 +67,10 @@ def worker_command(cfg: Config, log_level: str) -> Callable[[int], list[str]]:
     return command
 
 
-async def _serve(server: Server, after_bind: Callable[[], None]) -> None:
+async def _serve(server: Server, after_bind: Callable[[], None], hangup: HangupLatch) -> None:
     # A worker of `workers = N` stops (drains) when its supervisor is gone, as on SIGTERM.
     watch_supervisor(server.request_stop)
-    await server.run(after_bind=after_bind)
+    await server.run(after_bind=after_bind, hangup_seen=lambda: hangup.seen)
 
 
 def register(cli: click.Group) -> None:
@@ -70,6 +85,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def serve(ctx: click.Context, log_level: str, worker: int | None) -> None:
         """Run the relay in the foreground until SIGTERM (SIGHUP reloads)."""
+        hangup = HangupLatch()
         cfg = common.get_config(ctx)
         setup_logging(log_level)
         secret = access.config_secret(cfg)
@@ -77,13 +93,14 @@ def register(cli: click.Group) -> None:
             log.warning("%s", secret.detail)
         if worker is None and cfg.workers > 1:
             # The supervisor touches no state: each worker binds, drops root and opens the store.
-            ctx.exit(asyncio.run(Supervisor(cfg, worker_command(cfg, log_level)).run()))
+            supervisor = Supervisor(cfg, worker_command(cfg, log_level))
+            ctx.exit(asyncio.run(supervisor.run(hangup_seen=lambda: hangup.seen)))
         if worker is not None and worker >= cfg.workers:
             raise click.ClickException(f"--worker {worker}: the config has workers = {cfg.workers}")
         server = Server(cfg, worker=worker or 0)
         try:
             # As root on a state dir owned by the service user: bind first, then become it.
-            asyncio.run(_serve(server, lambda: common.drop_privileges_for(cfg.state_dir)))
+            asyncio.run(_serve(server, lambda: common.drop_privileges_for(cfg.state_dir), hangup))
         except StoreError as exc:
             raise click.ClickException(f"store error: {exc}") from None
         except (OSError, ConfigError) as exc:  # a ConfigError here: the TLS files, named

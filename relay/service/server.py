@@ -68,6 +68,8 @@ class Server:
         self.bound: list[Bound] = []
         self._listening: list[listen.Listening] = []
         self._stop = asyncio.Event()
+        self._serving = False  # startup done: a SIGHUP before it is held (_reload_pending)
+        self._reload_pending = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl: tlsutil.LiveContext | None = None  # one for good: a reload swaps its certificate
         # Made by startup(), in this order; None until then (and after a failed start).
@@ -168,19 +170,33 @@ class Server:
         install_signals: bool = True,
         notify: bool = True,
         after_bind: Callable[[], None] | None = None,
+        hangup_seen: Callable[[], bool] | None = None,
     ) -> None:
-        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
-        try:
-            await self.startup(after_bind=after_bind)
-        except BaseException:
-            # Close what did open (aiosqlite threads would otherwise keep the process alive).
-            await self.shutdown()
-            raise
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down.
+
+        The signal handlers are in place before startup: a SIGHUP while starting (whose default
+        action would end the process) is held and done once serving, as is one that
+        ``hangup_seen`` says came before this loop ran (the CLI's latch).
+        """
         loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self.startup(after_bind=after_bind)
+        except BaseException:
+            if install_signals:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+            # Close what did open (aiosqlite threads would otherwise keep the process alive).
+            await self.shutdown()
+            raise
+        self._serving = True
+        if self._reload_pending or (hangup_seen is not None and hangup_seen()):
+            self._reload_pending = False
+            await self.reload(notify=False)  # before READY: systemd sees one start
         if notify:
             sdnotify.ready(f"listening on {len(self.bound)} sockets")
         try:
@@ -191,7 +207,7 @@ class Server:
                 # The drain may outlast the unit's TimeoutStopSec: ask for what it needs.
                 sdnotify.extend_timeout(float(self.cfg.limits.drain_timeout) + STOP_MARGIN)
             if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in signals:
                     loop.remove_signal_handler(sig)
             await self.shutdown()
 
@@ -200,13 +216,17 @@ class Server:
         self._stop.set()
 
     def request_reload(self) -> None:
+        if not self._serving:
+            self._reload_pending = True  # run() reloads once startup is done
+            return
         asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self, cfg: Config | None = None, *, notify: bool = True) -> None:
         """SIGHUP: re-read the config file and swap in the TLS certificate (:attr:`tls_context`).
 
         Live: TLS files (checked first: a certificate or key that is missing, does not parse or
-        does not match fails the whole reload, and nothing changes), auth limits and cache TTL,
+        does not match fails the whole reload, and nothing changes; a generated certificate is
+        generated again first if public_hostname changed), auth limits and cache TTL,
         limits (new sessions), delivery pause.
         Delivery settings other than the pause are read when the deliverer is (re)started.
         Listeners, state_dir and databases need a restart (logged if they changed).
@@ -219,6 +239,7 @@ class Server:
             )
             if new.listen != self.cfg.listen or new.state_dir != self.cfg.state_dir:
                 log.warning("reload: listeners and state_dir change only on restart")
+            tlsutil.ensure_self_signed(new)  # a generated certificate follows public_hostname
             tlsutil.reload(self.tls_context, new)
             was_paused = self.cfg.delivery.paused
             self.cfg = new

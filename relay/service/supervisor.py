@@ -48,8 +48,18 @@ class Supervisor:
         self.worker_command = worker_command
         self.procs: list[asyncio.subprocess.Process] = []
         self._stopping = False
+        self._ready = False  # every worker said READY=1: a SIGHUP goes on to them
+        self._reload_pending = False
+        self._hangup_seen: Callable[[], bool] | None = None
 
-    async def run(self) -> int:
+    async def run(self, *, hangup_seen: Callable[[], bool] | None = None) -> int:
+        """Start the workers and watch them until SIGTERM/SIGINT; 0 if all stopped cleanly.
+
+        A SIGHUP before every worker is ready is held (a worker not yet ready may not have its
+        handler, and SIGHUP's default action would end it) and forwarded once all are; so is
+        one ``hangup_seen`` says came before this loop ran.
+        """
+        self._hangup_seen = hangup_seen
         with tempfile.TemporaryDirectory(prefix="relaybox-") as tmp:
             path = str(Path(tmp) / "notify")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -79,19 +89,24 @@ class Supervisor:
         finally:
             os.close(lifeline)
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload)  # held until all are ready
         exits = [asyncio.create_task(p.wait()) for p in self.procs]
         try:
             await asyncio.wait_for(self._wait_ready(sock, n, exits), START_TIMEOUT)
         except (TimeoutError, _WorkerDied) as exc:
             log.error("workers did not start: %s", exc or "timeout")
+            loop.remove_signal_handler(signal.SIGHUP)
             await self._stop_all(exits)
             return 1
         log.info("all %d workers ready", n)
+        self._ready = True
+        if self._reload_pending or (self._hangup_seen is not None and self._hangup_seen()):
+            self._reload_pending = False
+            self._forward_reload()
         sdnotify.ready(f"{n} workers listening")
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
@@ -123,11 +138,17 @@ class Supervisor:
                 ready += 1
 
     def _reload(self) -> None:
+        if not self._ready:
+            self._reload_pending = True
+            return
         sdnotify.reloading()
+        self._forward_reload()
+        sdnotify.ready()
+
+    def _forward_reload(self) -> None:
         for p in self.procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGHUP)
-        sdnotify.ready()
 
     async def _stop_all(self, exits: Sequence[asyncio.Task[int]]) -> list[int]:
         for p in self.procs:

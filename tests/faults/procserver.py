@@ -60,13 +60,20 @@ class ServerProcess:
 
     async def wait_for_line(self, part: str, within: float = 20) -> str:
         """The first stderr line containing ``part``, waiting for it if need be."""
-        async with asyncio.timeout(within):
-            while True:
-                for line in self.lines:
-                    if part in line:
-                        return line
-                self._line.clear()
-                await self._line.wait()
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    for line in self.lines:
+                        if part in line:
+                            return line
+                    self._line.clear()
+                    await self._line.wait()
+        except TimeoutError:
+            code = self.proc.returncode if self.proc else None
+            tail = "\n".join(self.lines[-20:])
+            raise AssertionError(
+                f"no line with {part!r} within {within}s (exit status {code}); last lines:\n{tail}"
+            ) from None
 
     async def start(self, within: float = 30) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
