@@ -106,6 +106,11 @@ class Config:
         return self.state_dir / f"spool-{worker}.db"
 
     @property
+    def usage_path(self) -> Path:
+        """Per-user sending counts and usage (relay/store/usage.py), shared by every worker."""
+        return self.state_dir / "usage.db"
+
+    @property
     def inbox_path(self) -> Path:
         """The sandbox domains' captured mail (relay/store/inbox.py), shared by every worker."""
         return self.state_dir / "inbox.db"

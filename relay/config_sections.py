@@ -118,6 +118,20 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class UserLimitsConfig:
+    """``[limits.user]``: what every SMTP user may send unless `relaybox user set` says otherwise
+    (0 = unlimited). Fixed UTC windows: the clock hour, the UTC day (relay/userrules.py)."""
+
+    messages_per_hour: int = 1000
+    messages_per_day: int = 10000
+    recipients_per_day: int = 20000
+
+    def __post_init__(self) -> None:
+        for name in ("messages_per_hour", "messages_per_day", "recipients_per_day"):
+            check_range(name, getattr(self, name), 0, 1_000_000_000)
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_message_size: Size = Size(25 * 1024 * 1024)
     max_recipients: int = 100
@@ -132,6 +146,7 @@ class LimitsConfig:
     data_memory_share_per_ip: Fraction = Fraction(0.25)
     drain_timeout: Duration = Duration(30)
     bare_newline: str = "normalize"  # a bare LF in DATA: a line end (Postfix 3.9), or "reject"
+    user: UserLimitsConfig = field(default_factory=UserLimitsConfig)  # [limits.user]
 
     def __post_init__(self) -> None:
         check_choice("bare_newline", self.bare_newline, ("normalize", "reject"))

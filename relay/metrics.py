@@ -14,6 +14,7 @@ The API the server and delivery call (all cheap, synchronous, safe on the event 
     m.deferred()   m.bounced()      # one recipient attempt ended 4xx / one recipient bounced
     m.sandbox_accepted()            # a sandbox domain's message queued (besides accepted())
     m.captured(recipients)          # recipients delivered into the sandbox inbox
+    m.limited(limit)                # a refusal at a user's sending limit (messages_per_hour...)
     m.set_queue_depth({"queued": 3, "deferred": 1})                   # snapshot from the spool
     m.set_domain_states({"verified": 2, "failing": 1})                # snapshot from domains
     m.render() -> bytes             # the text exposition (what /metrics serves)
@@ -25,7 +26,8 @@ Exposed names (all prefixed ``relaybox_``): ``connections_total{listener}``,
 ``messages_accepted_total``, ``recipients_accepted_total``, ``accepted_bytes_total``,
 ``messages_rejected_total{reason}``, ``recipients_total{outcome=delivered|deferred|bounced}``,
 ``queue_depth{state}``, ``delivery_latency_seconds`` (histogram), ``domains{state}``,
-``sandbox_messages_total``, ``sandbox_captured_total``, ``build_info{version}``, and the standard
+``sandbox_messages_total``, ``sandbox_captured_total``, ``limited_total{limit}``,
+``build_info{version}``, and the standard
 ``process_*`` metrics.
 
 Label values are bounded: a rejection reason is folded to ``[a-z0-9_]`` and, past
@@ -116,6 +118,14 @@ class Metrics:
             "Recipients delivered into the sandbox inbox instead of out.",
             registry=r,
         )
+        self._limited = Counter(
+            "relaybox_limited",
+            "Refusals at a user's sending limit (MAIL, RCPT or DATA), by limit.",
+            ["limit"],
+            registry=r,
+        )
+        for name in ("messages_per_hour", "messages_per_day", "recipients_per_day"):
+            self._limited.labels(name)
         info = Gauge(
             "relaybox_build_info", "Always 1; the version as a label.", ["version"], registry=r
         )
@@ -179,6 +189,10 @@ class Metrics:
 
     def sandbox_accepted(self) -> None:
         self._sandbox.inc()
+
+    def limited(self, limit: str) -> None:
+        """A refusal at a user's sending limit; ``limit``: one of userrules.LIMIT_NAMES."""
+        self._limited.labels(limit).inc()
 
     def captured(self, recipients: int) -> None:
         self._captured.inc(max(0, recipients))

@@ -74,6 +74,12 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 USER_REVOKED = Reply(535, "5.7.8", "Authentication credentials no longer valid")
+# A user's own controls (relay/smtp/controls.py): a sending limit, the sender allow-list.
+LIMIT_REACHED = Reply(451, "4.7.1", "{login}: limit of {limit} {what} reached; retry after {at}")
+SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "{login} may send only as {allowed}")
+HEADER_NOT_ALLOWED = Reply(
+    550, "5.7.1", "{field} address not allowed: {login} may send only as {allowed}"
+)
 
 # --- connection and faults ---
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")

@@ -35,6 +35,7 @@ from relay.metrics import Metrics
 from relay.store.db import StoreError
 from relay.store.inbox import Inbox
 from relay.store.spool import DueRecipient, Message, Outcome, Spool
+from relay.store.usage import Tally
 
 log = logging.getLogger("relaybox.delivery")
 
@@ -80,8 +81,10 @@ class Deliverer:
         resolver: dns.asyncresolver.Resolver | None = None,
         metrics: Metrics | None = None,
         inbox: Inbox | None = None,
+        tally: Tally | None = None,
     ) -> None:
-        """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth.
+        """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth;
+        ``tally`` (optional) the outcomes per sending user, for its usage (relay/store/usage.py).
         ``inbox``: where captured recipients go; without one, ``cfg``'s is opened when the first
         is due (and closed by :meth:`stop`)."""
         self.spool = spool
@@ -89,6 +92,7 @@ class Deliverer:
         self._clock = clock
         self._out = Outbound(cfg, resolver)
         self._metrics = metrics
+        self._tally = tally
         d = cfg.delivery
         self._total = asyncio.Semaphore(d.concurrency)
         self._limits: dict[str, _Limit] = {}
@@ -320,6 +324,8 @@ class Deliverer:
         m = self._metrics
         for r, o in zip(rcpts, outcomes, strict=True):
             n = r.attempts + 1
+            if self._tally is not None:
+                self._tally.add(msg.user, o.state, now)
             if o.state == "delivered":
                 maillog.delivered(msg.id, r.address, o.relay, delay, n)
                 if m is not None:

@@ -14,6 +14,7 @@ with one log line per interval instead of a traceback per try.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -35,13 +36,15 @@ from relay.metrics import Metrics
 from relay.service import listen, sdnotify, tlsutil
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator
+from relay.smtp.controls import Quota
 from relay.smtp.gate import Gate
 from relay.smtp.handler import Handler
 from relay.smtp.session import RelaySMTP
-from relay.store import domains
+from relay.store import domains, usage
 from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
 from relay.store.passwords import Hasher
 from relay.store.spool import Spool
+from relay.store.usage import Tally
 
 log = logging.getLogger("relaybox.server")
 
@@ -74,6 +77,8 @@ class Server:
         self._ssl: tlsutil.LiveContext | None = None  # one for good: a reload swaps its certificate
         # Made by startup(), in this order; None until then (and after a failed start).
         self.db: Database | None = None
+        self.usage_db: Database | None = None  # usage.db: the per-user counts
+        self.tally = Tally()  # delivery outcomes per user, flushed into the usage periodically
         self._hasher: Hasher | None = None
         self._auth: Authenticator | None = None
         self.resolver: dns.asyncresolver.Resolver | None = None
@@ -112,15 +117,22 @@ class Server:
             tlsutil.ensure_self_signed(cfg)
             tlsutil.reload(self._ssl, cfg)
         self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        self.usage_db = await usage.open_usage(cfg)  # the per-user counts, commits not fsynced
         self._hasher = Hasher(cfg.auth)
         self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
         self.resolver = dnscheck.make_resolver(cfg)
         self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
         self.deliverer = Deliverer(
-            self.spool, cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics
+            self.spool,
+            cfg,
+            clock=self.clock,
+            resolver=self.resolver,
+            metrics=self.metrics,
+            tally=self.tally,
         )
         self.acceptor = Acceptor(self.db, self.spool, self.metrics, wake=self.deliverer.wake)
-        self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics)
+        self.quota = Quota(self.usage_db, cfg, self.metrics, self.clock)
+        self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics, self.quota)
         if self.worker == 0:
             await self._adopt_orphan_spools(self.resolver)
         if not cfg.delivery.paused:
@@ -253,6 +265,7 @@ class Server:
                 self._auth.configure(new)
             if self.handler is not None:
                 self.handler.configure(new)
+                self.handler.quota.configure(new)
             self.gate.configure(new.limits, new.limits.data_memory_budget // new.workers)
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
@@ -283,6 +296,10 @@ class Server:
             await spool.close()
         if self._auth is not None:
             await self._auth.flush_logins()
+        if self.usage_db is not None:
+            with contextlib.suppress(StoreError):
+                await self.tally.flush(self.usage_db, self.clock())
+            await self.usage_db.close()
         await self.metrics.stop_http()
         if self.spool is not None:
             await self.spool.close()
@@ -308,7 +325,12 @@ class Server:
                 continue
             spool = await Spool.open(self.cfg, worker=int(index), clock=self.clock)
             deliverer = Deliverer(
-                spool, self.cfg, clock=self.clock, resolver=resolver, metrics=self.metrics
+                spool,
+                self.cfg,
+                clock=self.clock,
+                resolver=resolver,
+                metrics=self.metrics,
+                tally=self.tally,
             )
             self._orphans.append((spool, deliverer))
             log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)
@@ -333,6 +355,8 @@ class Server:
             try:
                 await self.auth.flush_logins()
                 self.auth.prune()
+                if self.usage_db is not None:
+                    await self.tally.flush(self.usage_db, self.clock())
             except StoreError as exc:
                 log.warning("periodic flush failed: %s", exc)
 

@@ -40,6 +40,7 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.config_sections import AuthConfig
 from relay.errors import Invalid
+from relay.smtp.controls import Controls, refusal
 from relay.store import events, logins, users
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
@@ -228,13 +229,18 @@ class Authenticator:
         if self.pairs.locked(pair, now):
             return AuthAnswer(Outcome.THROTTLED, reason="ip_login_locked_out")
         try:
-            answer = await self._check(normal or login, password)
+            answer, controls = await self._check(normal or login, password)
         except StoreError:
             return AuthAnswer(Outcome.TEMPFAIL, reason="store_error")
         if answer.outcome is Outcome.OK:
-            assert answer.identity is not None
-            self.logins[answer.identity.login] = self.clock()
-            return answer
+            assert answer.identity is not None and controls is not None
+            # The right password, but not from here or no longer: the same 535 as a wrong one
+            # (nothing revealed), counted like one; the log says why.
+            refused = refusal(controls, ip, now)
+            if refused is None:
+                self.logins[answer.identity.login] = self.clock()
+                return answer
+            answer = AuthAnswer(Outcome.FAILED, reason=refused)
         key = normal or login.lower()[:320]
         already = self.login_failures.locked(key, now)
         if self.login_failures.fail(key, now) and not already:
@@ -282,7 +288,8 @@ class Authenticator:
         if remaining > 0:
             await asyncio.sleep(remaining)
 
-    async def _check(self, login: str, password: str) -> AuthAnswer:
+    async def _check(self, login: str, password: str) -> tuple[AuthAnswer, Controls | None]:
+        """Whether the password matches, and (when it does) the user's controls as stored."""
         key = self._digest(login, password)
         now = self.clock()
         entry = self._cache.get(key)
@@ -290,23 +297,23 @@ class Authenticator:
             if now >= entry.expires_at:
                 del self._cache[key]
             else:
-                which = await self._still_matches(login, entry.password_hash, now)
-                if which is not None:
-                    return AuthAnswer(
-                        Outcome.OK, Identity(entry.login, entry.domain, which, entry.password_hash)
-                    )
+                found = await self._still_matches(login, entry.password_hash, now)
+                if found is not None:
+                    which, creds = found
+                    identity = Identity(entry.login, entry.domain, which, entry.password_hash)
+                    return AuthAnswer(Outcome.OK, identity), Controls.of(creds)
                 del self._cache[key]
         result = await self._verify_single_flight(key, login, password)
         if result.matched is None or result.user is None or result.password_hash is None:
-            return AuthAnswer(Outcome.FAILED, reason="bad_credentials")
+            return AuthAnswer(Outcome.FAILED, reason="bad_credentials"), None
         user = result.user
         if self.cfg.auth.cache_ttl > 0:
             self._cache[key] = _CacheEntry(
                 user.login, result.password_hash, user.domain, now + self.cfg.auth.cache_ttl
             )
-        return AuthAnswer(
-            Outcome.OK, Identity(user.login, user.domain, result.matched, result.password_hash)
-        )
+        identity = Identity(user.login, user.domain, result.matched, result.password_hash)
+        controls = Controls(user.limits, user.allow_ip, user.allow_from, user.expires_at)
+        return AuthAnswer(Outcome.OK, identity), controls
 
     async def _verify_single_flight(
         self, key: tuple[str, bytes], login: str, password: str
@@ -334,26 +341,43 @@ class Authenticator:
         if self._inflight.get(key) is task:
             del self._inflight[key]
 
-    async def _still_matches(self, login: str, password_hash: str, now: float) -> str | None:
-        """Which stored password ``password_hash`` still is ("current"/"previous"), or None."""
+    async def _still_matches(
+        self, login: str, password_hash: str, now: float
+    ) -> tuple[str, logins.Credentials] | None:
+        """Which stored password ``password_hash`` still is ("current"/"previous") and the
+        stored row, or None."""
         creds = await logins.credentials(self.db, login)
         if creds is None or creds.disabled:
             return None
         if hmac.compare_digest(creds.current_hash, password_hash):
-            return "current"
+            return "current", creds
         if (
             creds.previous_hash is not None
             and creds.previous_valid_until is not None
             and now < creds.previous_valid_until
             and hmac.compare_digest(creds.previous_hash, password_hash)
         ):
-            return "previous"
+            return "previous", creds
         return None
 
-    async def still_valid(self, identity: Identity) -> bool:
-        """Re-check an authenticated session (at MAIL FROM): revocation is immediate."""
-        which = await self._still_matches(identity.login, identity.password_hash, self.clock())
-        return which is not None
+    async def recheck(self, identity: Identity, ip: str) -> tuple[Controls | None, str]:
+        """Re-check an authenticated session (at MAIL FROM), one read: the user's controls as
+        stored now, or None and why not (``credentials_revoked``: deleted, disabled or its
+        password reset since AUTH; ``expired``; ``ip_not_allowed``). Revocation is immediate."""
+        now = self.clock()
+        found = await self._still_matches(identity.login, identity.password_hash, now)
+        if found is None:
+            return None, "credentials_revoked"
+        controls = Controls.of(found[1])
+        refused = refusal(controls, ip, now)
+        if refused is not None:
+            return None, refused
+        return controls, ""
+
+    async def still_valid(self, identity: Identity, ip: str = "") -> bool:
+        """Whether an authenticated session's credential still holds (:meth:`recheck`)."""
+        controls, _why = await self.recheck(identity, ip)
+        return controls is not None
 
     async def flush_logins(self) -> None:
         """Write the batched last-login times (one transaction for all)."""

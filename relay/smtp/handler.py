@@ -23,6 +23,7 @@ from relay.replies import Reply
 from relay.smtp import policy
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator, Outcome
+from relay.smtp.controls import Grant, Quota
 from relay.smtp.session import RelaySMTP
 from relay.store.db import StoreError
 
@@ -37,12 +38,18 @@ MAX_AUTH_FAILURES_PER_SESSION = 3
 
 class Handler:
     def __init__(
-        self, cfg: Config, auth: Authenticator, acceptor: Acceptor, metrics: Metrics
+        self,
+        cfg: Config,
+        auth: Authenticator,
+        acceptor: Acceptor,
+        metrics: Metrics,
+        quota: Quota,
     ) -> None:
         self.cfg = cfg
         self.auth = auth
         self.acceptor = acceptor
         self.metrics = metrics
+        self.quota = quota
 
     def configure(self, cfg: Config) -> None:
         """Reload: limits and the hostname apply from the next command on."""
@@ -147,24 +154,35 @@ class Handler:
         identity = st.identity
         if identity is None:
             return str(replies.AUTH_REQUIRED)
+        st.grant = None
         try:
-            valid = await self.auth.still_valid(identity)
+            controls, why = await self.auth.recheck(identity, st.ip)
             state = await self.acceptor.domain_state(identity.domain)
         except StoreError:
             return str(replies.TEMP_FAILURE)
-        if not valid:
-            # Deleted, disabled, or its password revoked since AUTH: immediate, per session.
+        if controls is None:
+            # Deleted, disabled, its password revoked, expired, or its allow-list changed since
+            # AUTH: immediate, per session.
             st.identity = None
             session.authenticated = False
-            maillog.rejected("mail", "credentials_revoked", st.ip, identity.login)
+            maillog.rejected("mail", why, st.ip, identity.login)
             return str(replies.USER_REVOKED)
-        refusal = policy.check_sender(identity.domain, address, state)
+        senders = policy.Senders(identity.domain, controls.allow_from, identity.login)
+        refusal = policy.check_sender(senders, address, state)
         if refusal is not None:
             maillog.rejected(
                 "mail", replies.token(refusal), st.ip, identity.login, **{"from": address}
             )
             self.metrics.rejected(replies.token(refusal))
             return str(refusal)
+        limits = self.quota.limits(controls)
+        try:
+            over, counts = await self.quota.at_mail(identity.login, limits)
+        except StoreError:
+            return str(replies.TEMP_FAILURE)
+        if over is not None:
+            return str(over)  # counted and logged (once per window) by the quota
+        st.grant = Grant(senders, limits, counts)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(replies.SENDER_OK)
@@ -187,33 +205,44 @@ class Handler:
         if refusal is not None:
             self.metrics.rejected(replies.token(refusal))
             return str(refusal)
+        grant = st.grant
+        if grant is not None:
+            hit = self.quota.rcpt_hit(grant.limits, grant.counts, len(envelope.rcpt_tos))
+            if hit is not None:
+                return str(await self.quota.refused(st.identity.login, hit))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
 
     async def handle_DATA(self, smtp: RelaySMTP, session: Session, envelope: Envelope) -> str:
         st = smtp.state
-        assert st is not None and st.identity is not None
-        identity = st.identity
+        assert st is not None and st.identity is not None and st.grant is not None
+        identity, grant = st.identity, st.grant
         content = envelope.original_content
         assert isinstance(content, bytes) and envelope.mail_from is not None
         # Every return below is the reply to DATA: the session then ends the transaction
         # (aiosmtpd's _set_post_data_state), a refusal included. An exception would not.
         if len(content) > INLINE_LIMIT:  # the header scan costs as much as its size: off the loop
-            refusal, checked = await asyncio.to_thread(_checked, identity.domain, content)
+            refusal, checked = await asyncio.to_thread(_checked, grant.senders, content)
         else:
-            refusal, checked = _checked(identity.domain, content)
+            refusal, checked = _checked(grant.senders, content)
         if refusal is not None:
             return self._refuse(refusal, st.ip, identity.login)
         message = self._complete(checked, smtp, identity.login)
+        rcpts = list(envelope.rcpt_tos)
+        try:  # counted now, exactly (relay/store/usage.py); taken back below if not queued
+            over, admitted_at = await self.quota.admit(identity.login, len(rcpts), grant.limits)
+        except StoreError:
+            self.metrics.rejected("store_error")
+            return str(replies.TEMP_FAILURE)
+        if over is not None:
+            return str(over)
+        queued = False
         try:
             msg_id = await self.acceptor.accept(
-                identity.domain,
-                envelope.mail_from,
-                list(envelope.rcpt_tos),
-                message,
-                identity.login,
+                identity.domain, envelope.mail_from, rcpts, message, identity.login
             )
+            queued = True
         except StoreError:
             log.exception("could not queue a message from %s", maillog.safe(identity.login))
             self.metrics.rejected("store_error")
@@ -224,6 +253,9 @@ class Handler:
             log.exception("could not sign a message from %s", maillog.safe(identity.login))
             self.metrics.rejected("signing_error")
             return str(replies.TEMP_FAILURE)
+        finally:
+            if not queued:
+                await self.quota.release(identity.login, len(rcpts), admitted_at)
         st.messages += 1
         maillog.queued(
             msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
@@ -262,11 +294,11 @@ class Handler:
         return str(replies.TEMP_FAILURE)
 
 
-def _checked(user_domain: str, content: bytes) -> tuple[Reply | None, bytes]:
+def _checked(senders: policy.Senders, content: bytes) -> tuple[Reply | None, bytes]:
     """The refusal for a message (line endings, then its header section), or None and the
     message with every field name written the modern way ("From:" for "From :", RFC 5322 4.5):
     what is queued and signed is then read alike by every receiver, dkimpy's verifier included."""
-    refusal = policy.check_line_endings(content) or policy.check_header(user_domain, content)
+    refusal = policy.check_line_endings(content) or policy.check_header(senders, content)
     if refusal is not None:
         return refusal, content
     return None, grammar.modern_field_names(content)

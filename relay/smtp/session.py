@@ -37,6 +37,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from relay import grammar, replies
 from relay.replies import Reply
 from relay.smtp.auth import Identity
+from relay.smtp.controls import Grant
 from relay.smtp.data import DataReader, declared_size
 from relay.smtp.gate import Gate
 from relay.smtp.reader import AUTH_COMMAND_LIMIT, CommandReader
@@ -52,6 +53,7 @@ class SessionState:
     ip: str
     listener_mode: str
     identity: Identity | None = None  # once authenticated
+    grant: Grant | None = None  # what MAIL FROM read for the transaction (relay/smtp/controls.py)
     auth_failures: int = 0
     busy: bool = False
     in_data: bool = False

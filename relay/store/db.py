@@ -59,12 +59,12 @@ def _create_private(path: Path) -> None:
         os.close(fd)
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
+async def _connect(path: Path, synchronous: str = "FULL") -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     await _set_wal(conn)
-    await conn.execute("PRAGMA synchronous = FULL")
+    await conn.execute(f"PRAGMA synchronous = {synchronous}")
     await conn.execute("PRAGMA foreign_keys = ON")
     return conn
 
@@ -101,16 +101,24 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path, migrations: Sequence[Migration]) -> Database:
+    async def open(
+        cls, path: Path, migrations: Sequence[Migration], *, synchronous: str = "FULL"
+    ) -> Database:
+        """Open (create, migrate) ``path``. ``synchronous = "NORMAL"``: this handle's commits
+        are not fsynced (WAL: a crash of the process loses nothing, a power loss may lose the
+        last ones); only for counts that may come out a little low (relay/store/usage.py),
+        never for mail or credentials. It is per connection: other handles stay FULL."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous: {synchronous!r}")
         ensure_state_dir(path.parent)
         _create_private(path)
         try:
-            writer = await _connect(path)
+            writer = await _connect(path, synchronous)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         try:
             await _migrate(writer, migrations)
-            reader = await _connect(path)
+            reader = await _connect(path, synchronous)
         except BaseException as exc:
             await writer.close()  # its thread would otherwise keep the process alive
             if isinstance(exc, sqlite3.Error):
@@ -264,6 +272,17 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
             address TEXT NOT NULL,
             PRIMARY KEY (domain, address)
         ) WITHOUT ROWID
+        """,
+    ),
+    Migration(
+        3,
+        """
+        ALTER TABLE users ADD COLUMN messages_per_hour INTEGER;
+        ALTER TABLE users ADD COLUMN messages_per_day INTEGER;
+        ALTER TABLE users ADD COLUMN recipients_per_day INTEGER;
+        ALTER TABLE users ADD COLUMN allow_ip TEXT NOT NULL DEFAULT '';
+        ALTER TABLE users ADD COLUMN allow_from TEXT NOT NULL DEFAULT '';
+        ALTER TABLE users ADD COLUMN expires_at REAL
         """,
     ),
 )

@@ -17,6 +17,7 @@ from relay.errors import Invalid
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 from relay.store.users import COLUMNS, User, from_row, normalize_login, writing
+from relay.userrules import LimitOverrides
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Credentials:
     previous_hash: str | None = field(repr=False)
     previous_valid_until: float | None
     disabled: bool
+    limits: LimitOverrides = LimitOverrides()
+    allow_ip: tuple[str, ...] = ()
+    allow_from: tuple[str, ...] = ()
+    expires_at: float | None = None
 
 
 async def verify(
@@ -114,20 +119,20 @@ async def credentials(db: Database, login: str) -> Credentials | None:
         key = normalize_login(login)
     except Invalid:
         return None
-    row = await db.fetchone(
-        "SELECT login, password_hash, previous_hash, previous_valid_until, disabled FROM users"
-        " WHERE login = ?",
-        (key,),
-    )
+    row = await db.fetchone(f"SELECT {COLUMNS}, password_hash FROM users WHERE login = ?", (key,))
     if row is None:
         return None
-    has_previous = row["previous_hash"] is not None
+    user = from_row(row)
     return Credentials(
-        login=row["login"],
+        login=user.login,
         current_hash=row["password_hash"],
         previous_hash=row["previous_hash"],
-        previous_valid_until=row["previous_valid_until"] if has_previous else None,
-        disabled=bool(row["disabled"]),
+        previous_valid_until=user.old_password_valid_until,
+        disabled=user.disabled,
+        limits=user.limits,
+        allow_ip=user.allow_ip,
+        allow_from=user.allow_from,
+        expires_at=user.expires_at,
     )
 
 

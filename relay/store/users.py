@@ -17,23 +17,25 @@ Only these two modules write the ``users`` table (a domain removed with its user
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosqlite
 
-from relay import grammar, saslprep
+from relay import grammar, saslprep, userrules
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import events
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 from relay.units import format_duration
+from relay.userrules import LimitOverrides
 
 COLUMNS = (  # what a User is read from
     "login, domain, created_at, last_login_at, password_changed_at, previous_hash, "
-    "previous_valid_until, disabled"
+    "previous_valid_until, disabled, messages_per_hour, messages_per_day, recipients_per_day, "
+    "allow_ip, allow_from, expires_at"
 )
 
 
@@ -48,6 +50,10 @@ class User:
     password_changed_at: float
     old_password_valid_until: float | None  # end of the grace window as stored (may be past)
     disabled: bool
+    limits: LimitOverrides = LimitOverrides()  # its own sending limits (None: the default)
+    allow_ip: tuple[str, ...] = ()  # networks it may log in from (empty: anywhere)
+    allow_from: tuple[str, ...] = ()  # senders it may use (empty: any of its domain)
+    expires_at: float | None = None  # from then on its passwords are refused
 
     def old_password_works(self, now: float) -> bool:
         """True while a reset's previous password is still accepted."""
@@ -98,7 +104,18 @@ def from_row(row: sqlite3.Row) -> User:
         password_changed_at=row["password_changed_at"],
         old_password_valid_until=row["previous_valid_until"] if has_previous else None,
         disabled=bool(row["disabled"]),
+        limits=LimitOverrides(
+            row["messages_per_hour"], row["messages_per_day"], row["recipients_per_day"]
+        ),
+        allow_ip=split_list(row["allow_ip"]),
+        allow_from=split_list(row["allow_from"]),
+        expires_at=row["expires_at"],
     )
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """An allow-list column: entries separated by spaces (none holds one)."""
+    return tuple(text.split())
 
 
 async def _fetch(conn: aiosqlite.Connection, login: str) -> sqlite3.Row | None:
@@ -150,9 +167,20 @@ async def _update(
 
 
 async def create(
-    db: Database, login: str, password: str, *, hasher: Hasher, cfg: Config, now: float, actor: str
+    db: Database,
+    login: str,
+    password: str,
+    *,
+    hasher: Hasher,
+    cfg: Config,
+    now: float,
+    actor: str,
+    expires_at: float | None = None,
 ) -> User:
-    """Create a user. The domain must exist and be ``verified`` (not merely failing/pending)."""
+    """Create a user. The domain must exist and be ``verified`` (not merely failing/pending).
+    ``expires_at``: when its password stops working (None: never)."""
+    if expires_at is not None and expires_at <= now:
+        raise Invalid("expires: that is in the past")
     login = normalize_login(login)
     domain = login.rpartition("@")[2]
     hasher.check_policy(password)
@@ -175,16 +203,17 @@ async def create(
             raise Conflict(f"user {login} already exists")
         try:
             await conn.execute(
-                "INSERT INTO users (login, domain, password_hash, created_at, password_changed_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (login, domain, password_hash, now, now),
+                "INSERT INTO users (login, domain, password_hash, created_at, password_changed_at,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (login, domain, password_hash, now, now, expires_at),
             )
         except sqlite3.IntegrityError:
             # The domain was removed between the check and the insert (foreign key).
             raise Conflict(
                 f"domain {domain} is not known: run `relaybox domain add {domain}`"
             ) from None
-        await events.add(conn, now=now, actor=actor, action="user.add", target=login)
+        shown = "" if expires_at is None else f"expires_at={userrules.format_time(expires_at)}"
+        await events.add(conn, now=now, actor=actor, action="user.add", target=login, detail=shown)
         row = await _existing(conn, login)
     return from_row(row)
 
@@ -253,6 +282,78 @@ async def set_disabled(db: Database, login: str, disabled: bool, *, now: float, 
 
     action = "user.disable" if disabled else "user.enable"
     return await _update(db, login, change, now=now, actor=actor, action=action)
+
+
+@dataclass(frozen=True)
+class SettingsChange:
+    """What `relaybox user set` changes; every field left at its default is kept as it is.
+
+    ``limits``: limit name -> the user's own value (0 = unlimited), or None to put the config's
+    default back. ``allow_ip`` / ``allow_from``: the whole new list as typed (empty: no list).
+    ``expires``: True to set ``expires_at`` (None: never)."""
+
+    limits: Mapping[str, int | None] = field(default_factory=dict)
+    allow_ip: Sequence[str] | None = None
+    allow_from: Sequence[str] | None = None
+    expires: bool = False
+    expires_at: float | None = None
+
+    def empty(self) -> bool:
+        return (
+            not self.limits
+            and self.allow_ip is None
+            and self.allow_from is None
+            and not (self.expires)
+        )
+
+
+async def update_settings(
+    db: Database, login: str, change: SettingsChange, *, now: float, actor: str
+) -> User:
+    """Apply ``change`` (limits, allow-lists, expiry) and audit it as ``user.set``, one
+    transaction. Entries are checked and stored canonical (relay/userrules.py); Invalid names
+    the first bad one."""
+    login = normalize_login(login)
+    domain = login.rpartition("@")[2]
+    sets: list[str] = []
+    params: list[object] = []
+    detail: list[str] = []
+    for name, value in change.limits.items():
+        if name not in userrules.LIMIT_NAMES:
+            raise Invalid(f"no such limit: {name}")
+        if value is not None and not 0 <= value <= userrules.MAX_LIMIT:
+            raise Invalid(f"{name}: expected 0 (unlimited) to {userrules.MAX_LIMIT}")
+        sets.append(f"{name} = ?")
+        params.append(value)
+        detail.append(f"{name}={'default' if value is None else value}")
+    if change.allow_ip is not None:
+        nets = userrules.check_list(
+            [userrules.parse_network(t) for t in change.allow_ip], "allow_ip"
+        )
+        sets.append("allow_ip = ?")
+        params.append(" ".join(nets))
+        detail.append(f"allow_ip={','.join(nets) or 'any'}")
+    if change.allow_from is not None:
+        senders = [userrules.parse_sender(t, domain) for t in change.allow_from]
+        allowed = userrules.check_list(senders, "allow_from")
+        sets.append("allow_from = ?")
+        params.append(" ".join(allowed))
+        detail.append(f"allow_from={','.join(allowed) or 'any'}")
+    if change.expires:
+        if change.expires_at is not None and change.expires_at <= now:
+            raise Invalid("expires: that is in the past")
+        sets.append("expires_at = ?")
+        params.append(change.expires_at)
+        shown = "never" if change.expires_at is None else userrules.format_time(change.expires_at)
+        detail.append(f"expires_at={shown}")
+    if not sets:
+        raise Invalid("nothing to change: give at least one option")
+
+    def apply(_row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+        sql = f"UPDATE users SET {', '.join(sets)} WHERE login = ?"
+        return sql, (*params, login), " ".join(detail)
+
+    return await _update(db, login, apply, now=now, actor=actor, action="user.set")
 
 
 async def count_in_domain(conn: aiosqlite.Connection, domain: str) -> int:

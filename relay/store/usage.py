@@ -1,0 +1,311 @@
+"""Per-user sending counts: the sending limits' windows, and the usage history.
+
+Tables of ``usage.db`` in the state dir, which every worker sees (so a limit holds for the service
+as a whole, not per process). A file of its own, not the main database: a CLI holding the main
+database's write lock (a slow `user add`) must not hold up mail, and every accepted message
+writes here.
+
+- ``usage_days`` (login, UTC day): messages accepted, their recipients, recipients delivered,
+  deferred and bounced, and messages refused at a limit; what `relaybox user usage` shows. Each
+  count is of the day it happened (a delivery the day after its acceptance counts the day after).
+- ``usage_hours`` (login, hour start): messages accepted, for ``messages_per_hour``.
+- ``limit_hits`` (login, limit, window start): refusals at that limit in that window; its first
+  one is the one the mail log names (``limited user=... limit=...``), once per window for the
+  whole service.
+
+**Admission is exact.** :func:`admit` runs at the end of DATA, just before the message is queued,
+in one write transaction (``BEGIN IMMEDIATE`` serialises every writer of the file): it adds the
+message to its hour and day and its recipients to the day, unless that would pass a limit; then
+nothing is added and the limit is named. A message not queued after all (a store fault, a
+signing error) is taken back by :func:`release`. So however many connections or workers send at
+once, no message passes a limit: over-admission is zero. The check at MAIL FROM and RCPT TO
+(:func:`snapshot`) only says early what admit would say (it is the answer a client normally
+sees); between the two, another session can take the last place, and that message then gets
+the 451 after its DATA.
+
+Durability: the file is opened with ``synchronous = NORMAL`` (relay/store/db.py):
+no fsync per message; a crash of the process loses nothing, a power loss may lose the last
+counts (they come out low). The mail itself is on disk before any 250, through the spool.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+
+from relay import userrules
+from relay.config import Config
+from relay.store.db import Database, Migration, StoreError
+from relay.userrules import Limits
+
+USAGE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        """
+        CREATE TABLE usage_days (
+            login TEXT NOT NULL,
+            day TEXT NOT NULL,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            recipients INTEGER NOT NULL DEFAULT 0,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            deferred INTEGER NOT NULL DEFAULT 0,
+            bounced INTEGER NOT NULL DEFAULT 0,
+            limited INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (login, day)
+        ) WITHOUT ROWID;
+        CREATE TABLE usage_hours (
+            login TEXT NOT NULL,
+            hour REAL NOT NULL,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            limited INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (login, hour)
+        ) WITHOUT ROWID;
+        CREATE TABLE limit_hits (
+            login TEXT NOT NULL,
+            name TEXT NOT NULL,
+            window_start REAL NOT NULL,
+            refused INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (login, name, window_start)
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
+KEEP_DAYS = 400  # usage history kept, in days
+PRUNE_EVERY = 3600.0  # seconds between prunes of old rows (by a Tally's flush)
+OUTCOMES = ("delivered", "deferred", "bounced")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a user has sent in the windows that hold ``now``."""
+
+    messages_this_hour: int = 0
+    messages_today: int = 0
+    recipients_today: int = 0
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A limit that refuses: its name, its value, and when its window ends."""
+
+    name: str
+    limit: int
+    resets_at: float
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    day: str
+    accepted: int = 0
+    recipients: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    limited: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "day": self.day,
+            "accepted": self.accepted,
+            "recipients": self.recipients,
+            "delivered": self.delivered,
+            "deferred": self.deferred,
+            "bounced": self.bounced,
+            "refused_for_limit": self.limited,
+        }
+
+
+class _Over(Exception):
+    """Raised inside :func:`admit`'s transaction to roll it back."""
+
+    def __init__(self, hit: Hit) -> None:
+        self.hit = hit
+
+
+def first_hit(limits: Limits, counts: Counts, now: float, recipients: int = 0) -> Hit | None:
+    """The limit that one more message with ``recipients`` recipients would pass, or None.
+    ``recipients = 0``: only whether a message may start (MAIL FROM)."""
+    checks = (
+        ("messages_per_hour", counts.messages_this_hour + 1),
+        ("messages_per_day", counts.messages_today + 1),
+        ("recipients_per_day", counts.recipients_today + max(recipients, 1)),
+    )
+    for name, wanted in checks:
+        limit = limits.get(name)
+        if limit and wanted > limit:
+            return Hit(name, limit, userrules.window_end(name, now))
+    return None
+
+
+async def snapshot(db: Database, login: str, now: float) -> Counts:
+    """The user's counts in the windows holding ``now`` (one read)."""
+    row = await db.fetchone(
+        "SELECT (SELECT accepted FROM usage_hours WHERE login = :l AND hour = :h) AS hour,"
+        " d.accepted AS day, d.recipients AS rcpt"
+        " FROM (SELECT 1) LEFT JOIN usage_days d ON d.login = :l AND d.day = :d",
+        {"l": login, "h": userrules.hour_start(now), "d": userrules.day_key(now)},
+    )
+    if row is None:
+        return Counts()
+    return Counts(row["hour"] or 0, row["day"] or 0, row["rcpt"] or 0)
+
+
+async def admit(
+    db: Database, login: str, recipients: int, limits: Limits, now: float
+) -> Hit | None:
+    """Count one message of ``recipients`` recipients, unless it would pass a limit: then count
+    nothing and return that limit. Exact across workers (see the module docstring)."""
+    hour, day = userrules.hour_start(now), userrules.day_key(now)
+    try:
+        async with db.transaction() as conn:
+            async with conn.execute(
+                "INSERT INTO usage_hours (login, hour, accepted) VALUES (?, ?, 1)"
+                " ON CONFLICT (login, hour) DO UPDATE SET accepted = accepted + 1"
+                " RETURNING accepted",
+                (login, hour),
+            ) as cur:
+                (in_hour,) = await cur.fetchone() or (1,)
+            async with conn.execute(
+                "INSERT INTO usage_days (login, day, accepted, recipients) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (login, day) DO UPDATE SET accepted = accepted + 1,"
+                " recipients = recipients + excluded.recipients RETURNING accepted, recipients",
+                (login, day, recipients),
+            ) as cur:
+                (in_day, rcpt_day) = await cur.fetchone() or (1, recipients)
+            counts = Counts(in_hour - 1, in_day - 1, rcpt_day - recipients)
+            hit = first_hit(limits, counts, now, recipients)
+            if hit is not None:
+                raise _Over(hit)
+    except _Over as over:
+        return over.hit
+    except sqlite3.Error as exc:
+        raise StoreError(f"usage: {exc}") from exc
+    return None
+
+
+async def release(db: Database, login: str, recipients: int, admitted_at: float) -> None:
+    """Take back a message :func:`admit` counted at ``admitted_at`` that was not queued after
+    all (its windows are those of ``admitted_at``, whatever the time now)."""
+    hour, day = userrules.hour_start(admitted_at), userrules.day_key(admitted_at)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute(
+                "UPDATE usage_hours SET accepted = max(accepted - 1, 0)"
+                " WHERE login = ? AND hour = ?",
+                (login, hour),
+            )
+            await conn.execute(
+                "UPDATE usage_days SET accepted = max(accepted - 1, 0),"
+                " recipients = max(recipients - ?, 0) WHERE login = ? AND day = ?",
+                (recipients, login, day),
+            )
+    except sqlite3.Error as exc:
+        raise StoreError(f"usage: {exc}") from exc
+
+
+async def note_refused(db: Database, login: str, hit: Hit, now: float) -> bool:
+    """Count a message refused at ``hit``'s limit; True for the first refusal at that limit in
+    its window (the one to log), for the whole service."""
+    start = hit.resets_at - (userrules.HOUR if hit.name == "messages_per_hour" else userrules.DAY)
+    try:
+        async with db.transaction() as conn:
+            async with conn.execute(
+                "INSERT INTO limit_hits (login, name, window_start, refused) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (login, name, window_start) DO UPDATE SET refused = refused + 1"
+                " RETURNING refused",
+                (login, hit.name, start),
+            ) as cur:
+                (refused,) = await cur.fetchone() or (1,)
+            await conn.execute(
+                "INSERT INTO usage_days (login, day, limited) VALUES (?, ?, 1)"
+                " ON CONFLICT (login, day) DO UPDATE SET limited = limited + 1",
+                (login, userrules.day_key(now)),
+            )
+    except sqlite3.Error as exc:
+        raise StoreError(f"usage: {exc}") from exc
+    return int(refused) == 1
+
+
+async def history(db: Database, login: str, days: int, now: float) -> list[DayUsage]:
+    """The last ``days`` UTC days up to today, oldest first; a day without rows reads as 0."""
+    keys = [userrules.day_key(now - i * userrules.DAY) for i in range(days - 1, -1, -1)]
+    rows = await db.fetchall(
+        "SELECT day, accepted, recipients, delivered, deferred, bounced, limited FROM usage_days"
+        " WHERE login = ? AND day >= ? AND day <= ?",
+        (login, keys[0], keys[-1]),
+    )
+    found = {r["day"]: r for r in rows}
+    out = []
+    for key in keys:
+        r = found.get(key)
+        out.append(DayUsage(key) if r is None else DayUsage(*(r[i] for i in range(7))))
+    return out
+
+
+async def today_for(db: Database, logins: Sequence[str], now: float) -> Mapping[str, Counts]:
+    """:class:`Counts` of many users at once (`user list`)."""
+    hour, day = userrules.hour_start(now), userrules.day_key(now)
+    days = await db.fetchall(
+        "SELECT login, accepted, recipients FROM usage_days WHERE day = ?", (day,)
+    )
+    hours = await db.fetchall("SELECT login, accepted FROM usage_hours WHERE hour = ?", (hour,))
+    by_hour = {r["login"]: r["accepted"] for r in hours}
+    by_day = {r["login"]: (r["accepted"], r["recipients"]) for r in days}
+    return {login: Counts(by_hour.get(login, 0), *by_day.get(login, (0, 0))) for login in logins}
+
+
+async def open_usage(cfg: Config) -> Database:
+    """The counts' database (created and migrated if need be), commits not fsynced."""
+    return await Database.open(cfg.usage_path, USAGE_MIGRATIONS, synchronous="NORMAL")
+
+
+class Tally:
+    """Delivery outcomes per (user, day), kept in memory and added to ``usage_days`` in one
+    transaction by :meth:`flush` (the server's periodic task): no store write per recipient."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        self._next_prune = 0.0
+
+    def add(self, login: str | None, state: str, now: float) -> None:
+        if login is None or state not in OUTCOMES:
+            return
+        self._pending[(login, userrules.day_key(now))][OUTCOMES.index(state)] += 1
+
+    async def flush(self, db: Database, now: float) -> None:
+        """Write what was added; kept for the next flush if the store fails (StoreError)."""
+        batch, self._pending = self._pending, defaultdict(lambda: [0, 0, 0])
+        try:
+            async with db.transaction() as conn:
+                if batch:
+                    await conn.executemany(
+                        "INSERT INTO usage_days (login, day, delivered, deferred, bounced)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (login, day) DO UPDATE SET"
+                        " delivered = delivered + excluded.delivered,"
+                        " deferred = deferred + excluded.deferred,"
+                        " bounced = bounced + excluded.bounced",
+                        [(login, day, *n) for (login, day), n in batch.items()],
+                    )
+                if now >= self._next_prune:
+                    await _prune(conn, now)
+                    self._next_prune = now + PRUNE_EVERY
+        except (sqlite3.Error, StoreError) as exc:
+            for key, counts in batch.items():
+                mine = self._pending[key]
+                for i, n in enumerate(counts):
+                    mine[i] += n
+            raise StoreError(f"usage: {exc}") from exc
+
+
+async def _prune(conn: aiosqlite.Connection, now: float) -> None:
+    """Forget windows that ended (hours, hits older than two days) and history past KEEP_DAYS."""
+    execute = conn.execute
+    await execute("DELETE FROM usage_hours WHERE hour < ?", (now - 2 * userrules.DAY,))
+    await execute("DELETE FROM limit_hits WHERE window_start < ?", (now - 2 * userrules.DAY,))
+    oldest = userrules.day_key(now - KEEP_DAYS * userrules.DAY)
+    await execute("DELETE FROM usage_days WHERE day < ?", (oldest,))
