@@ -23,10 +23,20 @@ class Dialogue:
 
     @classmethod
     async def open(
-        cls, port: int, *, tls: ssl.SSLContext | None = None, greeting: str = "220"
+        cls,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        greeting: str = "220",
+        source: str | None = None,
     ) -> Dialogue:
+        """``source``: the loopback address to connect from (127.0.0.2: another client)."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=tls, server_hostname="relay.test" if tls else None
+            "127.0.0.1",
+            port,
+            ssl=tls,
+            server_hostname="relay.test" if tls else None,
+            local_addr=(source, 0) if source else None,
         )
         d = cls(reader, writer)
         if greeting:
