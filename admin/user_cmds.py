@@ -1,4 +1,5 @@
-"""`relaybox user ...`: SMTP users (add, list, show, reset-password, revoke-old, delete, disable).
+"""`relaybox user ...`: SMTP users (add, list, show, reset-password, revoke-old, delete, disable;
+`set` and `usage` are admin/user_controls_cmds.py).
 
 Presentation only: the rules live in relay/store/users.py and relay/store/passwords.py. A password
 is printed exactly once, right after it was generated; `--password-stdin` passwords are never
@@ -7,21 +8,26 @@ echoed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import click
 
 from admin import common
+from admin import user_controls_cmds as controls
 from relay import clock
 from relay.config import Config
-from relay.store import domains, events, passwords, users
+from relay.store import events, passwords, users
 from relay.store.db import Database
 from relay.store.passwords import Hasher
+from relay.store.usage import Counts
 from relay.store.users import User
 from relay.units import format_duration, parse_duration
 
 T = TypeVar("T")
+BATCHED = (  # relay/service/server.py's LOGIN_FLUSH_INTERVAL
+    "The server writes last logins in batches, every 30 seconds and when it stops."
+)
 MAX_GRACE = 30 * 86400  # the longest --grace: how long an old password may keep working
 
 
@@ -81,7 +87,7 @@ def _connection_info(cfg: Config) -> str:
 
 
 def _row(user: User, now: float) -> dict[str, Any]:
-    """The `user list` JSON object (also the base of `user show`)."""
+    """The `user list` JSON object before issue 14's keys (also the base of `user show`)."""
     return {
         "login": user.login,
         "domain": user.domain,
@@ -135,38 +141,72 @@ def register(cli: click.Group) -> None:
     @user_group.command("add")
     @click.argument("login")
     @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+    @click.option("--expires", default="never", metavar="WHEN", help=controls.EXPIRES_HELP)
     @common.json_option
     @click.pass_context
     @common.user_errors
-    def user_add(ctx: click.Context, login: str, password_stdin: bool, json_: bool) -> None:
+    def user_add(
+        ctx: click.Context, login: str, password_stdin: bool, expires: str, json_: bool
+    ) -> None:
         """Create LOGIN (name@domain, domain verified); print its password once."""
         cfg = common.get_config(ctx)
         login = users.normalize_login(login)
-        password, generated = _new_password(cfg, password_stdin)
         now = clock.system()
+        expires_at = controls.parse_expires(expires, now)
+        password, generated = _new_password(cfg, password_stdin)
         user = _with_store(
             cfg,
             lambda db, h: users.create(
-                db, login, password, hasher=h, cfg=cfg, now=now, actor=events.current_actor()
+                db,
+                login,
+                password,
+                hasher=h,
+                cfg=cfg,
+                now=now,
+                actor=events.current_actor(),
+                expires_at=expires_at,
             ),
         )
         _print_password(cfg, user, password, generated, json_, now)
+        if not json_ and user.expires_at is not None:
+            click.echo(f"Expires:    {controls.expiry(user, now)}")
 
-    @user_group.command("list")
+    @user_group.command("list", help=f"List SMTP users.\n\n{BATCHED}")
     @click.option("--domain", default=None, help="Only users of this domain.")
+    @click.option(
+        "--unused-since",
+        default=None,
+        metavar="DURATION",
+        help="Only users whose last login is older than that (e.g. 30d), or who never logged "
+        f"in and were created before. {BATCHED}",
+    )
     @common.json_option
     @click.pass_context
     @common.user_errors
-    def user_list(ctx: click.Context, domain: str | None, json_: bool) -> None:
-        """List SMTP users."""
-        cfg = common.get_config(ctx)
-        found = _with_store(cfg, lambda db, _h: users.list_all(db, domain))
+    def user_list(
+        ctx: click.Context, domain: str | None, unused_since: str | None, json_: bool
+    ) -> None:
         now = clock.system()
+        cutoff = None if unused_since is None else now - controls.parse_since(unused_since)
+        cfg = common.get_config(ctx)
+
+        async def _load(db: Database, _h: Hasher) -> tuple[list[User], Mapping[str, Counts]]:
+            found = await users.list_all(db, domain)
+            if cutoff is not None:
+                found = [u for u in found if (u.last_login_at or u.created_at) < cutoff]
+            return found, await controls.today(cfg, [u.login for u in found], now)
+
+        found, counts = _with_store(cfg, _load)
         if json_:
-            common.emit_json([_row(u, now) for u in found])
+            common.emit_json(
+                [_row(u, now) | controls.fields(u, cfg, counts[u.login], now) for u in found]
+            )
             return
         if not found:
-            click.echo("no SMTP users yet: `relaybox user add NAME@DOMAIN`")
+            if unused_since is not None:
+                click.echo(f"no user unused since {unused_since}")
+            else:
+                click.echo("no SMTP users yet: `relaybox user add NAME@DOMAIN`")
             return
         rows = [
             (
@@ -175,12 +215,14 @@ def register(cli: click.Group) -> None:
                 clock.iso(u.last_login_at) or "never",
                 clock.iso(u.password_changed_at),
                 clock.iso(u.grace_until(now)) or "-",
-                "disabled" if u.disabled else "active",
+                controls.expires_cell(u),
+                controls.state(u, now),
+                controls.limited_text(u, cfg, counts[u.login], now),
             )
             for u in found
         ]
-        headers = ("Login", "Created", "Last login", "Password changed", "Old pw until", "State")
-        click.echo(common.table(headers, rows))
+        headers = ("Login", "Created", "Last login", "Password changed", "Old pw until")
+        click.echo(common.table((*headers, "Expires", "State", "Limited"), rows))
 
     @user_group.command("show")
     @click.argument("login")
@@ -190,16 +232,12 @@ def register(cli: click.Group) -> None:
     def user_show(ctx: click.Context, login: str, json_: bool) -> None:
         """Connection info and state of LOGIN (the password itself cannot be shown)."""
         cfg = common.get_config(ctx)
-        user = _get(cfg, login)
-        domain = _with_store(cfg, lambda db, _h: domains.get(db, user.domain))
-        is_sandbox = domain is not None and domain.sandbox
         now = clock.system()
+        user, is_sandbox, counts = _with_store(
+            cfg, lambda db, _h: controls.details(cfg, db, login, now)
+        )
         if json_:
-            data = _row(user, now)
-            data["host"] = cfg.public_hostname
-            data["listeners"] = _listeners(cfg)
-            data["sandbox"] = is_sandbox
-            common.emit_json(data)
+            common.emit_json(_show_data(cfg, user, is_sandbox, counts, now))
             return
         click.echo(f"SMTP user:  {user.login}")
         click.echo(
@@ -217,6 +255,8 @@ def register(cli: click.Group) -> None:
         click.echo(f"Last login: {clock.iso(user.last_login_at) or 'never'}")
         click.echo(f"Password changed: {clock.iso(user.password_changed_at)}")
         click.echo(f"Old password still works: {_grace_text(user, now)}")
+        for line in controls.lines(user, cfg, counts, now):
+            click.echo(line)
 
     @user_group.command("reset-password")
     @click.argument("login")
@@ -287,6 +327,7 @@ def register(cli: click.Group) -> None:
 
     for name, disabled in (("disable", True), ("enable", False)):
         _register_toggle(user_group, name, disabled)
+    controls.register(user_group, _show_json)
 
 
 def _register_toggle(group: click.Group, name: str, disabled: bool) -> None:
@@ -310,6 +351,27 @@ def _register_toggle(group: click.Group, name: str, disabled: bool) -> None:
             ),
         )
         click.echo(f"{user.login}: {'disabled' if user.disabled else 'enabled'}")
+
+
+def _show_data(
+    cfg: Config, user: User, is_sandbox: bool, counts: Counts, now: float
+) -> dict[str, Any]:
+    """The `user show --json` object: `user list`'s keys (issue 14's last), then the connection
+    and whether it is a sandbox user."""
+    data = _row(user, now) | controls.fields(user, cfg, counts, now)
+    data["host"] = cfg.public_hostname
+    data["listeners"] = _listeners(cfg)
+    data["sandbox"] = is_sandbox
+    return data
+
+
+def _show_json(cfg: Config, user: User) -> dict[str, Any]:
+    """`user show --json` of a user just read (what `user set --json` prints)."""
+    now = clock.system()
+    user, is_sandbox, counts = _with_store(
+        cfg, lambda db, _h: controls.details(cfg, db, user.login, now)
+    )
+    return _show_data(cfg, user, is_sandbox, counts, now)
 
 
 def _get(cfg: Config, login: str) -> User:

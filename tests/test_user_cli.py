@@ -30,6 +30,14 @@ LIST_KEYS = [
     "old_password_valid_until",
     "disabled",
 ]
+# Issue 14: the per-user controls, after the keys above (whose shapes stay as they were).
+CONTROL_KEYS = ["limits", "allow_ip", "allow_from", "expires_at", "usage_today"]
+DEFAULT_LIMITS = {  # the config's [limits.user] defaults (none set in the CLI config)
+    "messages_per_hour": {"limit": 1000, "default": True},
+    "messages_per_day": {"limit": 10000, "default": True},
+    "recipients_per_day": {"limit": 20000, "default": True},
+}
+NO_USAGE = {"messages": 0, "recipients": 0, "messages_this_hour": 0, "limited": []}
 LISTENERS = [{"port": 587, "security": "STARTTLS"}, {"port": 465, "security": "SSL/TLS"}]
 CHOSEN = "chosen-password-for-stdin"
 
@@ -170,7 +178,11 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
     listed = _json(relaybox("user", "list", "--json"))
     assert [u["login"] for u in listed] == ["a@example.com", "b@example.com", "c@other.example"]
     for entry in listed:
-        assert list(entry) == LIST_KEYS
+        assert list(entry) == [*LIST_KEYS, *CONTROL_KEYS]
+        assert entry["limits"] == DEFAULT_LIMITS
+        assert entry["allow_ip"] == [] and entry["allow_from"] == []
+        assert entry["expires_at"] is None
+        assert entry["usage_today"] == NO_USAGE
         assert entry["last_login_at"] is None
         assert entry["old_password_valid_until"] is None
         assert entry["disabled"] is False
@@ -180,7 +192,8 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
     assert [u["login"] for u in only] == ["c@other.example"]
 
     shown = _json(relaybox("user", "show", "b@example.com", "--json"))
-    assert list(shown) == [*LIST_KEYS, "host", "listeners", "sandbox"]
+    assert list(shown) == [*LIST_KEYS, *CONTROL_KEYS, "host", "listeners", "sandbox"]
+    assert {k: shown[k] for k in CONTROL_KEYS} == {k: listed[1][k] for k in CONTROL_KEYS}
     assert shown["sandbox"] is False  # tests/test_sandbox.py: True
     assert shown["domain"] == "example.com"
     assert shown["host"] == "smtp.relay.test"
@@ -190,8 +203,11 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
     assert "cannot be shown" in text.stdout and "only a hash" in text.stdout
     assert "relaybox user reset-password b@example.com" in text.stdout
     assert "SSL/TLS" in text.stdout
+    for needle in ("messages per hour", "1000 (default)", "Expires:    never", "Today:"):
+        assert needle in text.stdout
     table = relaybox("user", "list")
     assert table.exit_code == 0 and "c@other.example" in table.stdout
+    assert "Expires" in table.stdout.splitlines()[0]
     for out in (text.stdout, table.stdout, json.dumps(listed), json.dumps(shown)):
         assert pw not in out and "$argon2" not in out
 

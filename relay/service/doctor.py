@@ -3,7 +3,8 @@
 Checks, in order: the install (handed in by the caller), the config (and whether a file holding
 the smarthost password is readable by others: relay/service/access.py), the TLS certificate
 (readable, key matches, expiry, names, readable by the service user), the state dir (mode, owner,
-files the service could not use, free space), the store (users, domains), each domain's DNS
+files the service could not use, free space), the store (users, and those expiring within 7 days
+or expired; domains), each domain's DNS
 records (looked up now, never recorded: the domain's state changes only through `domain verify`
 and the server's schedule), that every listener answers (220 greeting; TLS or STARTTLS handshake;
 the certificate it serves is the one on disk), the metrics endpoint, and optionally a real
@@ -21,6 +22,7 @@ import os
 import pwd
 import shutil
 import ssl
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import aiosmtplib
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from relay import dnscheck
+from relay import dnscheck, userrules
 from relay.config import Config, ConfigError, Listener
 from relay.metrics import parse_listen
 from relay.service import probe, tlsutil
@@ -38,6 +40,7 @@ from relay.store import domains, users
 from relay.store.db import Database
 
 EXPIRY_WARN_DAYS = 14  # Let's Encrypt renews at 30 days left: below 14, renewal is failing
+USER_EXPIRY_WARN_DAYS = 7  # a user's expiry (`user set --expires`) this close is warned about
 MIN_FREE_BYTES = 1024**3
 ORDER = {"fail": 0, "warn": 1, "pass": 2}
 
@@ -185,7 +188,7 @@ def check_state_dir(cfg: Config) -> list[Check]:
 # --- store and DNS ------------------------------------------------------------------------------
 
 
-async def check_store(cfg: Config, open_db: OpenDatabase) -> list[Check]:
+async def check_store(cfg: Config, open_db: OpenDatabase, now: float | None = None) -> list[Check]:
     if not cfg.db_path.exists():
         return [Check("database", "warn", f"{cfg.db_path} not created yet (first start does)")]
     async with open_db(cfg) as db:
@@ -209,9 +212,32 @@ async def check_store(cfg: Config, open_db: OpenDatabase) -> list[Check]:
             f"{len(all_users)} user(s)" if all_users else "none yet: relaybox user add LOGIN",
         )
     ]
+    out += check_user_expiry(all_users, time.time() if now is None else now)
     if not all_domains:
         out.append(Check("domains", "warn", "none yet: relaybox domain add DOMAIN"))
     return out + list(domain_checks)
+
+
+def check_user_expiry(all_users: list[users.User], now: float) -> list[Check]:
+    """A warning naming the users whose passwords stop working within 7 days, another for those
+    already expired (refused like a wrong password; a disabled user is left out: it is refused
+    anyway). Nothing when no user has an expiry."""
+    dated = [(u.login, u.expires_at) for u in all_users if u.expires_at and not u.disabled]
+    if not dated:
+        return []
+    horizon = now + USER_EXPIRY_WARN_DAYS * userrules.DAY
+    soon = [f"{login} ({userrules.format_time(at)})" for login, at in dated if now < at <= horizon]
+    gone = [f"{login} (since {userrules.format_time(at)})" for login, at in dated if now >= at]
+    within = f"within {USER_EXPIRY_WARN_DAYS} days"
+    fix = "`relaybox user set LOGIN --expires 90d`"
+    out = [
+        Check("users expiring", "warn", f"{within}: {', '.join(soon)}; extend with {fix}")
+        if soon
+        else Check("users expiring", "pass", f"none {within}")
+    ]
+    if gone:
+        out.append(Check("users expired", "warn", f"{', '.join(gone)}: passwords refused"))
+    return out
 
 
 _SANDBOX = "sandbox: verified without DNS; its mail is kept in `relaybox inbox`, never sent out"
@@ -329,7 +355,7 @@ async def run_checks(
     out = [install, *check_config(cfg), *check_tls(cfg, now), *check_state_dir(cfg)]
     on_disk = certificate_on_disk(cfg)
     # The store last among the local checks: the caller's open_db may switch to the service user.
-    out += await check_store(cfg, open_db)
+    out += await check_store(cfg, open_db, now.timestamp())
     out += await asyncio.gather(*(check_listener(li, cfg, on_disk) for li in cfg.listen))
     out += await check_metrics(cfg)
     if send is not None:
