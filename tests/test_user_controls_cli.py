@@ -24,7 +24,7 @@ from relay import config as config_mod
 from relay import userrules
 from relay.config import Config
 from relay.service import doctor
-from relay.store import logins, usage, users
+from relay.store import admissions, logins, usage, users
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.passwords import Hasher
 from relay.store.usage import Hit
@@ -124,7 +124,7 @@ UNLIMITED = Limits(0, 0, 0)
 async def _send(db: Database, login: str, messages: int, rcpt: int, now: float) -> None:
     """What the server counts for ``messages`` accepted messages of ``rcpt`` recipients."""
     for _ in range(messages):
-        assert await usage.admit(db, login, rcpt, UNLIMITED, now) is None
+        assert await admissions.admit(db, login, rcpt, UNLIMITED, now) is None
 
 
 # --- user set: limits -------------------------------------------------------------------------

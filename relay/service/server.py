@@ -296,6 +296,13 @@ class Server:
             await spool.close()
         if self._auth is not None:
             await self._auth.flush_logins()
+        if self.handler is not None:
+            await self.handler.quota.close()
+            adm = self.handler.quota.admissions
+            log.info(
+                "group commit: %d messages admitted in %d usage transactions", adm.admitted,
+                adm.batches,
+            )  # fmt: skip
         if self.usage_db is not None:
             with contextlib.suppress(StoreError):
                 await self.tally.flush(self.usage_db, self.clock())

@@ -1,10 +1,10 @@
 """A user's controls in a session: the allow-lists and expiry (at AUTH and MAIL FROM) and the
 sending limits (at MAIL FROM, RCPT TO and the end of DATA).
 
-The rules are relay/userrules.py; the counts relay/store/usage.py, whose :func:`~relay.store.
-usage.admit` makes a limit exact for the whole service. :class:`Quota` says the refusals: the
-451 with the time the window ends, the mail-log line (``limited user=... limit=...``, once per
-window for the whole service), the metric by limit, and the count of refusals in the usage.
+The rules are relay/userrules.py; the counts relay/store/usage.py, and relay/store/admissions.py
+makes a limit exact for the whole service. :class:`Quota` says the refusals: the 451 with the time
+the window ends, the mail-log line (``limited user=... limit=...``, once per window for the whole
+service), the metric by limit, and the count of refusals in the usage.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from relay.config import Config
 from relay.metrics import Metrics
 from relay.replies import Reply
 from relay.smtp.policy import Senders
-from relay.store import logins, usage
+from relay.store import admissions, logins, usage
 from relay.store.db import Database, StoreError
 from relay.store.usage import Counts, Hit
 from relay.userrules import LimitOverrides, Limits
@@ -74,6 +74,10 @@ class Quota:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
+        self.admissions = admissions.Admissions(db)
+
+    async def close(self) -> None:
+        await self.admissions.close()
 
     def configure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -82,11 +86,13 @@ class Quota:
         return userrules.effective(controls.limits, self.cfg.limits.user)
 
     async def at_mail(self, login: str, limits: Limits) -> tuple[Reply | None, Counts]:
-        """MAIL FROM: a 451 if one more message would pass a limit; the counts for RCPT."""
+        """MAIL FROM: a 451 if one more message would pass a limit; the counts for RCPT. The
+        early answer: from what this process's last admission saw within a second, else one
+        read (another worker's messages of that second may be missing; DATA's is exact)."""
         if not any(limits.get(n) for n in userrules.LIMIT_NAMES):
             return None, Counts()
         now = self.clock()
-        counts = await usage.snapshot(self.db, login, now)
+        counts = self.admissions.recent(login, now) or await usage.snapshot(self.db, login, now)
         hit = usage.first_hit(limits, counts, now)
         if hit is None:
             return None, counts
@@ -107,13 +113,14 @@ class Quota:
         """End of DATA, before queueing: count the message, or the 451 of the limit it would
         pass (then nothing is counted). Returns the time counted at (for :meth:`release`)."""
         now = self.clock()
-        hit = await usage.admit(self.db, login, recipients, limits, now)
+        hit = await self.admissions.admit(login, recipients, limits, now)
         if hit is None:
             return None, now
         return await self.refused(login, hit, now), now
 
     async def release(self, login: str, recipients: int, admitted_at: float) -> None:
         """The message admitted at ``admitted_at`` was not queued: it does not count."""
+        self.admissions.forget(login)
         try:
             await usage.release(self.db, login, recipients, admitted_at)
         except StoreError as exc:  # counted once too often: errs on the safe side

@@ -168,6 +168,19 @@ class Database:
             raise StoreError(f"read failed: {exc}") from exc
         return list(rows)
 
+    async def write_fetchall(
+        self, sql: str, params: Sequence[object] | dict[str, object] = ()
+    ) -> list[sqlite3.Row]:
+        """One writing statement on the writer, in its own (implicit) transaction, and its rows
+        (``RETURNING``): one thread operation, atomic as one statement is. For a hot path whose
+        whole change fits in one statement (relay/store/usage.py's admission)."""
+        async with self._write_lock:
+            try:
+                rows = await self._writer.execute_fetchall(sql, params)
+            except sqlite3.Error as exc:
+                raise StoreError(f"write failed: {exc}") from exc
+        return list(rows)
+
     async def fetchone(
         self, sql: str, params: Sequence[object] | dict[str, object] = ()
     ) -> sqlite3.Row | None:

@@ -8,20 +8,23 @@ writes here.
 - ``usage_days`` (login, UTC day): messages accepted, their recipients, recipients delivered,
   deferred and bounced, and messages refused at a limit; what `relaybox user usage` shows. Each
   count is of the day it happened (a delivery the day after its acceptance counts the day after).
-- ``usage_hours`` (login, hour start): messages accepted, for ``messages_per_hour``.
+  The row also holds the current clock hour and the messages accepted in it
+  (``messages_per_hour``: an hour lies within one UTC day).
 - ``limit_hits`` (login, limit, window start): refusals at that limit in that window; its first
   one is the one the mail log names (``limited user=... limit=...``), once per window for the
   whole service.
 
-**Admission is exact.** :func:`admit` runs at the end of DATA, just before the message is queued,
-in one write transaction (``BEGIN IMMEDIATE`` serialises every writer of the file): it adds the
-message to its hour and day and its recipients to the day, unless that would pass a limit; then
-nothing is added and the limit is named. A message not queued after all (a store fault, a
+**Admission is exact.** :meth:`Admissions.admit` runs at the end of DATA, just before the message is
+queued, inside a write transaction (``BEGIN IMMEDIATE``: one writer at a time for the whole file,
+every worker included): it adds the message to its hour and day and its recipients to the day,
+unless that would pass a limit; then nothing is added and the limit is named. Messages that end
+their DATA at once share one transaction (group admission, relay/store/admissions.py), so under load
+it costs a fraction of a round trip per message. A message not queued after all (a store fault, a
 signing error) is taken back by :func:`release`. So however many connections or workers send at
 once, no message passes a limit: over-admission is zero. The check at MAIL FROM and RCPT TO
-(:func:`snapshot`) only says early what admit would say (it is the answer a client normally
-sees); between the two, another session can take the last place, and that message then gets
-the 451 after its DATA.
+(:func:`snapshot`) only says early what admit would say (it is the answer a client normally sees);
+between the two, another session can take the last place, and that message then gets the 451 after
+its DATA.
 
 Durability: the file is opened with ``synchronous = NORMAL`` (relay/store/db.py):
 no fsync per message; a crash of the process loses nothing, a power loss may lose the last
@@ -55,14 +58,9 @@ USAGE_MIGRATIONS: tuple[Migration, ...] = (
             deferred INTEGER NOT NULL DEFAULT 0,
             bounced INTEGER NOT NULL DEFAULT 0,
             limited INTEGER NOT NULL DEFAULT 0,
+            hour REAL NOT NULL DEFAULT 0,
+            hour_accepted INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (login, day)
-        ) WITHOUT ROWID;
-        CREATE TABLE usage_hours (
-            login TEXT NOT NULL,
-            hour REAL NOT NULL,
-            accepted INTEGER NOT NULL DEFAULT 0,
-            limited INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (login, hour)
         ) WITHOUT ROWID;
         CREATE TABLE limit_hits (
             login TEXT NOT NULL,
@@ -120,13 +118,6 @@ class DayUsage:
         }
 
 
-class _Over(Exception):
-    """Raised inside :func:`admit`'s transaction to roll it back."""
-
-    def __init__(self, hit: Hit) -> None:
-        self.hit = hit
-
-
 def first_hit(limits: Limits, counts: Counts, now: float, recipients: int = 0) -> Hit | None:
     """The limit that one more message with ``recipients`` recipients would pass, or None.
     ``recipients = 0``: only whether a message may start (MAIL FROM)."""
@@ -142,70 +133,37 @@ def first_hit(limits: Limits, counts: Counts, now: float, recipients: int = 0) -
     return None
 
 
+_SNAPSHOT = (
+    "SELECT accepted, recipients, CASE WHEN hour = :h THEN hour_accepted ELSE 0 END AS in_hour"
+    " FROM usage_days WHERE login = :l AND day = :d"
+)
+
+
 async def snapshot(db: Database, login: str, now: float) -> Counts:
     """The user's counts in the windows holding ``now`` (one read)."""
     row = await db.fetchone(
-        "SELECT (SELECT accepted FROM usage_hours WHERE login = :l AND hour = :h) AS hour,"
-        " d.accepted AS day, d.recipients AS rcpt"
-        " FROM (SELECT 1) LEFT JOIN usage_days d ON d.login = :l AND d.day = :d",
-        {"l": login, "h": userrules.hour_start(now), "d": userrules.day_key(now)},
+        _SNAPSHOT, {"l": login, "h": userrules.hour_start(now), "d": userrules.day_key(now)}
     )
     if row is None:
         return Counts()
-    return Counts(row["hour"] or 0, row["day"] or 0, row["rcpt"] or 0)
-
-
-async def admit(
-    db: Database, login: str, recipients: int, limits: Limits, now: float
-) -> Hit | None:
-    """Count one message of ``recipients`` recipients, unless it would pass a limit: then count
-    nothing and return that limit. Exact across workers (see the module docstring)."""
-    hour, day = userrules.hour_start(now), userrules.day_key(now)
-    try:
-        async with db.transaction() as conn:
-            async with conn.execute(
-                "INSERT INTO usage_hours (login, hour, accepted) VALUES (?, ?, 1)"
-                " ON CONFLICT (login, hour) DO UPDATE SET accepted = accepted + 1"
-                " RETURNING accepted",
-                (login, hour),
-            ) as cur:
-                (in_hour,) = await cur.fetchone() or (1,)
-            async with conn.execute(
-                "INSERT INTO usage_days (login, day, accepted, recipients) VALUES (?, ?, 1, ?)"
-                " ON CONFLICT (login, day) DO UPDATE SET accepted = accepted + 1,"
-                " recipients = recipients + excluded.recipients RETURNING accepted, recipients",
-                (login, day, recipients),
-            ) as cur:
-                (in_day, rcpt_day) = await cur.fetchone() or (1, recipients)
-            counts = Counts(in_hour - 1, in_day - 1, rcpt_day - recipients)
-            hit = first_hit(limits, counts, now, recipients)
-            if hit is not None:
-                raise _Over(hit)
-    except _Over as over:
-        return over.hit
-    except sqlite3.Error as exc:
-        raise StoreError(f"usage: {exc}") from exc
-    return None
+    return Counts(row["in_hour"], row["accepted"], row["recipients"])
 
 
 async def release(db: Database, login: str, recipients: int, admitted_at: float) -> None:
     """Take back a message :func:`admit` counted at ``admitted_at`` that was not queued after
     all (its windows are those of ``admitted_at``, whatever the time now)."""
-    hour, day = userrules.hour_start(admitted_at), userrules.day_key(admitted_at)
-    try:
-        async with db.transaction() as conn:
-            await conn.execute(
-                "UPDATE usage_hours SET accepted = max(accepted - 1, 0)"
-                " WHERE login = ? AND hour = ?",
-                (login, hour),
-            )
-            await conn.execute(
-                "UPDATE usage_days SET accepted = max(accepted - 1, 0),"
-                " recipients = max(recipients - ?, 0) WHERE login = ? AND day = ?",
-                (recipients, login, day),
-            )
-    except sqlite3.Error as exc:
-        raise StoreError(f"usage: {exc}") from exc
+    await db.write_fetchall(
+        "UPDATE usage_days SET accepted = max(accepted - 1, 0),"
+        " recipients = max(recipients - :n, 0),"
+        " hour_accepted = CASE WHEN hour = :h THEN max(hour_accepted - 1, 0) ELSE hour_accepted END"
+        " WHERE login = :l AND day = :d",
+        {
+            "l": login,
+            "n": recipients,
+            "h": userrules.hour_start(admitted_at),
+            "d": userrules.day_key(admitted_at),
+        },
+    )
 
 
 async def note_refused(db: Database, login: str, hit: Hit, now: float) -> bool:
@@ -249,14 +207,15 @@ async def history(db: Database, login: str, days: int, now: float) -> list[DayUs
 
 async def today_for(db: Database, logins: Sequence[str], now: float) -> Mapping[str, Counts]:
     """:class:`Counts` of many users at once (`user list`)."""
-    hour, day = userrules.hour_start(now), userrules.day_key(now)
-    days = await db.fetchall(
-        "SELECT login, accepted, recipients FROM usage_days WHERE day = ?", (day,)
+    params = {"h": userrules.hour_start(now), "d": userrules.day_key(now)}
+    rows = await db.fetchall(
+        "SELECT login, accepted, recipients,"
+        " CASE WHEN hour = :h THEN hour_accepted ELSE 0 END AS in_hour"
+        " FROM usage_days WHERE day = :d",
+        params,
     )
-    hours = await db.fetchall("SELECT login, accepted FROM usage_hours WHERE hour = ?", (hour,))
-    by_hour = {r["login"]: r["accepted"] for r in hours}
-    by_day = {r["login"]: (r["accepted"], r["recipients"]) for r in days}
-    return {login: Counts(by_hour.get(login, 0), *by_day.get(login, (0, 0))) for login in logins}
+    found = {r["login"]: Counts(r["in_hour"], r["accepted"], r["recipients"]) for r in rows}
+    return {login: found.get(login, Counts()) for login in logins}
 
 
 async def open_usage(cfg: Config) -> Database:
@@ -303,9 +262,8 @@ class Tally:
 
 
 async def _prune(conn: aiosqlite.Connection, now: float) -> None:
-    """Forget windows that ended (hours, hits older than two days) and history past KEEP_DAYS."""
+    """Forget windows that ended (hits older than two days) and history past KEEP_DAYS."""
     execute = conn.execute
-    await execute("DELETE FROM usage_hours WHERE hour < ?", (now - 2 * userrules.DAY,))
     await execute("DELETE FROM limit_hits WHERE window_start < ?", (now - 2 * userrules.DAY,))
     oldest = userrules.day_key(now - KEEP_DAYS * userrules.DAY)
     await execute("DELETE FROM usage_days WHERE day < ?", (oldest,))
