@@ -195,7 +195,7 @@ async def test_the_quick_start(home: Path, tmp_path: Path, monkeypatch: pytest.M
         await stop(server)
     finally:
         await server.ensure_stopped()
-    assert not any("Traceback" in line for line in server.lines), server.lines
+    assert not any("Traceback" in line for line in server.lines), "\n".join(server.lines)
 
 
 def worked_config(tmp_path: Path, dns_server: TestDNSServer) -> Path:

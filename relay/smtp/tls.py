@@ -132,6 +132,12 @@ class TLSSMTP(SMTP):
         if self._started:  # else aiosmtpd never ran (refused, or its handshake failed)
             self._started = False
             super().connection_lost(error)
+            # asyncio's stream protocol keeps the error (a client's reset) in a future nobody
+            # awaits; aiosmtpd retrieves it when the session is collected, which at exit may come
+            # after asyncio has logged "Future exception was never retrieved" with a traceback.
+            closed = getattr(self, "_closed", None)
+            if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+                closed.exception()
 
     def close(self) -> None:
         if self.transport is not None:
