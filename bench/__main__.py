@@ -31,6 +31,7 @@ from bench.harness import Result, Scenario
 from bench.targets import REPO, Ceiling, Sink, Target
 
 CEILING = "aiosmtpd-ceiling"
+UNREACHED_LIMIT = 1_000_000_000  # [limits.user] of the -limits targets: checked, never met
 MIB = 1024 * 1024
 
 
@@ -139,11 +140,14 @@ async def _run(
     if why is None:
         common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
         # relaybox always signs; an Ed25519 key (~0.1 ms) stands in for "without RSA-2048 DKIM".
-        for name, paused, ttl, users, dkim in (
-            ("relaybox-accept", True, "5m", 0, "rsa"),
-            ("relaybox-accept-ed25519", True, "5m", 0, "ed25519"),
-            ("relaybox-e2e", False, "5m", 0, "rsa"),
-            ("relaybox-nocache", True, "0s", args.reconnect_connections, "rsa"),
+        # The -limits targets: every [limits.user] limit configured, never reached (issue 14).
+        for name, paused, ttl, users, dkim, limit in (
+            ("relaybox-accept", True, "5m", 0, "rsa", 0),
+            ("relaybox-accept-limits", True, "5m", 0, "rsa", UNREACHED_LIMIT),
+            ("relaybox-accept-ed25519", True, "5m", 0, "ed25519", 0),
+            ("relaybox-e2e", False, "5m", 0, "rsa", 0),
+            ("relaybox-e2e-limits", False, "5m", 0, "rsa", UNREACHED_LIMIT),
+            ("relaybox-nocache", True, "0s", args.reconnect_connections, "rsa", 0),
         ):
             rb = await rb_mod.Relaybox.start(
                 name,
@@ -152,6 +156,7 @@ async def _run(
                 cache_ttl=ttl,
                 users=users,
                 dkim_key_type=dkim,
+                user_limit=limit,
                 extra=args.relaybox_toml.replace("\\n", "\n"),
                 **common,
             )
@@ -175,8 +180,10 @@ async def _run(
     order = [
         CEILING,
         "relaybox-accept",
+        "relaybox-accept-limits",
         "relaybox-accept-ed25519",
         "relaybox-e2e",
+        "relaybox-e2e-limits",
         "postfix-e2e",
         "postfix-dkim-e2e",
     ]
@@ -232,6 +239,8 @@ async def _run(
             ("relaybox-accept", CEILING),
             ("relaybox-accept-ed25519", CEILING),
             ("relaybox-e2e", CEILING),
+            ("relaybox-accept-limits", "relaybox-accept"),
+            ("relaybox-e2e-limits", "relaybox-e2e"),
         ):
             if num in targets and den in targets:
                 ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)

@@ -53,6 +53,7 @@ def write_config(
     cache_ttl: str,
     dkim_key_type: str = "rsa",
     extra: str = "",
+    user_limit: int = 0,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Top-level keys must precede every [table]; a snippet that opens a table goes last.
@@ -84,6 +85,13 @@ dkim_key_type = "{dkim_key_type}"
 [limits]
 # Every bench connection comes from 127.0.0.1: the per-IP default (20) would refuse C=32.
 max_connections_per_ip = 10000
+
+[limits.user]
+# 0: no sending limit (relaybox-accept, relaybox-e2e); the -limits targets set every limit to a
+# count the run never reaches, so the checks run (a read at MAIL, the RCPT check) without refusing.
+messages_per_hour = {user_limit}
+messages_per_day = {user_limit}
+recipients_per_day = {user_limit}
 
 [delivery]
 mode = "smarthost"
@@ -161,6 +169,7 @@ class Relaybox:
         notes: str = "",
         users: int = 0,
         dkim_key_type: str = "rsa",
+        user_limit: int = 0,
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -176,6 +185,7 @@ class Relaybox:
             cache_ttl=cache_ttl,
             dkim_key_type=dkim_key_type,
             extra=extra,
+            user_limit=user_limit,
         )
         password_file = workdir / "password"
         creds = setup_store(config, zone, password_file, users)
