@@ -9,9 +9,13 @@ written with the store's own function (what `relaybox user set` calls). The limi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+import json
 import logging
+import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from tests.relayserver import RelayHandle, start_relay
 from tests.sink import Sink
 
 NOREPLY = "noreply@example.com"
+CONSOLE = shutil.which("relaybox") or "relaybox"  # the venv's console script (scripts/test's PATH)
 
 
 @pytest.fixture
@@ -324,6 +329,7 @@ async def test_usage_counts_what_was_accepted_refused_and_what_became_of_it(
         connect_timeout=Duration(2),
         paused=False,
     )
+    clock.set(time.time())  # `relaybox user usage` (the CLI) counts days from the real clock
     relay = await start_relay(
         dataclasses.replace(relay_cfg, delivery=delivery), tls_files[2], clock
     )
@@ -344,7 +350,7 @@ async def test_usage_counts_what_was_accepted_refused_and_what_became_of_it(
         assert relay.server.usage_db is not None
         await relay.server.tally.flush(relay.server.usage_db, clock())
         (today,) = await usage.history(relay.server.usage_db, LOGIN, 1, clock())
-        assert today.as_json() == {
+        expected = {
             "day": userrules.day_key(clock()),
             "accepted": 3,
             "recipients": 4,
@@ -353,6 +359,18 @@ async def test_usage_counts_what_was_accepted_refused_and_what_became_of_it(
             "bounced": 1,
             "refused_for_limit": 1,
         }
+        assert today.as_json() == expected
+        # What an operator sees: the console script, on a config naming the same state dir.
+        conf = relay_cfg.state_dir.parent / "usage-cli.toml"
+        conf.write_text(f'state_dir = "{relay_cfg.state_dir}"\n')
+        proc = await asyncio.create_subprocess_exec(
+            CONSOLE, "--config", str(conf), "user", "usage", LOGIN, "--days", "1", "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        if userrules.day_key(time.time()) == expected["day"]:  # not across UTC midnight
+            assert json.loads(out) == {"login": LOGIN, "days": [expected]}
     finally:
         await relay.server.shutdown()
         relay.close()
