@@ -55,9 +55,22 @@ class Listener:
     address: str = "127.0.0.1"
     port: int = 2587
     mode: str = "starttls"  # "starttls" (RFC 6409 submission) or "tls" (RFC 8314 implicit TLS)
+    # PROXY protocol v1/v2 from these balancers only (relay/service/proxyproto.py)
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ("starttls", "tls"))
+        for net in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {net!r} is not an address or network") from None
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError(
+                "trusted_proxies: proxy_protocol = true needs the balancers' addresses (CIDRs):"
+                " a header from anyone else is refused"
+            )
         check_port("port", self.port, allow_zero=True)
         try:
             ipaddress.ip_address(self.address)

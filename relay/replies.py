@@ -83,6 +83,7 @@ HEADER_NOT_ALLOWED = Reply(
 
 # --- connection and faults ---
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")
+PROXY_REFUSED = Reply(554, "5.7.0", "PROXY header not accepted from this address")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address")

@@ -102,6 +102,7 @@ def test_reference_file_documents_every_key() -> None:
     documented = _keys(live)
     expected = _keys(config_mod.to_dict(Config()))
     expected |= {"listen[]", "listen[].address", "listen[].port", "listen[].mode"}
+    expected |= {"listen[].proxy_protocol", "listen[].trusted_proxies"}
     expected -= {"listen"}
     missing = sorted(expected - documented)
     assert not missing, f"keys not in conf/relaybox.toml: {missing}"

@@ -20,9 +20,11 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from relay import maillog
 from relay.loglimit import LogLimit
+from relay.service import proxyproto
 
 log = logging.getLogger("relaybox.server")
 
@@ -71,14 +73,21 @@ class Listening:
     def __init__(
         self,
         sockets: list[socket.socket],
-        factory: Callable[[], asyncio.Protocol],
+        factory: Callable[[proxyproto.Address | None], asyncio.Protocol],
         *,
         shortage_log: LogLimit | None = None,
+        trusted_proxies: Sequence[str] = (),
     ) -> None:
-        """``shortage_log``: shared by the listeners of a process, so that running out of
-        descriptors is said once per interval for all of them."""
+        """``factory(client)``: the protocol of a new connection; ``client`` is the address a
+        PROXY header gave (None: the socket's peer is the client). ``trusted_proxies``: on a
+        ``proxy_protocol`` listener, the balancers whose connections begin with a header
+        (relay/service/proxyproto.py); empty: no PROXY protocol. ``shortage_log``: shared by the
+        listeners of a process, so that running out of descriptors is said once per interval
+        for all of them."""
         self.sockets = sockets
         self._factory = factory
+        self._trusted = tuple(trusted_proxies)
+        self._proxy_log = LogLimit(5, LOG_INTERVAL)
         self._loop = asyncio.get_running_loop()
         self._serving = False
         self._resume: dict[int, asyncio.TimerHandle] = {}
@@ -104,7 +113,7 @@ class Listening:
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _peer = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return  # nothing more waiting
             except ConnectionAbortedError:
@@ -113,9 +122,29 @@ class Listening:
                 self._pause(sock, exc)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+            peer = str(address[0]) if isinstance(address, tuple) else ""
+            if self._trusted and proxyproto.trusted(peer, self._trusted):
+                start = self._proxied(conn, (peer, int(address[1])))
+            else:
+                start = self._loop.connect_accepted_socket(lambda: self._factory(None), conn)
+            task: asyncio.Task[object] = self._loop.create_task(start)
             self._pending.add(task)
             task.add_done_callback(functools.partial(self._connected, conn))
+
+    async def _proxied(self, conn: socket.socket, peer: proxyproto.Address) -> object:
+        """A trusted balancer's connection: its header first, then the session for the client
+        it names. Without a valid header in time, closed before any greeting."""
+        try:
+            client = await proxyproto.read_header(conn, peer)
+        except (proxyproto.ProxyError, TimeoutError, OSError) as exc:
+            why = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            self._proxy_log.report(
+                lambda: log.info("proxy refused ip=%s reason=%s", peer[0], maillog.safe(why)),
+                lambda n: log.info("proxy refused %d more in the last %.0fs", n, LOG_INTERVAL),
+            )
+            conn.close()
+            return None
+        return await self._loop.connect_accepted_socket(lambda: self._factory(client), conn)
 
     def _connected(self, conn: socket.socket, task: asyncio.Task[object]) -> None:
         self._pending.discard(task)

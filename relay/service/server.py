@@ -110,7 +110,12 @@ class Server:
                 listener.address, listener.port, reuse_port=cfg.workers > 1, backlog=1024
             )
             factory = functools.partial(self._protocol, listener)
-            self._listening.append(listen.Listening(sockets, factory, shortage_log=shortage_log))
+            trusted = listener.trusted_proxies if listener.proxy_protocol else ()
+            self._listening.append(
+                listen.Listening(
+                    sockets, factory, shortage_log=shortage_log, trusted_proxies=trusted
+                )
+            )
         if after_bind is not None:
             after_bind()
         if not cfg.tls.cert:
@@ -155,13 +160,15 @@ class Server:
                     bound.address, bound.port, listener.mode, self.worker,
                 )  # fmt: skip
 
-    def _protocol(self, listener: Listener) -> RelaySMTP:
+    def _protocol(self, listener: Listener, client: tuple[str, int] | None) -> RelaySMTP:
+        """A session; ``client``: the address a PROXY header named (None: the socket's peer)."""
         cfg = self.cfg
         tls = listener.mode == "tls"
         return RelaySMTP(
             self.gate,
             self.handler,
             listener.mode,
+            client=client,
             hostname=cfg.public_hostname,
             ident="ESMTP relaybox",
             data_size_limit=int(cfg.limits.max_message_size),

@@ -62,11 +62,22 @@ class SessionState:
 
 
 class RelaySMTP(TLSSMTP):
-    def __init__(self, gate: Gate, handler: object, listener_mode: str, **kwargs: Any) -> None:
-        """``handler``: the hooks aiosmtpd calls by name (relay.smtp.handler.Handler)."""
+    def __init__(
+        self,
+        gate: Gate,
+        handler: object,
+        listener_mode: str,
+        *,
+        client: tuple[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``handler``: the hooks aiosmtpd calls by name (relay.smtp.handler.Handler).
+        ``client``: the client's address from a trusted balancer's PROXY header (None: the
+        socket's peer); it is the session's address everywhere (relay/service/proxyproto.py)."""
         super().__init__(handler, **kwargs)
         self.gate = gate
         self.listener_mode = listener_mode
+        self.client = client
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
         self._refusal: Reply | None = None  # decided at accept
@@ -143,7 +154,7 @@ class RelaySMTP(TLSSMTP):
 
     def accepted(self, transport: asyncio.BaseTransport) -> bool:
         """Counted from accept, before any TLS: a silent handshake holds a counted place."""
-        peer = transport.get_extra_info("peername")
+        peer = self.client or transport.get_extra_info("peername")
         ip = str(peer[0]) if peer else "unknown"
         self.state = SessionState(ip=ip, listener_mode=self.listener_mode)
         self._counted_ip = ip
@@ -226,6 +237,12 @@ class RelaySMTP(TLSSMTP):
             return address, rest
         except Exception:  # its parser raises IndexError etc. on junk such as "<"
             return None, None  # "malformed address", not a 451 with a logged traceback
+
+    async def smtp_PROXY(self, arg: str) -> None:
+        """A PROXY header from a peer that is not a trusted balancer (one of those has its
+        header read before the session: relay/service/proxyproto.py): refused, and the
+        connection ends; it would otherwise claim any client address."""
+        await self.close_with(replies.PROXY_REFUSED)
 
     async def smtp_AUTH(self, arg: str) -> None:
         # RFC 4954 4: AUTH after a successful AUTH is a 503; aiosmtpd's own has no enhanced code.
