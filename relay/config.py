@@ -28,6 +28,7 @@ from relay.config_sections import (
     MetricsConfig,
     SandboxConfig,
     SpoolConfig,
+    SuppressionConfig,
     TLSConfig,
     check_choice,
     check_port,
@@ -100,6 +101,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int = 1
     source: str = field(default="(built-in defaults)", compare=False)

@@ -1,6 +1,6 @@
 """The config file's sections (``[tls]``, ``[auth]``, ``[dns]``, ``[limits]``, ``[delivery]``,
-``[spool]``, ``[sandbox]``, ``[metrics]``): one frozen dataclass each, validating its own keys at
-load.
+``[spool]``, ``[sandbox]``, ``[suppression]``, ``[metrics]``): one frozen dataclass each,
+validating its own keys at load.
 
 Split from relay/config.py, which keeps the top-level keys (``state_dir``, ``public_hostname``,
 ``[[listen]]``, ``workers``), the :class:`relay.config.Config` tree and the TOML loader. Durations
@@ -211,6 +211,25 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         check_range("inbox_max_messages", self.inbox_max_messages, 1, 1_000_000)
+
+
+_SUPPRESSION_CODE = re.compile(r"^5\.(\d{1,3}|\*)\.(\d{1,3}|\*)$")
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """``[suppression]``: which permanent failures put a recipient on its sender domain's
+    suppression list (enhanced codes, "*" for any number), and for how long (0: for good)."""
+
+    codes: tuple[str, ...] = ("5.1.*", "5.2.1")
+    ttl: Duration = Duration(0)
+
+    def __post_init__(self) -> None:
+        for code in self.codes:
+            if not _SUPPRESSION_CODE.match(code):
+                raise ValueError(
+                    f"codes: {code!r} is not a permanent enhanced code such as 5.1.1 or 5.1.*"
+                )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ The API the server and delivery call (all cheap, synchronous, safe on the event 
     m.sandbox_accepted()            # a sandbox domain's message queued (besides accepted())
     m.captured(recipients)          # recipients delivered into the sandbox inbox
     m.limited(limit)                # a refusal at a user's sending limit (messages_per_hour...)
+    m.suppression_added(source)     # a recipient put on a suppression list (bounce | admin)
     m.set_queue_depth({"queued": 3, "deferred": 1})                   # snapshot from the spool
     m.set_domain_states({"verified": 2, "failing": 1})                # snapshot from domains
     m.render() -> bytes             # the text exposition (what /metrics serves)
@@ -27,6 +28,7 @@ Exposed names (all prefixed ``relaybox_``): ``connections_total{listener}``,
 ``messages_rejected_total{reason}``, ``recipients_total{outcome=delivered|deferred|bounced}``,
 ``queue_depth{state}``, ``delivery_latency_seconds`` (histogram), ``domains{state}``,
 ``sandbox_messages_total``, ``sandbox_captured_total``, ``limited_total{limit}``,
+``suppressions_added_total{source=bounce|admin}``,
 ``build_info{version}``, and the standard
 ``process_*`` metrics.
 
@@ -126,6 +128,14 @@ class Metrics:
         )
         for name in ("messages_per_hour", "messages_per_day", "recipients_per_day"):
             self._limited.labels(name)
+        self._suppressed = Counter(
+            "relaybox_suppressions_added",
+            "Recipients put on a sender domain's suppression list, by source.",
+            ["source"],
+            registry=r,
+        )
+        for source in ("bounce", "admin"):
+            self._suppressed.labels(source)
         info = Gauge(
             "relaybox_build_info", "Always 1; the version as a label.", ["version"], registry=r
         )
@@ -193,6 +203,10 @@ class Metrics:
     def limited(self, limit: str) -> None:
         """A refusal at a user's sending limit; ``limit``: one of userrules.LIMIT_NAMES."""
         self._limited.labels(limit).inc()
+
+    def suppression_added(self, source: str) -> None:
+        """A recipient suppressed; ``source``: "bounce" or "admin"."""
+        self._suppressed.labels(source).inc()
 
     def captured(self, recipients: int) -> None:
         self._captured.inc(max(0, recipients))

@@ -80,6 +80,13 @@ SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "{login} may send only as {allowed}")
 HEADER_NOT_ALLOWED = Reply(
     550, "5.7.1", "{field} address not allowed: {login} may send only as {allowed}"
 )
+# The suppression list (relay/store/suppressions.py): an address that bounced hard for the domain.
+SUPPRESSED = Reply(
+    550,
+    "5.1.1",
+    "<{address}>: suppressed after a hard bounce on {date}"
+    " (relaybox suppression remove {key} --domain {domain})",
+)
 
 # --- connection and faults ---
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")

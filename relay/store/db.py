@@ -298,4 +298,21 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE users ADD COLUMN expires_at REAL
         """,
     ),
+    Migration(
+        4,
+        """
+        CREATE TABLE suppressions (
+            domain TEXT NOT NULL,
+            address TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            code TEXT NOT NULL DEFAULT '',
+            reply TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL CHECK (source IN ('bounce', 'admin')),
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            PRIMARY KEY (domain, address)
+        ) WITHOUT ROWID;
+        CREATE INDEX suppressions_address ON suppressions(address)
+        """,
+    ),
 )
