@@ -26,15 +26,17 @@ from dataclasses import dataclass
 import dns.asyncresolver
 
 from relay import clock as clock_mod
-from relay import maillog, replies
+from relay import grammar, maillog, replies
 from relay.clock import Clock
 from relay.config import Config
 from relay.delivery import bounce
 from relay.delivery.outbound import Outbound, Result
 from relay.metrics import Metrics
+from relay.store import suppressions
 from relay.store.db import StoreError
 from relay.store.inbox import Inbox
 from relay.store.spool import DueRecipient, Message, Outcome, Spool
+from relay.store.suppressions import Suppress
 from relay.store.usage import Tally
 
 log = logging.getLogger("relaybox.delivery")
@@ -82,9 +84,12 @@ class Deliverer:
         metrics: Metrics | None = None,
         inbox: Inbox | None = None,
         tally: Tally | None = None,
+        suppress: Suppress | None = None,
     ) -> None:
         """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth;
-        ``tally`` (optional) the outcomes per sending user, for its usage (relay/store/usage.py).
+        ``tally`` (optional) the outcomes per sending user, for its usage (relay/store/usage.py);
+        ``suppress`` (optional) each bounce whose reply suppresses (``[suppression] codes``),
+        for the sender's domain (relay/store/suppressions.py), once the outcome is recorded.
         ``inbox``: where captured recipients go; without one, ``cfg``'s is opened when the first
         is due (and closed by :meth:`stop`)."""
         self.spool = spool
@@ -93,6 +98,7 @@ class Deliverer:
         self._out = Outbound(cfg, resolver)
         self._metrics = metrics
         self._tally = tally
+        self._suppress = suppress
         d = cfg.delivery
         self._total = asyncio.Semaphore(d.concurrency)
         self._limits: dict[str, _Limit] = {}
@@ -316,6 +322,28 @@ class Deliverer:
             self.wake()
         elif failures:
             maillog.bounce_dropped(msg.id, len(failures))
+        if failures and msg.sender and self._suppress is not None:
+            await self._suppressions(msg, job.recipients, outcomes, now)
+
+    async def _suppressions(
+        self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
+    ) -> None:
+        """Suppress the bounced recipients whose reply says the address is bad, for the
+        sender's domain (a DSN, sender "", never gets here). The outcomes are recorded already:
+        a failure here is logged and changes nothing else. One write per such bounce; none for
+        delivered or deferred mail."""
+        assert self._suppress is not None
+        domain = grammar.domain_part(msg.sender)
+        for r, o in zip(rcpts, outcomes, strict=True):
+            code = suppressions.suppresses(o.reply, self.cfg.suppression.codes)
+            if o.state != "bounced" or code is None:
+                continue
+            try:
+                await self._suppress(domain, r.address, code, o.reply, now)
+            except StoreError as exc:
+                log.error("could not suppress %s for %s: %s", r.address, domain, exc)
+            except Exception:
+                log.exception("could not suppress %s for %s", r.address, domain)
 
     def _log(
         self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float

@@ -40,7 +40,7 @@ from relay.smtp.controls import Quota
 from relay.smtp.gate import Gate
 from relay.smtp.handler import Handler
 from relay.smtp.session import RelaySMTP
-from relay.store import domains, usage
+from relay.store import domains, suppressions, usage
 from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
 from relay.store.passwords import Hasher
 from relay.store.spool import Spool
@@ -127,6 +127,7 @@ class Server:
         self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
         self.resolver = dnscheck.make_resolver(cfg)
         self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
+        self._suppress = suppressions.recorder(self.db, lambda: self.cfg, self.metrics)
         self.deliverer = Deliverer(
             self.spool,
             cfg,
@@ -134,6 +135,7 @@ class Server:
             resolver=self.resolver,
             metrics=self.metrics,
             tally=self.tally,
+            suppress=self._suppress,
         )
         self.acceptor = Acceptor(self.db, self.spool, self.metrics, wake=self.deliverer.wake)
         self.quota = Quota(self.usage_db, cfg, self.metrics, self.clock)
@@ -345,6 +347,7 @@ class Server:
                 resolver=resolver,
                 metrics=self.metrics,
                 tally=self.tally,
+                suppress=self._suppress,
             )
             self._orphans.append((spool, deliverer))
             log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)

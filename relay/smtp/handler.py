@@ -25,6 +25,7 @@ from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator, Outcome
 from relay.smtp.controls import Grant, Quota
 from relay.smtp.session import RelaySMTP
+from relay.store import suppressions
 from relay.store.db import StoreError
 
 log = logging.getLogger("relaybox.handler")
@@ -210,6 +211,16 @@ class Handler:
             hit = self.quota.rcpt_hit(grant.limits, grant.counts, len(envelope.rcpt_tos))
             if hit is not None:
                 return str(await self.quota.refused(st.identity.login, hit))
+        try:  # one primary-key read (relay/store/suppressions.py)
+            entry = await suppressions.is_suppressed(
+                self.acceptor.db, st.identity.domain, address, self.quota.clock()
+            )
+        except StoreError:
+            return str(replies.TEMP_FAILURE)
+        if entry is not None:
+            maillog.rejected("rcpt", "suppressed", st.ip, st.identity.login, to=address)
+            self.metrics.rejected("suppressed")
+            return str(suppressions.refusal(entry, address))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)
