@@ -15,6 +15,7 @@ from admin import (
     lockinfo,
     queue_cmds,
     serve_cmd,
+    suppression_cmds,
     user_cmds,
 )
 from relay import __version__
@@ -92,7 +93,16 @@ def config_check(ctx: click.Context, path: str | None) -> None:
 
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
-    for mod in (serve_cmd, domain_cmds, user_cmds, queue_cmds, inbox_cmd, audit_cmd, doctor_cmd):
+    for mod in (
+        serve_cmd,
+        domain_cmds,
+        user_cmds,
+        queue_cmds,
+        inbox_cmd,
+        suppression_cmds,
+        audit_cmd,
+        doctor_cmd,
+    ):
         mod.register(cli)
 
 
