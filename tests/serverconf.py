@@ -53,16 +53,18 @@ def serve_config(
     limits: Table | None = None,
     delivery: Table | None = None,
     metrics: str | None = None,
+    auth: Table | None = None,
 ) -> str:
     """The TOML text. ``listen`` is (port, mode) pairs on 127.0.0.1 (port 0 unless workers must
-    share a named port); ``dns`` is merged over ``recheck_interval = "0s"``; ``metrics`` is the
+    share a named port); ``dns`` is merged over ``recheck_interval = "0s"``, ``auth`` over the
+    cheap argon2 and no failure delay; ``metrics`` is the
     metrics endpoint's ``host:port``; a table left as None is left out (the defaults)."""
     top: dict[str, Value] = {"state_dir": state, "public_hostname": hostname}
     if workers is not None:
         top["workers"] = workers
     tables: dict[str, Table] = {
         "tls": {"cert": cert, "key": key},
-        "auth": {"failure_delay": "0s", "argon2": CHEAP_ARGON2},
+        "auth": {"failure_delay": "0s", "argon2": CHEAP_ARGON2, **(auth or {})},
         "dns": {"recheck_interval": "0s", **(dns or {})},
     }
     for name, table in (("limits", limits), ("delivery", delivery)):

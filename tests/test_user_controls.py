@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,9 +31,9 @@ from tests.dialogue import Dialogue
 from tests.hostile.kit import LOGIN, message, queued, with_limits
 from tests.relayserver import RelayHandle, start_relay
 from tests.sink import Sink
+from tests.test_sandbox import CONSOLE
 
 NOREPLY = "noreply@example.com"
-CONSOLE = shutil.which("relaybox") or "relaybox"  # the venv's console script (scripts/test's PATH)
 
 
 @pytest.fixture
@@ -364,7 +363,7 @@ async def test_usage_counts_what_was_accepted_refused_and_what_became_of_it(
         conf = relay_cfg.state_dir.parent / "usage-cli.toml"
         conf.write_text(f'state_dir = "{relay_cfg.state_dir}"\n')
         proc = await asyncio.create_subprocess_exec(
-            CONSOLE, "--config", str(conf), "user", "usage", LOGIN, "--days", "1", "--json",
+            str(CONSOLE), "--config", str(conf), "user", "usage", LOGIN, "--days", "1", "--json",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await proc.communicate()

@@ -122,9 +122,12 @@ class Server:
             tlsutil.ensure_self_signed(cfg)
             tlsutil.reload(self._ssl, cfg)
         self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-        self.usage_db = await usage.open_usage(cfg)  # the per-user counts, commits not fsynced
+        # The counts every worker shares (commits not fsynced): sending limits, AUTH failures.
+        self.usage_db = await usage.open_usage(cfg)
         self._hasher = Hasher(cfg.auth)
-        self._auth = Authenticator(self.db, self._hasher, cfg, clock=self.clock)
+        self._auth = Authenticator(
+            self.db, self._hasher, cfg, clock=self.clock, shared=self.usage_db
+        )
         self.resolver = dnscheck.make_resolver(cfg)
         self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
         self._suppress = suppressions.recorder(self.db, lambda: self.cfg, self.metrics)
@@ -308,10 +311,7 @@ class Server:
         if self.handler is not None:
             await self.handler.quota.close()
             adm = self.handler.quota.admissions
-            log.info(
-                "group commit: %d messages admitted in %d usage transactions", adm.admitted,
-                adm.batches,
-            )  # fmt: skip
+            log.info("admitted %d messages in %d transactions", adm.admitted, adm.batches)
         if self.usage_db is not None:
             with contextlib.suppress(StoreError):
                 await self.tally.flush(self.usage_db, self.clock())
@@ -372,6 +372,7 @@ class Server:
             try:
                 await self.auth.flush_logins()
                 self.auth.prune()
+                await self.auth.prune_shared()
                 if self.usage_db is not None:
                     await self.tally.flush(self.usage_db, self.clock())
             except StoreError as exc:

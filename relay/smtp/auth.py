@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import random
 import secrets
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -38,10 +36,9 @@ from relay import clock as clock_mod
 from relay import maillog
 from relay.clock import Clock
 from relay.config import Config
-from relay.config_sections import AuthConfig
-from relay.errors import Invalid
 from relay.smtp.controls import Controls, refusal
-from relay.store import events, logins, users
+from relay.smtp.throttle import Throttle, address_key, address_limit, login_key, process_share
+from relay.store import authfail, events, logins
 from relay.store.db import Database, StoreError
 from relay.store.passwords import Hasher
 
@@ -78,115 +75,31 @@ class _CacheEntry:
     expires_at: float
 
 
-def _share(limit: int, cfg: Config) -> int:
-    """This process's share of a failure limit (auth.max_failures or the per-address one).
-
-    With ``workers = N`` the kernel spreads an attacker's connections over N processes that count
-    separately; each locks out after its share, so the service as a whole allows about
-    the limit, not N times as many.
-    """
-    return max(1, -(-limit // cfg.workers))
-
-
-def address_limit(auth: AuthConfig) -> int:
-    """Failures from one client address (any login) before it is locked out for every login:
-    ``auth.max_failures_per_address``, or ten times ``auth.max_failures`` when that is 0.
-
-    Why ten: behind one NAT (an office, a carrier-grade NAT, a cloud's egress) several apps can
-    fail at once, say when a reset's grace window ends and each app still has the old password;
-    each stops at its own max_failures, and ten such logins can fail before the address is shut
-    for the others. A client spraying logins from one address still gets at most that many
-    guesses per failure window, however many logins it tries."""
-    return auth.max_failures_per_address or 10 * auth.max_failures
-
-
-def address_key(ip: str, ipv6_prefix: int) -> str:
-    """What failures from client address ``ip`` count under: an IPv4 address itself (a /32), an
-    IPv6 address's network of ``ipv6_prefix`` bits (``2001:db8:1:2::/64``).
-
-    An IPv4-mapped IPv6 address (a dual-stack listener's view of an IPv4 client) is that IPv4
-    address; a zone (``fe80::1%eth0``) is not part of the address; anything that is not an IP
-    address is its own key."""
-    try:
-        addr = ipaddress.ip_address(ip.partition("%")[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
-    return str(addr)
-
-
-def _login_key(login: str) -> str | None:
-    """The login ``login`` names (users.normalize_login), None for a malformed one."""
-    try:
-        return users.normalize_login(login)
-    except Invalid:
-        return None
-
-
-class Throttle:
-    """Failure counts per key in a sliding window, and the key's lockout once it reaches a limit."""
-
-    def __init__(self, max_failures: int, window: float, lockout: float) -> None:
-        self.max_failures = max_failures
-        self.window = window
-        self.lockout = lockout
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-        self._locked_until: dict[str, float] = {}
-
-    def locked(self, key: str, now: float) -> bool:
-        until = self._locked_until.get(key)
-        if until is None:
-            return False
-        if now >= until:
-            del self._locked_until[key]
-            self._failures.pop(key, None)
-            return False
-        return True
-
-    def fail(self, key: str, now: float) -> bool:
-        """Count a failure; True if the key is now locked out."""
-        q = self._failures[key]
-        q.append(now)
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if len(q) >= self.max_failures:
-            self._locked_until[key] = now + self.lockout
-            return True
-        return False
-
-    def failures(self, key: str, now: float) -> int:
-        q = self._failures.get(key)
-        if not q:
-            return 0
-        return sum(1 for t in q if t > now - self.window)
-
-    def prune(self, now: float) -> None:
-        """Forget stale keys (called periodically; bounds memory under a spray of IPs)."""
-        for key in [k for k, q in self._failures.items() if not q or q[-1] <= now - self.window]:
-            del self._failures[key]
-        for key in [k for k, t in self._locked_until.items() if t <= now]:
-            # As locked() does when a lockout ends: the failures that caused it go with it, so
-            # what follows does not depend on whether a prune ran in between.
-            del self._locked_until[key]
-            self._failures.pop(key, None)
-
-
 class Authenticator:
     def __init__(
-        self, db: Database, hasher: Hasher, cfg: Config, *, clock: Clock = clock_mod.system
+        self,
+        db: Database,
+        hasher: Hasher,
+        cfg: Config,
+        *,
+        clock: Clock = clock_mod.system,
+        shared: Database | None = None,
     ) -> None:
+        """``shared``: where failures and lockouts are counted for every worker (usage.db,
+        relay/store/authfail.py): the limits are then the service's, exactly. Without it each
+        process counts alone and locks out after its share of each limit."""
         self.db = db
         self.hasher = hasher
         self.cfg = cfg
         self.clock = clock
+        self.shared = shared
         a = cfg.auth
         # Per client address (any login), per (address, login), and per login (audit only).
-        self.throttle = Throttle(_share(address_limit(a), cfg), a.failure_window, a.lockout)
-        self.pairs = Throttle(_share(a.max_failures, cfg), a.failure_window, a.lockout)
-        self.login_failures = Throttle(_share(a.max_failures, cfg), a.failure_window, a.lockout)
+        self.throttle = Throttle(self._limit(address_limit(a)), a.failure_window, a.lockout)
+        self.pairs = Throttle(self._limit(a.max_failures), a.failure_window, a.lockout)
+        self.login_failures = Throttle(self._limit(a.max_failures), a.failure_window, a.lockout)
+        self._names = {id(self.throttle): "addr", id(self.pairs): "pair"}
+        self._names[id(self.login_failures)] = "login"
         self._cache: dict[tuple[str, bytes], _CacheEntry] = {}
         self._inflight: dict[tuple[str, bytes], asyncio.Future[logins.VerifyResult]] = {}
         self._key = secrets.token_bytes(32)
@@ -197,11 +110,58 @@ class Authenticator:
         self.cfg = cfg
         limits = (address_limit(cfg.auth), cfg.auth.max_failures, cfg.auth.max_failures)
         for t, limit in zip((self.throttle, self.pairs, self.login_failures), limits, strict=True):
-            t.max_failures = _share(limit, cfg)
+            t.max_failures = self._limit(limit)
             t.window = cfg.auth.failure_window
             t.lockout = cfg.auth.lockout
         if float(cfg.auth.cache_ttl) <= 0:
             self._cache.clear()
+
+    def _limit(self, limit: int) -> int:
+        return limit if self.shared is not None else process_share(limit, self.cfg)
+
+    def _shared_key(self, t: Throttle, key: str) -> str:
+        return f"{self._names[id(t)]}:{key}"
+
+    async def _pull(self, keys: list[tuple[Throttle, str]], now: float) -> None:
+        """Lockouts another worker decided for these keys, into this process's throttles."""
+        if self.shared is None:
+            return
+        try:
+            found = await authfail.lockouts(
+                self.shared, [self._shared_key(t, k) for t, k in keys], now
+            )
+        except StoreError:
+            return  # this process's own lockouts still hold
+        for t, k in keys:
+            until = found.get(self._shared_key(t, k))
+            if until is not None:
+                t.lock_until(k, until)
+
+    async def _fail(self, t: Throttle, key: str, now: float) -> bool:
+        """Count a failure for ``key`` (for every worker when shared); True if it locked out."""
+        if self.shared is None:
+            return t.fail(key, now)
+        try:
+            until = await authfail.fail(
+                self.shared,
+                self._shared_key(t, key),
+                now,
+                window=t.window,
+                limit=t.max_failures,
+                lockout=t.lockout,
+            )
+        except StoreError:
+            return t.fail(key, now)  # the shared store failed: this process counts alone
+        t.record(key, now)
+        if until is None:
+            return False
+        t.lock_until(key, until)
+        return True
+
+    async def prune_shared(self) -> None:
+        """Forget the shared failures and lockouts that ended (the server's periodic task)."""
+        if self.shared is not None:
+            await authfail.prune(self.shared, self.clock(), self.cfg.auth.failure_window)
 
     def is_throttled(self, ip: str) -> bool:
         """True while client address ``ip`` is locked out for every login (before any SASL)."""
@@ -221,9 +181,13 @@ class Authenticator:
         started = asyncio.get_running_loop().time()
         now = self.clock()
         # Normalized once, before anything counts: every alias of a login is that login.
-        normal = _login_key(login)
+        normal = login_key(login)
         where = self._address(ip)
         pair = f"{where} {normal or ''}"  # a login has no space; malformed ones share ""
+        key = normal or login.lower()[:320]
+        await self._pull(
+            [(self.throttle, where), (self.pairs, pair), (self.login_failures, key)], now
+        )
         if self.throttle.locked(where, now):
             return AuthAnswer(Outcome.THROTTLED, reason="ip_locked_out")
         if self.pairs.locked(pair, now):
@@ -241,22 +205,21 @@ class Authenticator:
                 self.logins[answer.identity.login] = self.clock()
                 return answer
             answer = AuthAnswer(Outcome.FAILED, reason=refused)
-        key = normal or login.lower()[:320]
         already = self.login_failures.locked(key, now)
-        if self.login_failures.fail(key, now) and not already:
+        if await self._fail(self.login_failures, key, now) and not already:
             # Many failures for one login, maybe from many addresses: nothing is blocked (that
             # would let anyone lock a user out), but operators are told once per window.
             maillog.event("auth login-failures", user=key, ip=ip, limit=self.cfg.auth.max_failures)
             await self._audit("auth.login-failures", maillog.safe(key, 320), f"last ip={ip}")
         seconds = int(self.cfg.auth.lockout)
         reason = answer.reason
-        if self.pairs.fail(pair, now):
+        if await self._fail(self.pairs, pair, now):
             reason += ",ip_login_now_locked_out"
             maillog.event(
                 "auth lockout", ip=ip, user=key, seconds=seconds, scope="login", key=where
             )
             await self._audit("auth.lockout", where, f"user={maillog.safe(key)}")
-        if self.throttle.fail(where, now):
+        if await self._fail(self.throttle, where, now):
             reason += ",ip_now_locked_out"
             maillog.event(
                 "auth lockout", ip=ip, user=key, seconds=seconds, scope="address", key=where

@@ -42,6 +42,7 @@ import aiosqlite
 
 from relay import userrules
 from relay.config import Config
+from relay.store import authfail
 from relay.store.db import Database, Migration, StoreError
 from relay.userrules import Limits
 
@@ -71,6 +72,7 @@ USAGE_MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    Migration(2, authfail.MIGRATION_SQL),  # AUTH failures and lockouts (relay/store/authfail.py)
 )
 
 KEEP_DAYS = 400  # usage history kept, in days
