@@ -27,7 +27,7 @@ from relay import clock as clock_mod
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.config_sections import SmarthostConfig
-from relay.store import events, suppressions
+from relay.store import events, suppressions, users
 from relay.units import Duration
 from tests.dialogue import Dialogue
 from tests.hostile.kit import message
@@ -438,3 +438,32 @@ async def test_a_failure_to_suppress_neither_loses_nor_repeats_the_outcome(
     [info] = [m for m in await box.server.spool.list_messages(("bounced",)) if m.sender]
     assert [(r.address, r.state, r.attempts) for r in info.recipients] == [(GONE, "bounced", 1)]
     assert (await rcpt_reply(box, password, GONE)).startswith("250 ")
+
+
+async def test_a_bounce_of_a_subdomain_sender_suppresses_for_its_users_domain(
+    box: RelayHandle, sink: Sink, clock: ManualClock
+) -> None:
+    """A user allowed to send as ``*@news.example.com`` (its domain's subdomain): the bounce of
+    such a message is recorded for the user's domain, example.com, which is what its later RCPT
+    TO is checked against, whatever sender that message has."""
+    password = await box.add_user(LOGIN)
+    db = box.server.db
+    assert db is not None
+    change = users.SettingsChange(allow_from=["*@news.example.com", LOGIN])
+    await users.update_settings(db, LOGIN, change, now=clock(), actor="test")
+    sink.script_rcpt(GONE, HARD)
+    bounced_at = clock()
+    d = await _session(box, LOGIN, password)
+    try:
+        await d.expect_after("MAIL FROM:<list@news.example.com>", "250")
+        await d.expect_after(f"RCPT TO:<{GONE}>", "250")
+        await d.expect_after("DATA", "354")
+        d.send_raw(message(sender="list@news.example.com", to=GONE) + b".\r\n")
+        await d.writer.drain()
+        await d.expect("250 2.0.0 queued as ")
+    finally:
+        await d.close()
+    deliverer = box.server.deliverer
+    assert deliverer is not None
+    await deliverer.wait_idle()
+    assert await rcpt_reply(box, password, GONE) == suppressed_reply(GONE, bounced_at)

@@ -329,11 +329,12 @@ class Deliverer:
         self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
     ) -> None:
         """Suppress the bounced recipients whose reply says the address is bad, for the
-        sender's domain (a DSN, sender "", never gets here). The outcomes are recorded already:
-        a failure here is logged and changes nothing else. One write per such bounce; none for
-        delivered or deferred mail."""
+        sending user's domain, the one its RCPT TO is checked against (a sender of a subdomain,
+        allowed by --allow-from, is its user's domain's; a DSN, sender "", never gets here).
+        The outcomes are recorded already: a failure here is logged and changes nothing else.
+        One write per such bounce; none for delivered or deferred mail."""
         assert self._suppress is not None
-        domain = grammar.domain_part(msg.sender)
+        domain = grammar.domain_part(msg.user or msg.sender)
         for r, o in zip(rcpts, outcomes, strict=True):
             code = suppressions.suppresses(o.reply, self.cfg.suppression.codes)
             if o.state != "bounced" or code is None:
