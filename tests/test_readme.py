@@ -47,6 +47,7 @@ import json
 import re
 import shlex
 import signal
+import string
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,7 +281,12 @@ LISTED = (
     "AUTH_OK", "AUTH_FAILED", "AUTH_TOO_MANY", "AUTH_THROTTLED", "AUTH_REQUIRED", "AUTH_NEEDS_TLS",
     "SENDER_NOT_OWNED", "SENDER_DOMAIN_UNVERIFIED", "HEADER_FROM_MISMATCH", "HEADER_FROM_MISSING",
     "HEADER_SYNTAX", "BARE_LINE_ENDING", "MESSAGE_TOO_BIG", "TEMP_FAILURE", "QUEUED",
+    "LIMIT_REACHED", "SENDER_NOT_ALLOWED", "HEADER_NOT_ALLOWED", "SUPPRESSED", "PROXY_REFUSED",
 )  # fmt: skip
+
+
+def _fields(text: str) -> list[str]:
+    return [name for _lit, name, _spec, _conv in string.Formatter().parse(text) if name]
 
 
 def test_the_list_of_replies_is_the_catalogue() -> None:
@@ -293,8 +299,8 @@ def test_the_list_of_replies_is_the_catalogue() -> None:
         for row in table.splitlines()[3:]
         for cell in re.findall(r"`([^`]+)`", row.split(" | ")[0])
     ]
-    catalogue = {
-        name: str(value.fill(id="<id>") if name == "QUEUED" else value)
+    catalogue = {  # a template's fields as <name>: "451 4.7.1 <login>: limit of <limit> ..."
+        name: str(value.fill(**{f: f"<{f}>" for f in _fields(value.text)}))
         for name, value in vars(replies).items()
         if isinstance(value, replies.Reply)
     }
