@@ -5,7 +5,6 @@ counts): what makes a limit exact for the whole service at a fraction of a round
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 
 from relay import userrules
@@ -105,7 +104,7 @@ class Admissions:
                 batch.append(nxt)
             try:
                 results = await self._decide(batch)
-            except (sqlite3.Error, StoreError) as exc:
+            except Exception as exc:  # the batch fails alike; the writer carries on
                 err = exc if isinstance(exc, StoreError) else StoreError(f"usage: {exc}")
                 for req in batch:
                     if not req.future.done():
@@ -129,6 +128,9 @@ class Admissions:
             # (login, day) -> [accepted, recipients, hour, hour_accepted]
             state = {(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows}
             for req in batch:
+                if req.future.done():  # its session went away before its turn: not counted
+                    results.append(None)
+                    continue
                 day, hour = userrules.day_key(req.now), userrules.hour_start(req.now)
                 row = state.setdefault((req.login, day), [0, 0, hour, 0])
                 in_hour = row[3] if row[2] == hour else 0
