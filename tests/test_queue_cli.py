@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from admin.cli import cli
-from relay import config as config_mod
 from relay.clock import iso
 from relay.config import Config
 from relay.store.spool import Outcome, Spool
+from tests.userhelpers import json_of
 
 BODY = b"From: a@example.com\r\nSubject: q\r\n\r\nx\r\n"
 SUMMARY_KEYS = [
@@ -29,24 +25,6 @@ SUMMARY_KEYS = [
     "next_attempt_at",
     "last_reply",
 ]
-
-
-@pytest.fixture
-def conf(cli_config: Path) -> Config:
-    return config_mod.load(cli_config)
-
-
-@pytest.fixture
-def relaybox(cli_config: Path) -> Any:
-    def invoke(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--config", str(cli_config), *args], input=input)
-
-    return invoke
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture
@@ -79,20 +57,20 @@ def queue(conf: Config) -> dict[str, str]:
 
 def test_empty_queue(relaybox: Any) -> None:
     assert relaybox("queue", "list").stdout.strip() == "queue is empty"
-    assert _json(relaybox("queue", "list", "--json")) == []
-    stats = _json(relaybox("queue", "stats", "--json"))
+    assert json_of(relaybox("queue", "list", "--json")) == []
+    stats = json_of(relaybox("queue", "stats", "--json"))
     assert stats["messages"] == 0 and stats["recipients"]["queued"] == 0
 
 
 def test_list_by_state(relaybox: Any, queue: dict[str, str]) -> None:
-    pending = _json(relaybox("queue", "list", "--json"))
+    pending = json_of(relaybox("queue", "list", "--json"))
     assert [m["id"] for m in pending] == [queue["deferred"], queue["queued"]]
     assert list(pending[0]) == SUMMARY_KEYS
     assert pending[0]["states"] == {"queued": 0, "deferred": 1, "delivered": 0, "bounced": 0}
     assert pending[0]["last_reply"] == "451 4.3.0 busy"
-    delivered = _json(relaybox("queue", "list", "--state", "delivered", "--json"))
+    delivered = json_of(relaybox("queue", "list", "--state", "delivered", "--json"))
     assert [m["id"] for m in delivered] == [queue["delivered"]]
-    assert len(_json(relaybox("queue", "list", "--state", "all", "--json"))) == 3
+    assert len(json_of(relaybox("queue", "list", "--state", "all", "--json"))) == 3
     text = relaybox("queue", "list").stdout
     assert queue["deferred"] in text and "451 4.3.0 busy" in text
     bad = relaybox("queue", "list", "--state", "lost")
@@ -100,7 +78,7 @@ def test_list_by_state(relaybox: Any, queue: dict[str, str]) -> None:
 
 
 def test_show(relaybox: Any, queue: dict[str, str]) -> None:
-    data = _json(relaybox("queue", "show", queue["deferred"], "--json"))
+    data = json_of(relaybox("queue", "show", queue["deferred"], "--json"))
     assert data["id"] == queue["deferred"] and data["sender"] == "a@example.com"
     [r] = data["recipients"]
     assert r["address"] == "deferred@example.net" and r["state"] == "deferred"
@@ -114,13 +92,13 @@ def test_show(relaybox: Any, queue: dict[str, str]) -> None:
 
 
 def test_retry_makes_deferred_due_and_is_audited(relaybox: Any, queue: dict[str, str]) -> None:
-    result = _json(relaybox("queue", "retry", queue["deferred"], "--json"))
+    result = json_of(relaybox("queue", "retry", queue["deferred"], "--json"))
     assert result == {"target": queue["deferred"], "retried": 1}
-    data = _json(relaybox("queue", "show", queue["deferred"], "--json"))
+    data = json_of(relaybox("queue", "show", queue["deferred"], "--json"))
     assert data["recipients"][0]["next_attempt_at"] <= _iso_soon()
-    assert _json(relaybox("queue", "retry", "--all", "--json"))["retried"] >= 0
+    assert json_of(relaybox("queue", "retry", "--all", "--json"))["retried"] >= 0
     assert relaybox("queue", "retry").exit_code == 2
-    audit = _json(relaybox("audit", "--json"))
+    audit = json_of(relaybox("audit", "--json"))
     assert [(e["action"], e["target"]) for e in audit][:2] == [
         ("queue.retry", "all"),
         ("queue.retry", queue["deferred"]),
@@ -137,18 +115,18 @@ def _iso_soon() -> str:
 def test_delete_needs_yes_and_sends_no_bounce(relaybox: Any, queue: dict[str, str]) -> None:
     refused = relaybox("queue", "delete", queue["queued"])
     assert refused.exit_code == 1 and "--yes" in refused.stderr
-    assert len(_json(relaybox("queue", "list", "--json"))) == 2
+    assert len(json_of(relaybox("queue", "list", "--json"))) == 2
     done = relaybox("queue", "delete", queue["queued"], "--yes")
     assert done.exit_code == 0 and "no bounce" in done.stdout
-    assert [m["id"] for m in _json(relaybox("queue", "list", "--json"))] == [queue["deferred"]]
-    stats = _json(relaybox("queue", "stats", "--json"))
+    assert [m["id"] for m in json_of(relaybox("queue", "list", "--json"))] == [queue["deferred"]]
+    stats = json_of(relaybox("queue", "stats", "--json"))
     assert stats["messages"] == 2  # nothing (no DSN) was queued by the delete
-    audit = _json(relaybox("audit", "--json"))
+    audit = json_of(relaybox("audit", "--json"))
     assert audit[0]["action"] == "queue.delete" and audit[0]["target"] == queue["queued"]
 
 
 def test_stats(relaybox: Any, queue: dict[str, str]) -> None:
-    stats = _json(relaybox("queue", "stats", "--json"))
+    stats = json_of(relaybox("queue", "stats", "--json"))
     assert list(stats) == [
         "messages",
         "pending_messages",
@@ -172,6 +150,6 @@ def test_cli_leaves_in_flight_work_to_the_server(relaybox: Any, conf: Config) ->
 
     msg_id = asyncio.run(claim())
     for _ in range(2):
-        data = _json(relaybox("queue", "show", msg_id, "--json"))
+        data = json_of(relaybox("queue", "show", msg_id, "--json"))
         assert data["recipients"][0]["in_flight"] is True
-    assert _json(relaybox("queue", "stats", "--json"))["in_flight"] == 1
+    assert json_of(relaybox("queue", "stats", "--json"))["in_flight"] == 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +32,7 @@ from tests.dialogue import Dialogue
 from tests.hostile.kit import message
 from tests.relayserver import RelayHandle, start_relay
 from tests.sink import Sink
+from tests.userhelpers import json_of, one_line_error
 
 LOGIN = "app@example.com"
 OTHER = "ops@other.test"
@@ -74,22 +74,6 @@ def relaybox(relay_cfg: Config, tmp_path: Path) -> Cli:
         return await asyncio.to_thread(CliRunner().invoke, cli, ["--config", str(conf), *args])
 
     return invoke
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert result.stdout == ""
-    return lines[0]
 
 
 async def _session(relay: RelayHandle, login: str, password: str) -> Dialogue:
@@ -220,7 +204,7 @@ async def test_policy_refusals_and_temporary_failures_never_suppress(
     await send(box, password, "policy@dest.test", "later@dest.test", "full@dest.test")
     for rcpt in ("policy@dest.test", "later@dest.test", "full@dest.test"):
         assert (await rcpt_reply(box, password, rcpt)).startswith("250 "), rcpt
-    assert _json(await relaybox("suppression", "list", "--json")) == []
+    assert json_of(await relaybox("suppression", "list", "--json")) == []
     metrics = box.server.metrics.render().decode()
     assert 'relaybox_suppressions_added_total{source="bounce"} 0.0' in metrics
 
@@ -233,7 +217,7 @@ async def test_remove_lets_the_address_through_again(
     await send(box, password, GONE)
     assert (await rcpt_reply(box, password, GONE)).startswith("550 5.1.1 ")
 
-    [listed] = _json(await relaybox("suppression", "list", "--json"))
+    [listed] = json_of(await relaybox("suppression", "list", "--json"))
     assert (listed["domain"], listed["address"], listed["source"]) == (
         "example.com",
         GONE,
@@ -243,7 +227,7 @@ async def test_remove_lets_the_address_through_again(
     assert done.exit_code == 0, done.output
     assert done.stdout == f"removed {GONE} from 1 domain(s): example.com\n"
     assert (await rcpt_reply(box, password, GONE)).startswith("250 ")
-    _one_line_error(await relaybox("suppression", "remove", GONE), f"no suppression for {GONE}")
+    one_line_error(await relaybox("suppression", "remove", GONE), f"no suppression for {GONE}")
 
     assert box.server.db is not None
     actions = [e.action for e in await events.recent(box.server.db, target="example.com")]
@@ -263,7 +247,7 @@ async def test_a_dsn_never_suppresses(box: RelayHandle, sink: Sink, relaybox: Cl
     sink.script_rcpt(GONE, HARD)
     sink.script_rcpt(LOGIN, HARD)  # the DSN to the sender bounces too (and is dropped)
     await send(box, password, GONE)
-    listed = _json(await relaybox("suppression", "list", "--json"))
+    listed = json_of(await relaybox("suppression", "list", "--json"))
     assert [e["address"] for e in listed] == [GONE]
 
 
@@ -302,7 +286,7 @@ KEYS = ["domain", "address", "reason", "code", "reply", "source", "created_at", 
 async def test_add_show_list_json_and_normalised_addresses(box: RelayHandle, relaybox: Cli) -> None:
     password = await box.add_user(LOGIN)
     await box.add_domain("other.test")
-    added = _json(
+    added = json_of(
         await relaybox(
             "suppression", "add", "Bob@BÜCHER.Example", "--domain", "EXAMPLE.com",
             "--reason", "asked to stop", "--json",
@@ -315,15 +299,17 @@ async def test_add_show_list_json_and_normalised_addresses(box: RelayHandle, rel
         "asked to stop", "admin", "", "",
     )  # fmt: skip
     assert added["created_at"].endswith("Z") and added["expires_at"] is None
-    _json(await relaybox("suppression", "add", "bob@dest.test", "--domain", "other.test", "--json"))
-    _json(
+    json_of(
+        await relaybox("suppression", "add", "bob@dest.test", "--domain", "other.test", "--json")
+    )
+    json_of(
         await relaybox("suppression", "add", "bob@dest.test", "--domain", "example.com", "--json")
     )
 
     # The same entry, however its domain is written; a local part in another case is not.
-    [shown] = _json(await relaybox("suppression", "show", "Bob@xn--BCHER-kva.example", "--json"))
+    [shown] = json_of(await relaybox("suppression", "show", "Bob@xn--BCHER-kva.example", "--json"))
     assert shown == added
-    _one_line_error(
+    one_line_error(
         await relaybox("suppression", "show", "bob@xn--bcher-kva.example"), "no suppression for"
     )
     reply = await rcpt_reply(box, password, "Bob@XN--BCHER-KVA.EXAMPLE")
@@ -331,14 +317,14 @@ async def test_add_show_list_json_and_normalised_addresses(box: RelayHandle, rel
     assert "(relaybox suppression remove Bob@xn--bcher-kva.example --domain example.com)" in reply
     assert (await rcpt_reply(box, password, "bob@xn--bcher-kva.example")).startswith("250 ")
 
-    both = _json(await relaybox("suppression", "show", "bob@dest.test", "--json"))
+    both = json_of(await relaybox("suppression", "show", "bob@dest.test", "--json"))
     assert [(e["domain"], e["address"]) for e in both] == [
         ("example.com", "bob@dest.test"),
         ("other.test", "bob@dest.test"),
     ]
-    everything = _json(await relaybox("suppression", "list", "--json"))
+    everything = json_of(await relaybox("suppression", "list", "--json"))
     assert [list(e) for e in everything] == [KEYS] * 3
-    only = _json(await relaybox("suppression", "list", "--domain", "other.test", "--json"))
+    only = json_of(await relaybox("suppression", "list", "--domain", "other.test", "--json"))
     assert [e["address"] for e in only] == ["bob@dest.test"]
     table = await relaybox("suppression", "list")
     assert table.exit_code == 0 and "Bob@xn--bcher-kva.example" in table.stdout
@@ -352,26 +338,26 @@ async def test_add_show_list_json_and_normalised_addresses(box: RelayHandle, rel
 
 async def test_cli_errors_are_one_line_and_exit_1(box: RelayHandle, relaybox: Cli) -> None:
     await box.add_user(LOGIN)
-    _one_line_error(
+    one_line_error(
         await relaybox("suppression", "add", "not-an-address", "--domain", "example.com"),
         "not an email address",
     )
-    _one_line_error(
+    one_line_error(
         await relaybox("suppression", "add", "x@dest.test", "--domain", "nosuch.test"),
         "no such domain: nosuch.test",
     )
     assert (
         await relaybox("suppression", "add", "x@dest.test", "--domain", "example.com")
     ).exit_code == 0
-    _one_line_error(
+    one_line_error(
         await relaybox("suppression", "add", "x@dest.test", "--domain", "example.com"),
         "already suppressed",
     )
-    _one_line_error(
+    one_line_error(
         await relaybox("suppression", "remove", "y@dest.test", "--domain", "example.com"),
         "no suppression for y@dest.test",
     )
-    _one_line_error(await relaybox("suppression", "show", "y@dest.test"), "no suppression for")
+    one_line_error(await relaybox("suppression", "show", "y@dest.test"), "no suppression for")
     missing = await relaybox("suppression", "add", "x@dest.test")
     assert missing.exit_code == 2  # Click's usage error: --domain is required
 
@@ -381,14 +367,14 @@ async def test_a_hostile_address_never_reaches_the_reply_or_the_log_raw(
 ) -> None:
     caplog.set_level(logging.INFO)
     password = await box.add_user(LOGIN)
-    line = _one_line_error(
+    line = one_line_error(
         await relaybox("suppression", "add", "a\x1b[31m\r\nb@dest.test", "--domain", "example.com"),
         "not an email address",
     )
     assert "\x1b" not in line and "\r" not in line
     # A quoted local part may hold spaces, quotes and "=": the reply and the log show '?'.
     odd = "\"a b='c'\"@dest.test"
-    _json(await relaybox("suppression", "add", odd, "--domain", "example.com", "--json"))
+    json_of(await relaybox("suppression", "add", odd, "--domain", "example.com", "--json"))
     reply = await rcpt_reply(box, password, odd)
     assert reply.startswith("550 5.1.1 <?a?b??c??@dest.test>: suppressed after a hard bounce")
     assert "\n" not in reply and len(reply.encode()) < 512

@@ -6,20 +6,16 @@ import asyncio
 import json
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from admin.cli import cli
-from relay import config as config_mod
 from relay.config import Config
 from relay.store import logins
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.passwords import Hasher
 from tests import leaks
-from tests.userhelpers import make_domain_sync
+from tests.userhelpers import json_of, make_domain_sync, one_line_error
 
 LIST_KEYS = [
     "login",
@@ -42,43 +38,6 @@ LISTENERS = [{"port": 587, "security": "STARTTLS"}, {"port": 465, "security": "S
 CHOSEN = "chosen-password-for-stdin"
 
 
-@pytest.fixture
-def conf(cli_config: Path) -> Config:
-    return config_mod.load(cli_config)
-
-
-@pytest.fixture
-def relaybox(cli_config: Path) -> Any:
-    """Run `relaybox --config <tmp file> ARGS...`; stdout and stderr kept apart."""
-
-    def invoke(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--config", str(cli_config), *args], input=input)
-
-    return invoke
-
-
-@pytest.fixture
-def domain(conf: Config) -> str:
-    return make_domain_sync(conf, now=time.time())
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    """Exit 1, nothing on stdout, exactly one line on stderr containing every fragment."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
 def _verify(conf: Config, login: str, password: str) -> str | None:
     async def _main() -> str | None:
         hasher = Hasher(conf.auth)
@@ -98,7 +57,7 @@ def _ts(value: str) -> float:
 
 
 def _add(relaybox: Any, login: str = "app@example.com") -> str:
-    data = _json(relaybox("user", "add", login, "--json"))
+    data = json_of(relaybox("user", "add", login, "--json"))
     return leaks.add(data["password"])
 
 
@@ -108,7 +67,7 @@ def _add(relaybox: Any, login: str = "app@example.com") -> str:
 def test_add_prints_a_generated_password_once_with_connection_info(
     relaybox: Any, conf: Config, domain: str
 ) -> None:
-    data = _json(relaybox("user", "add", "App@Example.com", "--json"))
+    data = json_of(relaybox("user", "add", "App@Example.com", "--json"))
     leaks.add(data["password"])
     assert list(data) == ["login", "password", "host", "listeners", "old_password_valid_until"]
     assert data["login"] == "app@example.com"
@@ -131,7 +90,7 @@ def test_add_with_password_from_stdin_never_echoes_it(
     relaybox: Any, conf: Config, domain: str
 ) -> None:
     leaks.add(CHOSEN)
-    data = _json(
+    data = json_of(
         relaybox(
             "user", "add", "app@example.com", "--password-stdin", "--json", input=CHOSEN + "\n"
         )
@@ -146,36 +105,36 @@ def test_add_with_password_from_stdin_never_echoes_it(
 
 def test_add_errors_are_one_line(relaybox: Any, conf: Config, domain: str) -> None:
     make_domain_sync(conf, "pending.example", now=time.time(), verified=False)
-    _one_line_error(
+    one_line_error(
         relaybox("user", "add", "a@pending.example"),
         "not verified",
         "relaybox domain verify pending.example",
     )
-    _one_line_error(relaybox("user", "add", "a@unknown.example"), "relaybox domain add")
-    _one_line_error(relaybox("user", "add", "not-a-login"), "name@domain")
+    one_line_error(relaybox("user", "add", "a@unknown.example"), "relaybox domain add")
+    one_line_error(relaybox("user", "add", "not-a-login"), "name@domain")
     weak = leaks.add("abcdefghijklm")  # 13 characters: the config asks for 14
-    _one_line_error(
+    one_line_error(
         relaybox("user", "add", "a@example.com", "--password-stdin", input=weak + "\n"),
         "at least 14",
     )
-    _one_line_error(
+    one_line_error(
         relaybox("user", "add", "a@example.com", "--password-stdin", input="\n"), "no password"
     )
     _add(relaybox, "a@example.com")
-    _one_line_error(relaybox("user", "add", "A@example.com"), "already exists")
+    one_line_error(relaybox("user", "add", "A@example.com"), "already exists")
 
 
 # --- list and show --------------------------------------------------------------------------------
 
 
 def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
-    assert _json(relaybox("user", "list", "--json")) == []
+    assert json_of(relaybox("user", "list", "--json")) == []
     make_domain_sync(conf, "other.example", now=time.time())
     before = time.time()
     pw = _add(relaybox, "b@example.com")
     _add(relaybox, "a@example.com")
     _add(relaybox, "c@other.example")
-    listed = _json(relaybox("user", "list", "--json"))
+    listed = json_of(relaybox("user", "list", "--json"))
     assert [u["login"] for u in listed] == ["a@example.com", "b@example.com", "c@other.example"]
     for entry in listed:
         assert list(entry) == [*LIST_KEYS, *CONTROL_KEYS]
@@ -188,10 +147,10 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
         assert entry["disabled"] is False
         assert _ts(entry["created_at"]) >= int(before)
         assert entry["password_changed_at"] == entry["created_at"]
-    only = _json(relaybox("user", "list", "--domain", "other.example", "--json"))
+    only = json_of(relaybox("user", "list", "--domain", "other.example", "--json"))
     assert [u["login"] for u in only] == ["c@other.example"]
 
-    shown = _json(relaybox("user", "show", "b@example.com", "--json"))
+    shown = json_of(relaybox("user", "show", "b@example.com", "--json"))
     assert list(shown) == [*LIST_KEYS, *CONTROL_KEYS, "host", "listeners", "sandbox"]
     assert {k: shown[k] for k in CONTROL_KEYS} == {k: listed[1][k] for k in CONTROL_KEYS}
     assert shown["sandbox"] is False  # tests/test_sandbox.py: True
@@ -213,8 +172,8 @@ def test_list_and_show_shapes(relaybox: Any, conf: Config, domain: str) -> None:
 
 
 def test_show_unknown_user(relaybox: Any, domain: str) -> None:
-    _one_line_error(relaybox("user", "show", "ghost@example.com"), "no such user")
-    _one_line_error(relaybox("user", "show", "ghost@example.com", "--json"), "no such user")
+    one_line_error(relaybox("user", "show", "ghost@example.com"), "no such user")
+    one_line_error(relaybox("user", "show", "ghost@example.com", "--json"), "no such user")
 
 
 # --- reset, revoke, delete, disable ---------------------------------------------------------------
@@ -225,7 +184,7 @@ def test_reset_password_keeps_the_old_one_for_the_default_grace(
 ) -> None:
     old = _add(relaybox)
     before = time.time()
-    data = _json(relaybox("user", "reset-password", "app@example.com", "--json"))
+    data = json_of(relaybox("user", "reset-password", "app@example.com", "--json"))
     new = leaks.add(data["password"])
     assert list(data) == ["login", "password", "host", "listeners", "old_password_valid_until"]
     assert new != old
@@ -233,7 +192,7 @@ def test_reset_password_keeps_the_old_one_for_the_default_grace(
     assert int(before) + 7200 <= until <= time.time() + 7200  # reset_grace = "2h" in the config
     assert _verify(conf, "app@example.com", new) == "current"
     assert _verify(conf, "app@example.com", old) == "previous"
-    shown = _json(relaybox("user", "show", "app@example.com", "--json"))
+    shown = json_of(relaybox("user", "show", "app@example.com", "--json"))
     assert shown["old_password_valid_until"] == data["old_password_valid_until"]
 
     revoked = relaybox("user", "revoke-old", "app@example.com")
@@ -248,14 +207,14 @@ def test_reset_with_grace_zero_and_explicit_durations(
     relaybox: Any, conf: Config, domain: str
 ) -> None:
     p1 = _add(relaybox)
-    data = _json(relaybox("user", "reset-password", "app@example.com", "--grace", "0", "--json"))
+    data = json_of(relaybox("user", "reset-password", "app@example.com", "--grace", "0", "--json"))
     p2 = leaks.add(data["password"])
     assert data["old_password_valid_until"] is None
     assert _verify(conf, "app@example.com", p1) is None
     assert _verify(conf, "app@example.com", p2) == "current"
 
     before = time.time()
-    data = _json(
+    data = json_of(
         relaybox(
             "user",
             "reset-password",
@@ -275,13 +234,13 @@ def test_reset_with_grace_zero_and_explicit_durations(
 
 def test_reset_errors_are_one_line(relaybox: Any, domain: str) -> None:
     _add(relaybox)
-    _one_line_error(
+    one_line_error(
         relaybox("user", "reset-password", "app@example.com", "--grace", "soon"),
         "--grace",
         "not a duration",
     )
-    _one_line_error(relaybox("user", "reset-password", "ghost@example.com"), "no such user")
-    _one_line_error(
+    one_line_error(relaybox("user", "reset-password", "ghost@example.com"), "no such user")
+    one_line_error(
         relaybox(
             "user",
             "reset-password",
@@ -292,8 +251,8 @@ def test_reset_errors_are_one_line(relaybox: Any, domain: str) -> None:
         "one character repeated",
     )
     for command in ("revoke-old", "disable", "enable"):
-        _one_line_error(relaybox("user", command, "ghost@example.com"), "no such user")
-    _one_line_error(relaybox("user", "delete", "ghost@example.com", "--yes"), "no such user")
+        one_line_error(relaybox("user", command, "ghost@example.com"), "no such user")
+    one_line_error(relaybox("user", "delete", "ghost@example.com", "--yes"), "no such user")
 
 
 def test_reset_grace_is_capped_at_30_days(relaybox: Any, conf: Config, domain: str) -> None:
@@ -301,7 +260,7 @@ def test_reset_grace_is_capped_at_30_days(relaybox: Any, conf: Config, domain: s
     (the error says the cap), before any password is read or changed."""
     p1 = _add(relaybox)
     for too_long in ("99999d", "31d", "2592001s"):
-        _one_line_error(
+        one_line_error(
             relaybox("user", "reset-password", "app@example.com", "--grace", too_long),
             "--grace",
             too_long,
@@ -309,27 +268,29 @@ def test_reset_grace_is_capped_at_30_days(relaybox: Any, conf: Config, domain: s
         )
     assert _verify(conf, "app@example.com", p1) == "current"
     before = time.time()
-    data = _json(relaybox("user", "reset-password", "app@example.com", "--grace", "30d", "--json"))
+    data = json_of(
+        relaybox("user", "reset-password", "app@example.com", "--grace", "30d", "--json")
+    )
     leaks.add(data["password"])
     assert int(before) + 30 * 86400 <= _ts(data["old_password_valid_until"])
 
 
 def test_delete_disable_enable(relaybox: Any, conf: Config, domain: str) -> None:
     pw = _add(relaybox)
-    _one_line_error(relaybox("user", "delete", "app@example.com"), "--yes")  # no terminal to ask
+    one_line_error(relaybox("user", "delete", "app@example.com"), "--yes")  # no terminal to ask
     assert _verify(conf, "app@example.com", pw) == "current"
 
     disabled = relaybox("user", "disable", "app@example.com")
     assert disabled.exit_code == 0 and "disabled" in disabled.stdout
     assert _verify(conf, "app@example.com", pw) is None
-    assert _json(relaybox("user", "show", "app@example.com", "--json"))["disabled"] is True
+    assert json_of(relaybox("user", "show", "app@example.com", "--json"))["disabled"] is True
     assert relaybox("user", "enable", "app@example.com").exit_code == 0
     assert _verify(conf, "app@example.com", pw) == "current"
 
     deleted = relaybox("user", "delete", "app@example.com", "--yes")
     assert deleted.exit_code == 0, deleted.output
     assert _verify(conf, "app@example.com", pw) is None
-    assert _json(relaybox("user", "list", "--json")) == []
+    assert json_of(relaybox("user", "list", "--json")) == []
 
 
 # --- audit and leaks ------------------------------------------------------------------------------
@@ -337,11 +298,11 @@ def test_delete_disable_enable(relaybox: Any, conf: Config, domain: str) -> None
 
 def test_audit_lists_every_action_and_no_password(relaybox: Any, domain: str) -> None:
     p1 = _add(relaybox)
-    data = _json(relaybox("user", "reset-password", "app@example.com", "--grace", "0", "--json"))
+    data = json_of(relaybox("user", "reset-password", "app@example.com", "--grace", "0", "--json"))
     p2 = leaks.add(data["password"])
     assert relaybox("user", "disable", "app@example.com").exit_code == 0
     assert relaybox("user", "delete", "app@example.com", "--yes").exit_code == 0
-    events = _json(relaybox("audit", "--target", "app@example.com", "--json"))
+    events = json_of(relaybox("audit", "--target", "app@example.com", "--json"))
     assert [e["action"] for e in events] == [
         "user.delete",
         "user.disable",
@@ -351,7 +312,7 @@ def test_audit_lists_every_action_and_no_password(relaybox: Any, domain: str) ->
     assert list(events[0]) == ["id", "at", "actor", "action", "target", "detail"]
     assert events[1]["actor"]
     assert events[2]["detail"] == "grace=0s"
-    assert len(_json(relaybox("audit", "--limit", "2", "--json"))) == 2
+    assert len(json_of(relaybox("audit", "--limit", "2", "--json"))) == 2
     text = relaybox("audit")
     assert text.exit_code == 0 and "user.reset-password" in text.stdout
     for out in (text.stdout, json.dumps(events)):
@@ -373,7 +334,7 @@ def test_no_password_in_logs_or_listings(
         == 0
     )
     p2 = leaks.add(
-        _json(relaybox("user", "reset-password", "app@example.com", "--json"))["password"]
+        json_of(relaybox("user", "reset-password", "app@example.com", "--json"))["password"]
     )
     assert _verify(conf, "app@example.com", p1) == "previous"
     assert _verify(conf, "app@example.com", "wrong-password-here") is None

@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner, Result
 
 from admin.cli import cli
@@ -32,7 +31,7 @@ from relay.store.users import SettingsChange, User
 from relay.userrules import Limits
 from tests import leaks
 from tests.test_user_cli import CONTROL_KEYS, DEFAULT_LIMITS, LIST_KEYS, NO_USAGE
-from tests.userhelpers import make_domain_sync
+from tests.userhelpers import json_of, one_line_error
 
 LOGIN = "app@example.com"
 DAY = 86400.0
@@ -40,44 +39,10 @@ CONSOLE = Path(sys.executable).parent / "relaybox"
 SHOW_KEYS = [*LIST_KEYS, *CONTROL_KEYS, "host", "listeners", "sandbox"]
 
 
-@pytest.fixture
-def conf(cli_config: Path) -> Config:
-    return config_mod.load(cli_config)
-
-
-@pytest.fixture
-def relaybox(cli_config: Path) -> Any:
-    def invoke(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, ["--config", str(cli_config), *args], input=input)
-
-    return invoke
-
-
-@pytest.fixture
-def domain(conf: Config) -> str:
-    return make_domain_sync(conf, now=time.time())
-
-
-def _json(result: Result) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
 def _add(relaybox: Any, login: str = LOGIN, *extra: str) -> dict[str, Any]:
-    data = _json(relaybox("user", "add", login, "--json", *extra))
+    data = json_of(relaybox("user", "add", login, "--json", *extra))
     leaks.add(data["password"])
-    return _json(relaybox("user", "show", login, "--json"))
+    return json_of(relaybox("user", "show", login, "--json"))
 
 
 def _ts(value: str) -> float:
@@ -134,11 +99,11 @@ def test_set_limits_prints_the_user_and_writes_an_audit_event(relaybox: Any, dom
     before = _add(relaybox)
     assert before["limits"] == DEFAULT_LIMITS
 
-    data = _json(relaybox("user", "set", LOGIN, "--messages-per-hour", "5", "--json"))
+    data = json_of(relaybox("user", "set", LOGIN, "--messages-per-hour", "5", "--json"))
     assert list(data) == SHOW_KEYS
     assert data["limits"]["messages_per_hour"] == {"limit": 5, "default": False}
     assert data["limits"]["messages_per_day"] == {"limit": 10000, "default": True}
-    assert data == _json(relaybox("user", "show", LOGIN, "--json"))
+    assert data == json_of(relaybox("user", "show", LOGIN, "--json"))
 
     text = relaybox("user", "set", LOGIN, "--messages-per-day", "0", "--recipients-per-day", "250")
     assert text.exit_code == 0, text.output
@@ -150,20 +115,20 @@ def test_set_limits_prints_the_user_and_writes_an_audit_event(relaybox: Any, dom
         "Expires:    never",
     ):
         assert needle in text.stdout, text.stdout
-    shown = _json(relaybox("user", "show", LOGIN, "--json"))["limits"]
+    shown = json_of(relaybox("user", "show", LOGIN, "--json"))["limits"]
     assert shown["messages_per_day"] == {"limit": 0, "default": False}
     assert shown["recipients_per_day"] == {"limit": 250, "default": False}
 
-    back = _json(relaybox("user", "set", LOGIN, "--messages-per-hour", "default", "--json"))
+    back = json_of(relaybox("user", "set", LOGIN, "--messages-per-hour", "default", "--json"))
     assert back["limits"]["messages_per_hour"] == {"limit": 1000, "default": True}
     assert back["limits"]["messages_per_day"] == {"limit": 0, "default": False}
-    one = _json(relaybox("user", "set", LOGIN, "--default", "messages-per-day", "--json"))
+    one = json_of(relaybox("user", "set", LOGIN, "--default", "messages-per-day", "--json"))
     assert one["limits"]["messages_per_day"] == {"limit": 10000, "default": True}
     assert one["limits"]["recipients_per_day"] == {"limit": 250, "default": False}
-    every = _json(relaybox("user", "set", LOGIN, "--default", "all", "--json"))
+    every = json_of(relaybox("user", "set", LOGIN, "--default", "all", "--json"))
     assert every["limits"] == DEFAULT_LIMITS
 
-    events = _json(relaybox("audit", "--target", LOGIN, "--json"))
+    events = json_of(relaybox("audit", "--target", LOGIN, "--json"))
     sets = [e for e in events if e["action"] == "user.set"]
     assert len(sets) == 5
     assert sets[-1]["detail"] == "messages_per_hour=5"  # oldest last
@@ -176,45 +141,45 @@ def test_set_limits_prints_the_user_and_writes_an_audit_event(relaybox: Any, dom
 
 def test_set_errors_are_one_line_and_change_nothing(relaybox: Any, domain: str) -> None:
     _add(relaybox)
-    _one_line_error(relaybox("user", "set", LOGIN), "nothing to change", "--messages-per-hour")
-    _one_line_error(relaybox("user", "set", LOGIN, "--json"), "nothing to change")
-    _one_line_error(
+    one_line_error(relaybox("user", "set", LOGIN), "nothing to change", "--messages-per-hour")
+    one_line_error(relaybox("user", "set", LOGIN, "--json"), "nothing to change")
+    one_line_error(
         relaybox("user", "set", "ghost@example.com", "--messages-per-hour", "5"), "no such user"
     )
-    _one_line_error(relaybox("user", "set", "nonsense", "--expires", "never"), "name@domain")
+    one_line_error(relaybox("user", "set", "nonsense", "--expires", "never"), "name@domain")
     for bad in ("abc", "-1", "5000000000", "1.5"):
-        _one_line_error(
+        one_line_error(
             relaybox("user", "set", LOGIN, "--messages-per-hour", bad), "--messages-per-hour"
         )
-    _one_line_error(
+    one_line_error(
         relaybox("user", "set", LOGIN, "--default", "messages_per_week"),
         "--default",
         "messages-per-hour, messages-per-day, recipients-per-day or all",
     )
-    _one_line_error(
+    one_line_error(
         relaybox("user", "set", LOGIN, "--messages-per-hour", "5", "--default", "all"),
         "--default",
         "--messages-per-hour",
     )
-    _one_line_error(
+    one_line_error(
         relaybox("user", "set", LOGIN, "--allow-ip", "10.1.2.3/8"), "--allow-ip", "10.1.2.3/8"
     )
-    _one_line_error(relaybox("user", "set", LOGIN, "--allow-ip", "not-an-ip"), "--allow-ip")
-    _one_line_error(
+    one_line_error(relaybox("user", "set", LOGIN, "--allow-ip", "not-an-ip"), "--allow-ip")
+    one_line_error(
         relaybox("user", "set", LOGIN, "--allow-ip", "any", "--allow-ip", "192.0.2.0/24"),
         "--allow-ip any",
     )
-    _one_line_error(
+    one_line_error(
         relaybox("user", "set", LOGIN, "--allow-from", "billing@other.example"),
         "--allow-from",
         "not in the user's domain example.com",
     )
-    _one_line_error(relaybox("user", "set", LOGIN, "--expires", "soon"), "--expires")
-    _one_line_error(relaybox("user", "set", LOGIN, "--expires", "2001-01-01"), "in the past")
-    shown = _json(relaybox("user", "show", LOGIN, "--json"))
+    one_line_error(relaybox("user", "set", LOGIN, "--expires", "soon"), "--expires")
+    one_line_error(relaybox("user", "set", LOGIN, "--expires", "2001-01-01"), "in the past")
+    shown = json_of(relaybox("user", "show", LOGIN, "--json"))
     assert shown["limits"] == DEFAULT_LIMITS
     assert (shown["allow_ip"], shown["allow_from"], shown["expires_at"]) == ([], [], None)
-    events = _json(relaybox("audit", "--target", LOGIN, "--json"))
+    events = json_of(relaybox("audit", "--target", LOGIN, "--json"))
     assert [e["action"] for e in events] == ["user.add"]
 
 
@@ -223,7 +188,7 @@ def test_set_errors_are_one_line_and_change_nothing(relaybox: Any, domain: str) 
 
 def test_set_allow_lists_replace_the_whole_list_and_any_clears(relaybox: Any, domain: str) -> None:
     _add(relaybox)
-    data = _json(
+    data = json_of(
         relaybox(
             "user", "set", LOGIN,
             "--allow-ip", "192.0.2.0/24", "--allow-ip", "2001:DB8::/32", "--allow-ip", "127.0.0.1",
@@ -238,17 +203,17 @@ def test_set_allow_lists_replace_the_whole_list_and_any_clears(relaybox: Any, do
     assert "Allowed IPs:     192.0.2.0/24, 2001:db8::/32, 127.0.0.1/32" in text.stdout
     assert "Allowed senders: noreply@example.com, *@mail.example.com" in text.stdout
 
-    data = _json(relaybox("user", "set", LOGIN, "--allow-ip", "198.51.100.7", "--json"))
+    data = json_of(relaybox("user", "set", LOGIN, "--allow-ip", "198.51.100.7", "--json"))
     assert data["allow_ip"] == ["198.51.100.7/32"]  # the whole new list
     assert data["allow_from"] == ["noreply@example.com", "*@mail.example.com"]  # kept
-    data = _json(
+    data = json_of(
         relaybox("user", "set", LOGIN, "--allow-ip", "any", "--allow-from", "ANY", "--json")
     )
     assert (data["allow_ip"], data["allow_from"]) == ([], [])
     text = relaybox("user", "show", LOGIN)
     assert "Allowed IPs:     any" in text.stdout
     assert "Allowed senders: any address of example.com" in text.stdout
-    details = [e["detail"] for e in _json(relaybox("audit", "--target", LOGIN, "--json"))]
+    details = [e["detail"] for e in json_of(relaybox("audit", "--target", LOGIN, "--json"))]
     assert details[0] == "allow_ip=any allow_from=any"
     assert details[1] == "allow_ip=198.51.100.7/32"
 
@@ -261,23 +226,24 @@ def test_expiry_on_add_and_set(relaybox: Any, domain: str) -> None:
     dated = _add(relaybox, "dated@example.com", "--expires", "2099-03-01")
     assert dated["expires_at"] == "2099-03-01T00:00:00Z"
     assert _add(relaybox, "never@example.com", "--expires", "never")["expires_at"] is None
-    _one_line_error(relaybox("user", "add", "past@example.com", "--expires", "2001-01-01"), "past")
-    _one_line_error(relaybox("user", "add", "bad@example.com", "--expires", "soon"), "--expires")
-    _one_line_error(relaybox("user", "show", "past@example.com"), "no such user")
+    one_line_error(relaybox("user", "add", "past@example.com", "--expires", "2001-01-01"), "past")
+    one_line_error(relaybox("user", "add", "bad@example.com", "--expires", "soon"), "--expires")
+    one_line_error(relaybox("user", "show", "past@example.com"), "no such user")
 
-    data = _json(relaybox("user", "set", LOGIN, "--expires", "2099-12-31T12:00Z", "--json"))
+    data = json_of(relaybox("user", "set", LOGIN, "--expires", "2099-12-31T12:00Z", "--json"))
     assert data["expires_at"] == "2099-12-31T12:00:00Z"
     text = relaybox("user", "show", LOGIN)
     assert "Expires:    2099-12-31T12:00:00Z (in " in text.stdout
     assert (
-        _json(relaybox("user", "set", LOGIN, "--expires", "never", "--json"))["expires_at"] is None
+        json_of(relaybox("user", "set", LOGIN, "--expires", "never", "--json"))["expires_at"]
+        is None
     )
-    events = _json(relaybox("audit", "--target", LOGIN, "--json"))
+    events = json_of(relaybox("audit", "--target", LOGIN, "--json"))
     assert [e["detail"] for e in events[:2]] == [
         "expires_at=never",
         "expires_at=2099-12-31T12:00:00Z",
     ]
-    added = _json(relaybox("audit", "--target", "dated@example.com", "--json"))
+    added = json_of(relaybox("audit", "--target", "dated@example.com", "--json"))
     assert added[0]["detail"] == "expires_at=2099-03-01T00:00:00Z"
 
     table = relaybox("user", "list")
@@ -318,18 +284,18 @@ def test_the_installed_console_script(cli_config: Path, conf: Config, domain: st
 def test_usage_today_and_the_user_at_a_limit(relaybox: Any, conf: Config, domain: str) -> None:
     _add(relaybox)
     _add(relaybox, "quiet@example.com")
-    _json(relaybox("user", "set", LOGIN, "--messages-per-hour", "3", "--json"))
+    json_of(relaybox("user", "set", LOGIN, "--messages-per-hour", "3", "--json"))
     now = time.time()
     _in_usage_db(conf, lambda db: _send(db, LOGIN, 3, 2, now))
 
-    shown = _json(relaybox("user", "show", LOGIN, "--json"))
+    shown = json_of(relaybox("user", "show", LOGIN, "--json"))
     assert shown["usage_today"] == {
         "messages": 3,
         "recipients": 6,
         "messages_this_hour": 3,
         "limited": ["messages_per_hour"],
     }
-    listed = {u["login"]: u for u in _json(relaybox("user", "list", "--json"))}
+    listed = {u["login"]: u for u in json_of(relaybox("user", "list", "--json"))}
     assert listed[LOGIN]["usage_today"] == shown["usage_today"]
     assert listed["quiet@example.com"]["usage_today"] == NO_USAGE
 
@@ -343,12 +309,12 @@ def test_usage_today_and_the_user_at_a_limit(relaybox: Any, conf: Config, domain
     assert "messages per hour" not in next(r for r in rows if r.startswith("quiet@"))
 
     # An unlimited (0) limit is never reached; recipients count toward recipients_per_day.
-    _json(
+    json_of(
         relaybox(
             "user", "set", LOGIN, "--messages-per-hour", "0", "--recipients-per-day", "6", "--json"
         )
     )
-    again = _json(relaybox("user", "show", LOGIN, "--json"))["usage_today"]
+    again = json_of(relaybox("user", "show", LOGIN, "--json"))["usage_today"]
     assert again["limited"] == ["recipients_per_day"]
 
 
@@ -370,7 +336,7 @@ def test_user_usage_per_day_oldest_first(relaybox: Any, conf: Config, domain: st
         await usage.note_refused(db, LOGIN, hit, now)
 
     _in_usage_db(conf, seed)
-    data = _json(relaybox("user", "usage", LOGIN, "--days", "3", "--json"))
+    data = json_of(relaybox("user", "usage", LOGIN, "--days", "3", "--json"))
     assert list(data) == ["login", "days"]
     assert data["login"] == LOGIN
     keys = [userrules.day_key(now - i * DAY) for i in (2, 1, 0)]
@@ -382,7 +348,7 @@ def test_user_usage_per_day_oldest_first(relaybox: Any, conf: Config, domain: st
         {"day": keys[2], "accepted": 2, "recipients": 2, "delivered": 1, "deferred": 1,
          "bounced": 0, "refused_for_limit": 1},
     ]  # fmt: skip
-    default = _json(relaybox("user", "usage", "APP@example.com", "--json"))
+    default = json_of(relaybox("user", "usage", "APP@example.com", "--json"))
     assert len(default["days"]) == 30 and default["days"][-3:] == data["days"]
 
     text = relaybox("user", "usage", LOGIN, "--days", "3")
@@ -395,17 +361,17 @@ def test_user_usage_per_day_oldest_first(relaybox: Any, conf: Config, domain: st
     assert lines[4].split() == [keys[2], "2", "2", "1", "1", "0", "1"]
     assert "5 messages" in lines[-1] and "8 recipients" in lines[-1]
 
-    _one_line_error(relaybox("user", "usage", "ghost@example.com"), "no such user")
+    one_line_error(relaybox("user", "usage", "ghost@example.com"), "no such user")
     for bad in ("0", "401", "x"):
-        _one_line_error(relaybox("user", "usage", LOGIN, "--days", bad), "--days", "1 to 400")
+        one_line_error(relaybox("user", "usage", LOGIN, "--days", bad), "--days", "1 to 400")
 
 
 def test_usage_of_a_state_dir_without_counts_yet(relaybox: Any, conf: Config, domain: str) -> None:
     _add(relaybox)
     assert not conf.usage_path.exists()
-    data = _json(relaybox("user", "usage", LOGIN, "--days", "2", "--json"))
+    data = json_of(relaybox("user", "usage", LOGIN, "--days", "2", "--json"))
     assert [d["accepted"] for d in data["days"]] == [0, 0]
-    assert _json(relaybox("user", "show", LOGIN, "--json"))["usage_today"] == NO_USAGE
+    assert json_of(relaybox("user", "show", LOGIN, "--json"))["usage_today"] == NO_USAGE
 
 
 # --- user list --unused-since -----------------------------------------------------------------
@@ -420,10 +386,10 @@ def test_list_unused_since(relaybox: Any, conf: Config, domain: str) -> None:
     seen = {"old-active@example.com": now - DAY, "old-dormant@example.com": now - 35 * DAY}
     _in_main_db(conf, lambda db: logins.record_logins(db, seen))
 
-    dormant = _json(relaybox("user", "list", "--unused-since", "30d", "--json"))
+    dormant = json_of(relaybox("user", "list", "--unused-since", "30d", "--json"))
     assert [u["login"] for u in dormant] == ["old-dormant@example.com", "old-never@example.com"]
     assert list(dormant[0]) == [*LIST_KEYS, *CONTROL_KEYS]
-    wider = _json(relaybox("user", "list", "--unused-since", "12h", "--json"))
+    wider = json_of(relaybox("user", "list", "--unused-since", "12h", "--json"))
     assert [u["login"] for u in wider] == [
         "new-never@example.com", "old-active@example.com", "old-dormant@example.com",
         "old-never@example.com",
@@ -433,8 +399,8 @@ def test_list_unused_since(relaybox: Any, conf: Config, domain: str) -> None:
     assert "old-never@example.com" in text.stdout and "old-active" not in text.stdout
     none = relaybox("user", "list", "--unused-since", "90d")
     assert none.exit_code == 0 and "no user unused since" in none.stdout
-    assert _json(relaybox("user", "list", "--unused-since", "90d", "--json")) == []
-    _one_line_error(relaybox("user", "list", "--unused-since", "soon"), "--unused-since")
+    assert json_of(relaybox("user", "list", "--unused-since", "90d", "--json")) == []
+    one_line_error(relaybox("user", "list", "--unused-since", "soon"), "--unused-since")
     helped = relaybox("user", "list", "--help")
     assert "30 seconds" in " ".join(helped.stdout.split())
 
@@ -487,7 +453,7 @@ def test_doctor_warns_about_users_expiring_within_7_days(tmp_path: Path) -> None
 
     assert relaybox("domain", "add", "--sandbox", "try.local").exit_code == 0  # no DNS looked up
     for login, expires in (("soon@try.local", "3d"), ("later@try.local", "30d")):
-        added = _json(relaybox("user", "add", login, "--expires", expires, "--json"))
+        added = json_of(relaybox("user", "add", login, "--expires", expires, "--json"))
         leaks.add(added["password"])
     cfg = config_mod.load(path)
     now = time.time()

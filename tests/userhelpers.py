@@ -8,11 +8,17 @@ domains store (add, then record passing results for every required check), the s
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
+from admin.cli import cli
+from relay import config as config_mod
 from relay.config import Config
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.passwords import Hasher
@@ -105,3 +111,44 @@ def cli_config(tmp_path: Path) -> Path:
     path = tmp_path / "relaybox.toml"
     path.write_text(CLI_CONFIG.format(state_dir=tmp_path / "cli-state"))
     return path
+
+
+@pytest.fixture
+def conf(cli_config: Path) -> Config:
+    """The CLI tests' config, loaded."""
+    return config_mod.load(cli_config)
+
+
+@pytest.fixture
+def relaybox(cli_config: Path) -> Any:
+    """Run `relaybox --config <tmp file> ARGS...` in process; stdout and stderr kept apart."""
+
+    def invoke(*args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--config", str(cli_config), *args], input=input)
+
+    return invoke
+
+
+def json_of(result: Result) -> Any:
+    """A command's --json output; it must have succeeded."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: Result, *fragments: str) -> str:
+    """A CLI error as operators get it: exit 1, one line on stderr naming ``fragments``, no
+    traceback, nothing on stdout."""
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def domain(conf: Config) -> str:
+    """A verified domain in the CLI tests' store."""
+    return make_domain_sync(conf, now=time.time())
