@@ -1,5 +1,10 @@
 """Prometheus metrics: one ``Metrics`` per server, its own registry, an optional /metrics endpoint.
 
+With ``workers = N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers
+(prometheus-client's multiprocess mode): every worker's values live in files there, and the
+endpoint (worker 0's) reads them all, so counters are the service's; the gauges of each worker's
+own state (open connections, its spool's depth) are summed, the others taken once.
+
 Each ``Metrics`` owns a dedicated ``CollectorRegistry`` (not prometheus-client's global one), so two
 servers in one process (tests) never share or clash on counters.
 
@@ -41,10 +46,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    multiprocess,
+)
 from prometheus_client.exposition import choose_encoder
 
 from relay import __version__
@@ -61,6 +74,7 @@ MAX_REASONS = 50
 # From "delivered at once to a local smarthost" to "delivered after a day of retries".
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor for its workers
 _REQUEST_TIMEOUT = 10.0
 _MAX_REQUEST = 8192
 _REASON_RE = re.compile(r"[^a-z0-9_]+")
@@ -72,11 +86,19 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # workers = N: the supervisor names a directory in PROMETHEUS_MULTIPROC_DIR before the
+        # workers start, prometheus-client's values live in files there, and the endpoint (worker
+        # 0's) reads every worker's. Gauges say how their workers' values combine.
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self._connections = Counter(
             "relaybox_connections", "SMTP connections accepted.", ["listener"], registry=r
         )
         self._current = Gauge(
-            "relaybox_connections_current", "SMTP connections open now.", ["listener"], registry=r
+            "relaybox_connections_current",
+            "SMTP connections open now.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._auth = Counter("relaybox_auth", "AUTH attempts by result.", ["result"], registry=r)
         self._accepted = Counter(
@@ -101,7 +123,11 @@ class Metrics:
             registry=r,
         )
         self._queue = Gauge(
-            "relaybox_queue_depth", "Recipients in the spool, by state.", ["state"], registry=r
+            "relaybox_queue_depth",
+            "Recipients in the spool, by state.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livesum",  # each worker its own spool
         )
         self._latency = Histogram(
             "relaybox_delivery_latency_seconds",
@@ -110,7 +136,11 @@ class Metrics:
             registry=r,
         )
         self._domains = Gauge(
-            "relaybox_domains", "Sending domains, by state.", ["state"], registry=r
+            "relaybox_domains",
+            "Sending domains, by state.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",  # the same count in every worker that set it
         )
         self._sandbox = Counter(
             "relaybox_sandbox_messages", "Messages queued from sandbox domains.", registry=r
@@ -137,10 +167,19 @@ class Metrics:
         for source in ("bounce", "admin"):
             self._suppressed.labels(source)
         info = Gauge(
-            "relaybox_build_info", "Always 1; the version as a label.", ["version"], registry=r
+            "relaybox_build_info",
+            "Always 1; the version as a label.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         info.labels(__version__).set(1)
         ProcessCollector(registry=r)
+        self._exposition = r
+        if self.multiprocess:  # every worker's files, and this process's process_* metrics
+            self._exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposition)  # type: ignore[no-untyped-call]
+            ProcessCollector(registry=self._exposition)
 
         # Known label values start at 0 so a rate() or an alert sees them before the first event.
         for name in LISTENERS:
@@ -232,7 +271,7 @@ class Metrics:
     def render(self, accept: str = "") -> bytes:
         """The exposition text (Prometheus text format, or OpenMetrics when ``accept`` asks)."""
         encoder, _content_type = choose_encoder(accept)
-        body: bytes = encoder(self.registry)
+        body: bytes = encoder(self._exposition)
         return body
 
     async def start_http(self, listen: str) -> tuple[asyncio.Server, int]:
@@ -305,7 +344,7 @@ class Metrics:
         if path not in ("/metrics", "/"):
             return "404 Not Found", text, b"not found; try /metrics\n", method == "HEAD"
         encoder, ctype = choose_encoder(headers.get("accept", ""))
-        return "200 OK", ctype, encoder(self.registry), method == "HEAD"
+        return "200 OK", ctype, encoder(self._exposition), method == "HEAD"
 
 
 def parse_listen(listen: str) -> tuple[str | None, int]:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relay.config import Config
+from relay.metrics import MULTIPROC_ENV
 from relay.service import sdnotify
 
 log = logging.getLogger("relaybox.supervisor")
@@ -51,6 +53,7 @@ class Supervisor:
         self._ready = False  # every worker said READY=1: a SIGHUP goes on to them
         self._reload_pending = False
         self._hangup_seen: Callable[[], bool] | None = None
+        self._metrics_dir = ""  # the workers' prometheus-client files (multiprocess mode)
 
     async def run(self, *, hangup_seen: Callable[[], bool] | None = None) -> int:
         """Start the workers and watch them until SIGTERM/SIGINT; 0 if all stopped cleanly.
@@ -73,9 +76,12 @@ class Supervisor:
             finally:
                 sock.close()
                 os.close(keep)
+                if self._metrics_dir:
+                    shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def _run(self, sock: socket.socket, path: str, lifeline: int) -> int:
         env = dict(os.environ, NOTIFY_SOCKET=path, **{SUPERVISOR_FD_ENV: str(lifeline)})
+        env[MULTIPROC_ENV] = self._metrics_dir = _metrics_dir(self.cfg.state_dir)
         n = self.cfg.workers
         try:
             for i in range(n):
@@ -199,3 +205,15 @@ def watch_supervisor(on_gone: Callable[[], None]) -> bool:
 
     loop.add_reader(fd, readable)
     return True
+
+
+def _metrics_dir(state_dir: Path) -> str:
+    """A fresh private directory for the workers' metrics files (prometheus-client's
+    multiprocess mode: every worker writes its values there, worker 0's endpoint reads them all),
+    given to the state dir's owner, whom the workers become when started as root."""
+    path = tempfile.mkdtemp(prefix="relaybox-metrics-")
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            st = state_dir.stat()
+            os.chown(path, st.st_uid, st.st_gid)
+    return path
