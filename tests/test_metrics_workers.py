@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
+from relay import config as config_mod
 from tests.faults.procserver import ServerProcess
 from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
@@ -42,10 +44,6 @@ def value(text: str, name: str) -> float:
 async def test_the_scrape_counts_every_worker(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    import time  # noqa: PLC0415
-
-    from relay import config as config_mod  # noqa: PLC0415
-
     with held_port() as port:
         path = write_serve_config(
             tmp_path,
