@@ -68,7 +68,9 @@ async def test_the_scrape_counts_every_worker(
             assert value(text, "relaybox_messages_accepted_total") == MESSAGES
             assert value(text, 'relaybox_connections_total{listener="tls"}') == MESSAGES
             assert value(text, 'relaybox_auth_total{result="ok"}') == MESSAGES
+            assert any((cfg.state_dir / "metrics").iterdir())  # in the state dir, not /tmp
             server.signal(signal.SIGTERM)
             assert await server.wait() == 0
+            assert not (cfg.state_dir / "metrics").exists()
         finally:
             await server.ensure_stopped()

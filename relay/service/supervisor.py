@@ -33,6 +33,7 @@ from pathlib import Path
 from relay.config import Config
 from relay.metrics import MULTIPROC_ENV
 from relay.service import sdnotify
+from relay.store.db import ensure_state_dir
 
 log = logging.getLogger("relaybox.supervisor")
 
@@ -209,11 +210,17 @@ def watch_supervisor(on_gone: Callable[[], None]) -> bool:
 
 def _metrics_dir(state_dir: Path) -> str:
     """A fresh private directory for the workers' metrics files (prometheus-client's
-    multiprocess mode: every worker writes its values there, worker 0's endpoint reads them all),
-    given to the state dir's owner, whom the workers become when started as root."""
-    path = tempfile.mkdtemp(prefix="relaybox-metrics-")
+    multiprocess mode: every worker writes its values there, worker 0's endpoint reads them all):
+    ``STATE/metrics``, emptied first (a supervisor that was killed left its files), given to the
+    state dir's owner, whom the workers become when started as root. A first start creates
+    the state dir, as its first worker would have (as the same user: a state dir that did not
+    exist gives a root worker nobody else to become)."""
+    ensure_state_dir(state_dir)
+    path = state_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
     if os.geteuid() == 0:
         with contextlib.suppress(OSError):
             st = state_dir.stat()
             os.chown(path, st.st_uid, st.st_gid)
-    return path
+    return str(path)
