@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import base64
 import ssl
-import time
 from pathlib import Path
 
-from relay import config as config_mod
 from tests.dialogue import Dialogue
-from tests.faults.procserver import ServerProcess
-from tests.serverconf import write_serve_config
 from tests.sink import Sink
-from tests.test_workers import LOGIN, held_port, listening, until_ready
-from tests.userhelpers import seed_user
+from tests.test_workers import LOGIN, workers_running
 
 WORKERS = 4
 LIMIT = 5
@@ -38,28 +33,14 @@ async def attempt(port: int, ctx: ssl.SSLContext, password: str) -> str:
 async def test_max_failures_is_exact_across_four_workers(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
-    with held_port() as port:
-        path = write_serve_config(
-            tmp_path,
-            tls_files,
-            workers=WORKERS,
-            listen=[(port, "tls")],
-            auth={"max_failures": LIMIT, "failure_delay": "0s", "cache_ttl": "0s"},
-        )
-        cfg = config_mod.load(path)
-        password = await seed_user(cfg, LOGIN, now=time.time())
-        server = ServerProcess(path, listeners=1)
-        try:
-            await server.start()
-            await until_ready(server, WORKERS)
-            assert set(listening(server)) == {str(i) for i in range(WORKERS)}
-            ctx = ssl.create_default_context(cafile=str(tls_files[2]))
-            replies = [await attempt(port, ctx, "wrong-" + password) for _ in range(LIMIT)]
-            assert all(r.startswith("535 5.7.8") for r in replies), replies
-            later = [await attempt(port, ctx, "wrong-" + password) for _ in range(6)]
-            later.append(await attempt(port, ctx, password))
-            assert all(r.startswith("454 4.7.0") for r in later), later
-        finally:
-            await server.ensure_stopped()
-    lockouts = [x for x in server.lines if "auth lockout" in x and "scope=login" in x]
+    auth = {"max_failures": LIMIT, "failure_delay": "0s", "cache_ttl": "0s"}
+    async with workers_running(tmp_path, tls_files, sink, workers=WORKERS, auth=auth) as run:
+        ctx = ssl.create_default_context(cafile=str(tls_files[2]))
+        wrong = "wrong-" + run.password
+        replies = [await attempt(run.port, ctx, wrong) for _ in range(LIMIT)]
+        assert all(r.startswith("535 5.7.8") for r in replies), replies
+        later = [await attempt(run.port, ctx, wrong) for _ in range(6)]
+        later.append(await attempt(run.port, ctx, run.password))
+        assert all(r.startswith("454 4.7.0") for r in later), later
+    lockouts = [x for x in run.server.lines if "auth lockout" in x and "scope=login" in x]
     assert len(lockouts) == 1, lockouts

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,9 @@ def write_config(
     port: int,
     workers: int = 2,
     paused: bool = False,
+    **tables: Any,
 ) -> Path:
+    """``tables``: more of serve_config's keywords (``auth``, ``metrics``...)."""
     return write_serve_config(
         tmp_path,
         tls_files,
@@ -72,6 +75,7 @@ def write_config(
         listen=[(port, "tls")],
         limits={"drain_timeout": "5s"},
         delivery=smarthost(sink.port, paused=paused),
+        **tables,
     )
 
 
@@ -104,19 +108,28 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def workers_running(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink, *, paused: bool = False
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    sink: Sink,
+    *,
+    paused: bool = False,
+    workers: int = 2,
+    **tables: Any,
 ) -> AsyncIterator[Running]:
-    """Two workers on a held port, both ready and each listening on that port; LOGIN seeded.
-    Whatever happens, no process is left once the block ends, and the port is released."""
+    """``workers`` workers on a held port, all ready and each listening on that port; LOGIN
+    seeded; ``tables`` as for :func:`write_config`. Whatever happens, no process is left once
+    the block ends, and the port is released."""
     with held_port() as port:
-        path = write_config(tmp_path, tls_files, sink, port=port, paused=paused)
+        path = write_config(
+            tmp_path, tls_files, sink, port=port, paused=paused, workers=workers, **tables
+        )
         cfg = config_mod.load(path)
         password = await seed_user(cfg, LOGIN, now=time.time())
         server = ServerProcess(path, listeners=1)
         try:
             await server.start()
-            await until_ready(server)
-            assert listening(server) == {"0": port, "1": port}
+            await until_ready(server, workers)
+            assert listening(server) == {str(i): port for i in range(workers)}
             yield Running(server, port, cfg, password)
         finally:
             await server.ensure_stopped()
