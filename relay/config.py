@@ -30,6 +30,7 @@ from relay.config_sections import (
     SpoolConfig,
     SuppressionConfig,
     TLSConfig,
+    WebhooksConfig,
     check_choice,
     check_port,
     check_range,
@@ -102,6 +103,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     workers: int = 1
     source: str = field(default="(built-in defaults)", compare=False)

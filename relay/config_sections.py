@@ -233,6 +233,28 @@ class SuppressionConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """``[webhooks]``: how delivery events are posted (relay/delivery/poster.py). A failed post
+    is tried again after ``backoff``, doubling each time (at most 6h apart), until ``max_age``
+    after the event; then it is listed as failed (``relaybox webhook deliveries --failed``)."""
+
+    timeout: Duration = Duration(10)  # one post, connect to the last byte read
+    backoff: Duration = Duration(30)  # the first retry's delay
+    max_age: Duration = Duration(86400)
+    concurrency: int = 4  # posts in flight per endpoint (per worker)
+    refresh_interval: Duration = Duration(30)  # endpoints re-read (and at SIGHUP)
+
+    def __post_init__(self) -> None:
+        if not 0 < float(self.timeout) <= 300:
+            raise ValueError("timeout: expected more than 0 s and at most 5m")
+        if not 0 < float(self.backoff) <= float(self.max_age):
+            raise ValueError("backoff: expected more than 0 s and at most max_age")
+        check_range("concurrency", self.concurrency, 1, 1000)
+        if float(self.refresh_interval) <= 0:
+            raise ValueError("refresh_interval: expected more than 0 s")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # e.g. "127.0.0.1:9465"; empty: no metrics endpoint
 

@@ -315,4 +315,19 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX suppressions_address ON suppressions(address)
         """,
     ),
+    # Webhook endpoints (relay/store/webhooks.py). The secret is stored: posts are signed with
+    # it (the state dir is 0700, this file 0600, as for the DKIM keys above).
+    Migration(
+        5,
+        """
+        CREATE TABLE webhook_endpoints (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            domain TEXT,
+            events TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+    ),
 )

@@ -56,4 +56,30 @@ SPOOL_MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE recipients ADD COLUMN capture INTEGER NOT NULL DEFAULT 0
         """,
     ),
+    # The webhook outbox (relay/store/outbox.py): this node's events waiting to be posted,
+    # written in the transaction of the change each reports. Portable SQL (no rowid tricks):
+    # the same table on PostgreSQL.
+    Migration(
+        3,
+        """
+        CREATE TABLE outbox (
+            event_id TEXT NOT NULL,
+            endpoint_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            retry_from REAL NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            last_attempt_at REAL,
+            last_status INTEGER,
+            last_error TEXT,
+            PRIMARY KEY (event_id, endpoint_id)
+        );
+        CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+        CREATE INDEX outbox_created ON outbox(created_at)
+        """,
+    ),
 )
