@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import dns.asyncresolver
 
 from relay import clock as clock_mod
-from relay import grammar, maillog, replies
+from relay import grammar, maillog, replies, webhook
 from relay.clock import Clock
 from relay.config import Config
 from relay.delivery import bounce
@@ -35,9 +35,11 @@ from relay.metrics import Metrics
 from relay.store import suppressions
 from relay.store.db import StoreError
 from relay.store.inbox import Inbox
+from relay.store.outbox import EventRow
 from relay.store.spool import DueRecipient, Message, Outcome, Spool
 from relay.store.suppressions import Suppress
 from relay.store.usage import Tally
+from relay.store.webhooks import Subscriptions
 
 log = logging.getLogger("relaybox.delivery")
 
@@ -85,11 +87,14 @@ class Deliverer:
         inbox: Inbox | None = None,
         tally: Tally | None = None,
         suppress: Suppress | None = None,
+        subscriptions: Subscriptions | None = None,
     ) -> None:
         """``metrics`` (optional) gets per-recipient outcomes, latency and the queue depth;
         ``tally`` (optional) the outcomes per sending user, for its usage (relay/store/usage.py);
         ``suppress`` (optional) each bounce whose reply suppresses (``[suppression] codes``),
-        for the sender's domain (relay/store/suppressions.py), once the outcome is recorded.
+        for the sender's domain (relay/store/suppressions.py), once the outcome is recorded;
+        ``subscriptions`` (optional) the webhook endpoints: each outcome one of them wants is
+        written with it (relay/store/outbox.py).
         ``inbox``: where captured recipients go; without one, ``cfg``'s is opened when the first
         is due (and closed by :meth:`stop`)."""
         self.spool = spool
@@ -99,6 +104,7 @@ class Deliverer:
         self._metrics = metrics
         self._tally = tally
         self._suppress = suppress
+        self._subs = subscriptions
         d = cfg.delivery
         self._total = asyncio.Semaphore(d.concurrency)
         self._limits: dict[str, _Limit] = {}
@@ -310,7 +316,8 @@ class Deliverer:
         if dsn is not None and msg.sandbox is not None:
             dsn = dataclasses.replace(dsn, sandbox=msg.sandbox)  # to the sandbox sender: captured
         try:
-            dsn_id = await self.spool.record(outcomes, bounce=dsn)
+            events = self._events(msg, job.recipients, outcomes, now)
+            dsn_id = await self.spool.record(outcomes, bounce=dsn, events=events)
         except StoreError as exc:
             # They stay claimed in the file: released at stop, due again at the next start.
             log.error("could not record delivery outcomes of %s: %s", msg.id, exc)
@@ -324,6 +331,24 @@ class Deliverer:
             maillog.bounce_dropped(msg.id, len(failures))
         if failures and msg.sender and self._suppress is not None:
             await self._suppressions(msg, job.recipients, outcomes, now)
+
+    def _events(
+        self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
+    ) -> list[EventRow]:
+        """message.delivered/deferred/bounced per recipient, for the endpoints that want them
+        (none: nothing is built). A DSN (no user) is relaybox's own: no event."""
+        if self._subs is None or not self._subs.endpoints or msg.user is None:
+            return []
+        mid = webhook.message_id_of(msg.body) if msg.body is not None else None
+        domain = grammar.domain_part(msg.user)
+        rows: list[EventRow] = []
+        for r, o in zip(rcpts, outcomes, strict=True):
+            data = webhook.message_data(
+                queue_id=msg.id, message_id=mid, user=msg.user, sender=msg.sender,
+                recipient=r.address, attempt=r.attempts + 1, remote_host=o.relay, reply=o.reply,
+            )  # fmt: skip
+            rows += self._subs.rows(f"message.{o.state}", domain, data, now)
+        return rows
 
     async def _suppressions(
         self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float

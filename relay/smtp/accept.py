@@ -11,14 +11,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from relay import maillog
+from relay import maillog, replies, webhook
 from relay.dkim import Signer
 from relay.errors import Invalid
 from relay.metrics import Metrics
 from relay.store import domains, sandbox
 from relay.store.db import Database
 from relay.store.domains import SigningKey
+from relay.store.outbox import EventRow
 from relay.store.spool import Spool
+from relay.store.webhooks import Subscriptions
 
 DOMAIN_CACHE_TTL = 10.0  # seconds a domain's state/key is trusted before it is read again
 
@@ -56,8 +58,11 @@ class Acceptor:
         *,
         wake: Callable[[], None],
         signer: Signer | None = None,
+        subscriptions: Subscriptions | None = None,
     ) -> None:
+        """``subscriptions``: the webhook endpoints (message.accepted and .suppressed)."""
         self.db = db
+        self.subscriptions = subscriptions or Subscriptions()
         self.spool = spool
         self.metrics = metrics
         self.wake = wake
@@ -99,6 +104,9 @@ class Acceptor:
         if d.key is not None:
             message = await self.signer.sign_async(message, d.key)
         allowed = allowed_of(recipients, d.allowed) if d.sandbox else frozenset()
+        events = None
+        if self.subscriptions.wanted("message.accepted", d.name):
+            events = self._accepted(d.name, sender, recipients, message, user)
         msg_id = await self.spool.enqueue(
             sender=sender,
             recipients=recipients,
@@ -106,6 +114,7 @@ class Acceptor:
             user=user,
             sandbox=d.name if d.sandbox else None,
             allowed=allowed,
+            events=events,
         )
         self.metrics.accepted(len(recipients), len(message))
         if d.sandbox:
@@ -116,3 +125,37 @@ class Acceptor:
             )
         self.wake()
         return msg_id
+
+    def _accepted(
+        self, domain: str, sender: str, recipients: list[str], message: bytes, user: str
+    ) -> Callable[[str], list[EventRow]]:
+        """message.accepted per recipient, once the queue id is known (in the enqueue)."""
+        mid = webhook.message_id_of(message)
+
+        def rows(queue_id: str) -> list[EventRow]:
+            now, reply = self.spool.now(), str(replies.QUEUED.fill(id=queue_id))
+            out: list[EventRow] = []
+            for rcpt in recipients:
+                data = webhook.message_data(
+                    queue_id=queue_id, message_id=mid, user=user, sender=sender,
+                    recipient=rcpt, attempt=0, remote_host=None, reply=reply,
+                )  # fmt: skip
+                out += self.subscriptions.rows("message.accepted", domain, data, now)
+            return out
+
+        return rows
+
+    async def suppressed(
+        self, user: str, domain: str, sender: str, recipient: str, reply: str
+    ) -> None:
+        """message.suppressed: a RCPT TO refused as suppressed, for the endpoints that want it
+        (a small write of its own: relay/store/spool.py logs a failure, the refusal stands)."""
+        if not self.subscriptions.wanted("message.suppressed", domain):
+            return
+        data = webhook.message_data(
+            queue_id=None, message_id=None, user=user, sender=sender,
+            recipient=recipient, attempt=0, remote_host=None, reply=reply,
+        )  # fmt: skip
+        await self.spool.add_events(
+            self.subscriptions.rows("message.suppressed", domain, data, self.spool.now())
+        )

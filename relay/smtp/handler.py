@@ -220,7 +220,11 @@ class Handler:
         if entry is not None:
             maillog.rejected("rcpt", "suppressed", st.ip, st.identity.login, to=address)
             self.metrics.rejected("suppressed")
-            return str(suppressions.refusal(entry, address))
+            refused = str(suppressions.refusal(entry, address))
+            await self.acceptor.suppressed(
+                st.identity.login, st.identity.domain, envelope.mail_from or "", address, refused
+            )
+            return refused
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RCPT_OK)

@@ -22,7 +22,7 @@ import base64
 import logging
 import secrets
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,9 @@ from relay import grammar
 from relay.clock import Clock
 from relay.config import Config
 from relay.errors import Invalid
+from relay.store import outbox
 from relay.store.db import Database, StoreError
+from relay.store.outbox import EventRow
 from relay.store.spool_admin import (
     FINAL,
     NEXT_DUE,
@@ -160,6 +162,7 @@ class _Op:
     recipients: list[tuple[Any, ...]] = field(default_factory=list)
     outcomes: list[tuple[Any, ...]] = field(default_factory=list)
     releases: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)  # webhook outbox rows (outbox.py)
     touched: set[str] = field(default_factory=set)
     claim: tuple[float, int] | None = None
     result: Any = None
@@ -177,6 +180,7 @@ class Spool(SpoolAdmin):
         self._closed = False
         self.batches = 0  # transactions written by the writer (group commit: << ops under load)
         self.batched_ops = 0
+        self.events_written: Callable[[], None] | None = None  # the poster's wake-up
 
     @classmethod
     async def open(
@@ -222,12 +226,16 @@ class Spool(SpoolAdmin):
         user: str | None,
         sandbox: str | None = None,
         allowed: frozenset[str] = frozenset(),
+        events: Callable[[str], Sequence[EventRow]] | None = None,
     ) -> str:
         """Queue a message; returns its id once the COMMIT holding it returned. A ``sandbox``
-        domain's recipients are captured, except those in ``allowed`` (see NewMessage)."""
+        domain's recipients are captured, except those in ``allowed`` (see NewMessage).
+        ``events(id)``: its webhook events, written in the same transaction."""
         op = _Op()
         new = NewMessage(sender, tuple(recipients), body, user, sandbox, allowed)
         msg_id = self._add_message(op, new)
+        if events is not None:
+            op.events.extend(events(msg_id))
         await self._submit(op)
         return msg_id
 
@@ -238,11 +246,16 @@ class Spool(SpoolAdmin):
         return result
 
     async def record(
-        self, outcomes: Iterable[Outcome], *, bounce: NewMessage | None = None
+        self,
+        outcomes: Iterable[Outcome],
+        *,
+        bounce: NewMessage | None = None,
+        events: Sequence[EventRow] = (),
     ) -> str | None:
-        """Record attempt outcomes, and queue their bounce in the same transaction (its id)."""
+        """Record attempt outcomes, and queue their bounce and write their webhook ``events``
+        in the same transaction (the bounce's id)."""
         now = self._clock()
-        op = _Op()
+        op = _Op(events=list(events))
         for o in outcomes:
             if o.state not in ("delivered", "deferred", "bounced"):
                 raise ValueError(f"not an outcome state: {o.state}")
@@ -254,6 +267,18 @@ class Spool(SpoolAdmin):
         bounce_id = self._add_message(op, bounce) if bounce is not None else None
         await self._submit(op)
         return bounce_id
+
+    async def add_events(self, events: Sequence[EventRow]) -> None:
+        """Webhook events of a change made elsewhere (a RCPT refused as suppressed); a failure
+        is logged (the change they report stands)."""
+        try:
+            if events:
+                await self._submit(_Op(events=list(events)))
+        except StoreError as exc:
+            log.error("could not write %d webhook event(s): %s", len(events), exc)
+
+    def now(self) -> float:
+        return self._clock()
 
     async def release(self, items: Iterable[tuple[str, int]]) -> None:
         """Give claimed recipients back unattempted (shutdown): due now, no attempt counted."""
@@ -304,6 +329,8 @@ class Spool(SpoolAdmin):
                 continue
             self.batches += 1
             self.batched_ops += len(batch)
+            if self.events_written is not None and any(op.events for op in batch):
+                self.events_written()
             for op in batch:
                 if op.future is not None and not op.future.done():
                     op.future.set_result(op.result)
@@ -314,6 +341,7 @@ class Spool(SpoolAdmin):
 
         messages, recipients = merged("messages"), merged("recipients")
         outcomes, releases = merged("outcomes"), merged("releases")
+        events = [row for op in batch for row in op.events]
         touched = {mid for op in batch for mid in op.touched}
         try:
             async with self.db.transaction() as conn:
@@ -324,6 +352,8 @@ class Spool(SpoolAdmin):
                     await conn.executemany(_OUTCOME, outcomes)
                 if releases:
                     await conn.executemany(_RELEASE, releases)
+                if events:
+                    await outbox.insert(conn, events)
                 if touched:
                     now = self._clock()
                     await conn.executemany(_DONE, [(now, mid, mid) for mid in touched])
