@@ -17,6 +17,7 @@ from admin import (
     serve_cmd,
     suppression_cmds,
     user_cmds,
+    webhook_cmds,
 )
 from relay import __version__
 from relay import config as config_mod
@@ -100,6 +101,7 @@ def _register() -> None:
         queue_cmds,
         inbox_cmd,
         suppression_cmds,
+        webhook_cmds,
         audit_cmd,
         doctor_cmd,
     ):

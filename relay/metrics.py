@@ -21,6 +21,8 @@ The API the server and delivery call (all cheap, synchronous, safe on the event 
     m.captured(recipients)          # recipients delivered into the sandbox inbox
     m.limited(limit)                # a refusal at a user's sending limit (messages_per_hour...)
     m.suppression_added(source)     # a recipient put on a suppression list (bounce | admin)
+    m.webhook_event(type, outcome)  # a webhook post ended: delivered | retried | failed
+    m.set_webhook_backlog(spool, pending, oldest_age)                 # snapshot of an outbox
     m.set_queue_depth({"queued": 3, "deferred": 1})                   # snapshot from the spool
     m.set_domain_states({"verified": 2, "failing": 1})                # snapshot from domains
     m.render() -> bytes             # the text exposition (what /metrics serves)
@@ -34,6 +36,8 @@ Exposed names (all prefixed ``relaybox_``): ``connections_total{listener}``,
 ``queue_depth{state}``, ``delivery_latency_seconds`` (histogram), ``domains{state}``,
 ``sandbox_messages_total``, ``sandbox_captured_total``, ``limited_total{limit}``,
 ``suppressions_added_total{source=bounce|admin}``,
+``webhook_events_total{type,outcome=delivered|retried|failed}``,
+``webhook_outbox_backlog{spool}``, ``webhook_oldest_pending_seconds{spool}``,
 ``build_info{version}``, and the standard
 ``process_*`` metrics.
 
@@ -166,6 +170,26 @@ class Metrics:
         )
         for source in ("bounce", "admin"):
             self._suppressed.labels(source)
+        self._webhooks = Counter(
+            "relaybox_webhook_events",
+            "Webhook posts by event type and outcome (retried: failed, tried again later).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self._outbox = Gauge(
+            "relaybox_webhook_outbox_backlog",
+            "Webhook events pending in a spool's outbox.",
+            ["spool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._outbox_age = Gauge(
+            "relaybox_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook event in a spool's outbox.",
+            ["spool"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         info = Gauge(
             "relaybox_build_info",
             "Always 1; the version as a label.",
@@ -246,6 +270,14 @@ class Metrics:
     def suppression_added(self, source: str) -> None:
         """A recipient suppressed; ``source``: "bounce" or "admin"."""
         self._suppressed.labels(source).inc()
+
+    def webhook_event(self, event_type: str, outcome: str) -> None:
+        """A post ended; ``event_type`` one of relay.webhook.EVENT_TYPES (a bounded set)."""
+        self._webhooks.labels(event_type, outcome).inc()
+
+    def set_webhook_backlog(self, spool: str, pending: int, oldest_age: float) -> None:
+        self._outbox.labels(spool).set(pending)
+        self._outbox_age.labels(spool).set(oldest_age)
 
     def captured(self, recipients: int) -> None:
         self._captured.inc(max(0, recipients))

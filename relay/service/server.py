@@ -34,6 +34,7 @@ from relay.delivery.scheduler import Deliverer
 from relay.loglimit import LogLimit
 from relay.metrics import Metrics
 from relay.service import listen, sdnotify, tlsutil
+from relay.service.webhooks import Webhooks
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator
 from relay.smtp.controls import Quota
@@ -85,6 +86,7 @@ class Server:
         self.spool: Spool | None = None
         self.deliverer: Deliverer | None = None
         self._orphans: list[tuple[Spool, Deliverer]] = []
+        self.webhooks = Webhooks(cfg, clock=clock, metrics=self.metrics)
         self.acceptor: Acceptor | None = None
         self.handler: Handler | None = None
 
@@ -131,20 +133,17 @@ class Server:
         self.resolver = dnscheck.make_resolver(cfg)
         self.spool = await Spool.open(cfg, worker=self.worker, clock=self.clock)
         self._suppress = suppressions.recorder(self.db, lambda: self.cfg, self.metrics)
-        self.deliverer = Deliverer(
-            self.spool,
-            cfg,
-            clock=self.clock,
-            resolver=self.resolver,
-            metrics=self.metrics,
-            tally=self.tally,
-            suppress=self._suppress,
-        )
-        self.acceptor = Acceptor(self.db, self.spool, self.metrics, wake=self.deliverer.wake)
+        await self.webhooks.open(self.db)
+        self.deliverer = self._deliverer(self.spool)
+        self.acceptor = Acceptor(
+            self.db, self.spool, self.metrics, wake=self.deliverer.wake,
+            subscriptions=self.webhooks.subscriptions,
+        )  # fmt: skip
         self.quota = Quota(self.usage_db, cfg, self.metrics, self.clock)
         self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics, self.quota)
         if self.worker == 0:
             await self._adopt_orphan_spools(self.resolver)
+        self.webhooks.start([self.spool, *(s for s, _d in self._orphans)])
         if not cfg.delivery.paused:
             self.deliverer.start()
             for _spool, deliverer in self._orphans:
@@ -251,7 +250,7 @@ class Server:
         Live: TLS files (checked first: a certificate or key that is missing, does not parse or
         does not match fails the whole reload, and nothing changes; a generated certificate is
         generated again first if public_hostname changed), auth limits and cache TTL,
-        limits (new sessions), delivery pause.
+        limits (new sessions), delivery pause, webhook endpoints (read again) and ``[webhooks]``.
         Delivery settings other than the pause are read when the deliverer is (re)started.
         Listeners, state_dir and databases need a restart (logged if they changed).
         """
@@ -275,6 +274,7 @@ class Server:
                         deliverer.start()
             if self._auth is not None:
                 self._auth.configure(new)
+            await self.webhooks.reload(new)
             if self.handler is not None:
                 self.handler.configure(new)
                 self.handler.quota.configure(new)
@@ -301,6 +301,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.webhooks.stop()
         if self.deliverer is not None:
             await self.deliverer.stop()
         for spool, deliverer in self._orphans:
@@ -325,6 +326,12 @@ class Server:
             self._hasher.close()
         log.info("stopped")
 
+    def _deliverer(self, spool: Spool) -> Deliverer:
+        return Deliverer(
+            spool, self.cfg, clock=self.clock, resolver=self.resolver, metrics=self.metrics,
+            tally=self.tally, suppress=self._suppress, subscriptions=self.webhooks.subscriptions,
+        )  # fmt: skip
+
     def _deliverers(self) -> list[Deliverer]:
         own = [self.deliverer] if self.deliverer is not None else []
         return own + [d for _s, d in self._orphans]
@@ -340,15 +347,7 @@ class Server:
             if not index.isdigit() or int(index) < self.cfg.workers:
                 continue
             spool = await Spool.open(self.cfg, worker=int(index), clock=self.clock)
-            deliverer = Deliverer(
-                spool,
-                self.cfg,
-                clock=self.clock,
-                resolver=resolver,
-                metrics=self.metrics,
-                tally=self.tally,
-                suppress=self._suppress,
-            )
+            deliverer = self._deliverer(spool)
             self._orphans.append((spool, deliverer))
             log.info("delivering what %s still holds (workers = %d)", path.name, self.cfg.workers)
 
