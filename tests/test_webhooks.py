@@ -12,6 +12,7 @@ Endpoints are added through the store or the CLI and taken up by a reload (what 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -121,6 +122,29 @@ def test_our_signature_is_the_standard_one() -> None:
         "evt_1", __import__("datetime").datetime.fromtimestamp(now), body.decode()
     )
     assert ours == theirs
+
+
+def test_outside_strings_in_an_event_are_printable_and_cut() -> None:
+    hostile = "550 5.1.1 gone\x1b[2J\u202e\r\nX-Forged: 1 " + "x" * 2000
+    data = webhook.message_data(
+        queue_id="q", message_id="<a\x00b@x>\u2067", user="u@x", sender="s\n@x",
+        recipient="r\x1b@x", attempt=1, remote_host="mx\x07", reply=hostile,
+    )  # fmt: skip
+    text = json.dumps(data, ensure_ascii=False)
+    assert all(ch.isprintable() for ch in text)
+    assert data["reply"]["code"] == 550 and data["reply"]["enhanced"] == "5.1.1"
+    assert data["reply"]["text"].startswith("gone?[2J???X-Forged: 1 xx")
+    assert len(data["reply"]["text"]) <= webhook.TEXT_LIMIT + 3
+    assert (data["message_id"], data["sender"], data["recipient"]) == ("<a?b@x>?", "s?@x", "r?@x")
+    assert webhook.reply_fields("no code at all") == {
+        "code": None, "enhanced": None, "text": "no code at all",
+    }  # fmt: skip
+    assert webhook.reply_fields("421 shutting down") == {
+        "code": 421, "enhanced": None, "text": "shutting down",
+    }  # fmt: skip
+    message = b"Subject: x\r\nMessage-ID:\r\n <folded@x>\r\n\r\nbody\r\n"
+    assert webhook.message_id_of(message) == "<folded@x>"
+    assert webhook.message_id_of(b"Subject: none\r\n\r\n") is None
 
 
 # --- against the server ----------------------------------------------------------------------
