@@ -28,7 +28,7 @@ from bench import relaybox_target as rb_mod
 from bench.common import all_procs, log, make_cert, memory, python_cmd, write_file
 from bench.dnszone import Zone
 from bench.harness import Result, Scenario
-from bench.targets import REPO, Ceiling, Sink, Target
+from bench.targets import REPO, Ceiling, Proc, Sink, Target, port_of
 
 CEILING = "aiosmtpd-ceiling"
 UNREACHED_LIMIT = 1_000_000_000  # [limits.user] of the -limits targets: checked, never met
@@ -139,6 +139,10 @@ async def _run(
     why = "--no-relaybox" if args.no_relaybox else rb_mod.available()
     if why is None:
         common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
+        # The -webhook targets post every event to this loopback receiver (answers 204).
+        hooks, line = await Proc.start("webhook-receiver", python_cmd("bench.hookreceiver"))
+        stops.append(hooks.stop)
+        hook_url = f"http://127.0.0.1:{port_of(line)}/hook"
         # relaybox always signs; an Ed25519 key (~0.1 ms) stands in for "without RSA-2048 DKIM".
         # The -limits targets: every [limits.user] limit configured, never reached (issue 14).
         for name, paused, ttl, users, dkim, limit in (
@@ -147,6 +151,8 @@ async def _run(
             ("relaybox-accept-ed25519", True, "5m", 0, "ed25519", 0),
             ("relaybox-e2e", False, "5m", 0, "rsa", 0),
             ("relaybox-e2e-limits", False, "5m", 0, "rsa", UNREACHED_LIMIT),
+            ("relaybox-accept-webhook", True, "5m", 0, "rsa", 0),
+            ("relaybox-e2e-webhook", False, "5m", 0, "rsa", 0),
             ("relaybox-nocache", True, "0s", args.reconnect_connections, "rsa", 0),
         ):
             rb = await rb_mod.Relaybox.start(
@@ -157,6 +163,7 @@ async def _run(
                 users=users,
                 dkim_key_type=dkim,
                 user_limit=limit,
+                webhook_url=hook_url if name.endswith("-webhook") else "",
                 extra=args.relaybox_toml.replace("\\n", "\n"),
                 **common,
             )
@@ -184,6 +191,8 @@ async def _run(
         "relaybox-accept-ed25519",
         "relaybox-e2e",
         "relaybox-e2e-limits",
+        "relaybox-accept-webhook",
+        "relaybox-e2e-webhook",
         "postfix-e2e",
         "postfix-dkim-e2e",
     ]
@@ -241,6 +250,8 @@ async def _run(
             ("relaybox-e2e", CEILING),
             ("relaybox-accept-limits", "relaybox-accept"),
             ("relaybox-e2e-limits", "relaybox-e2e"),
+            ("relaybox-accept-webhook", "relaybox-accept"),
+            ("relaybox-e2e-webhook", "relaybox-e2e"),
         ):
             if num in targets and den in targets:
                 ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)

@@ -170,6 +170,7 @@ class Relaybox:
         users: int = 0,
         dkim_key_type: str = "rsa",
         user_limit: int = 0,
+        webhook_url: str = "",
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -189,6 +190,8 @@ class Relaybox:
         )
         password_file = workdir / "password"
         creds = setup_store(config, zone, password_file, users)
+        if webhook_url:  # one endpoint, every event type (the -webhook targets, issue 16)
+            _cli(config, "webhook", "add", webhook_url, "--json")
         proc, line = await Proc.start(
             name,
             [*relaybox_cmd(), "--config", str(config), "serve"],
