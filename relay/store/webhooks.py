@@ -109,9 +109,7 @@ async def remove(db: Database, endpoint_id: str, *, now: float, actor: str) -> E
     ``webhook.remove``. NotFound if there is none of that id."""
     entry = await get(db, endpoint_id)
     async with db.transaction() as conn:
-        cur = await conn.execute("DELETE FROM webhook_endpoints WHERE id = ?", (entry.id,))
-        if cur.rowcount == 0:
-            raise NotFound(f"no such webhook endpoint: {entry.id}")
+        await conn.execute("DELETE FROM webhook_endpoints WHERE id = ?", (entry.id,))
         await events.add(
             conn, now=now, actor=actor, action="webhook.remove", target=entry.id, detail=entry.url
         )
