@@ -19,7 +19,9 @@ from relay import config as config_mod
 from relay.config import Config, ConfigError
 from relay.errors import RelayboxError
 from relay.maillog import printable
-from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
+from relay.store import shared
+from relay.store.db import StoreError
+from relay.store.engine import Store
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -123,10 +125,11 @@ def _user_name(uid: int) -> str:
 
 
 @asynccontextmanager
-async def main_db(cfg: Config) -> AsyncIterator[Database]:
-    """The shared database (users, domains, events), opened as the state dir's owner."""
+async def main_db(cfg: Config) -> AsyncIterator[Store]:
+    """The shared store's main tables (users, domains, events...), opened as the state dir's
+    owner."""
     drop_privileges_for(cfg.state_dir)
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = await shared.open_main(cfg)
     try:
         yield db
     finally:

@@ -21,8 +21,8 @@ from relay.config import Config
 from relay.dnscheck import CheckResult
 from relay.grammar import normalize_domain
 from relay.store import domains, events, sandbox
-from relay.store.db import Database
 from relay.store.domains import Domain
+from relay.store.engine import Store
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ _WHY = {
 _CELL = 56  # longest expected/found shown in the verify table (--json carries them whole)
 
 
-def _with_db(cfg: Config, fn: Callable[[Database], Awaitable[T]]) -> T:
+def _with_db(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     async def _main() -> T:
         async with common.main_db(cfg) as db:
             return await fn(db)
@@ -140,7 +140,7 @@ def register(cli: click.Group) -> None:
         now = clock.system()
         actor = events.current_actor()
 
-        async def run(db: Database) -> tuple[Domain, tuple[str, ...]]:
+        async def run(db: Store) -> tuple[Domain, tuple[str, ...]]:
             if is_sandbox:
                 return await sandbox.add(
                     db, name, allow_rcpt=allow_rcpt, cfg=cfg, now=now, actor=actor
@@ -175,7 +175,7 @@ def register(cli: click.Group) -> None:
         cfg = common.get_config(ctx)
         now = clock.system()
 
-        async def run(db: Database) -> Domain:
+        async def run(db: Store) -> Domain:
             return await domains.verify(
                 db,
                 domain,
@@ -315,7 +315,7 @@ def register(cli: click.Group) -> None:
         now = clock.system()
         name = normalize_domain(domain)
 
-        async def run(db: Database) -> tuple[Domain | None, tuple[str, ...]]:
+        async def run(db: Store) -> tuple[Domain | None, tuple[str, ...]]:
             allowed = await sandbox.set_allowed(
                 db,
                 name,

@@ -20,7 +20,7 @@ from relay import clock, grammar
 from relay.config import Config
 from relay.dkim import Verification
 from relay.store import events, inbox
-from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.inbox import Captured, Inbox
 
 T = TypeVar("T")
@@ -28,7 +28,7 @@ _TO_CELL = 40  # characters of the recipients shown in the list (--json has them
 _FOLD = re.compile(rb"[ \t]*\r\n[ \t]+|\t")  # RFC 5322 2.2.3 (a tab would be shown as '?')
 
 
-def _with_inbox(cfg: Config, fn: Callable[[Inbox, Database], Awaitable[T]]) -> T:
+def _with_inbox(cfg: Config, fn: Callable[[Inbox, Store], Awaitable[T]]) -> T:
     """Open the inbox and the shared database (domains' keys, the audit log), run ``fn``."""
 
     async def _main() -> T:
@@ -127,7 +127,7 @@ def register(cli: click.Group) -> None:
         cfg = common.get_config(ctx)
         wanted = _parse_id(inbox_id)
 
-        async def load(box: Inbox, db: Database) -> tuple[Captured, Verification]:
+        async def load(box: Inbox, db: Store) -> tuple[Captured, Verification]:
             m = await box.get(wanted)
             assert m.body is not None
             return m, await inbox.dkim_result(db, m.body)

@@ -21,7 +21,7 @@ from admin import common
 from relay import clock
 from relay.config import Config
 from relay.store import events, spool_admin
-from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.spool import PENDING, STATES, MessageInfo, Spool, Stats
 
 T = TypeVar("T")
@@ -56,7 +56,7 @@ def _run(cfg: Config, fn: Callable[[list[Spool]], Awaitable[T]]) -> T:
     return common.run(_main())
 
 
-def _change(cfg: Config, fn: Callable[[list[Spool], Database], Awaitable[T]]) -> T:
+def _change(cfg: Config, fn: Callable[[list[Spool], Store], Awaitable[T]]) -> T:
     """Run a change of the queue: the spools, and the shared database its audit event goes to."""
 
     async def _main() -> T:
@@ -222,7 +222,7 @@ def register(cli: click.Group) -> None:
             raise click.UsageError("give a message ID or --all")
         cfg = common.get_config(ctx)
 
-        async def _retry(spools: list[Spool], db: Database) -> int:
+        async def _retry(spools: list[Spool], db: Store) -> int:
             return await spool_admin.retry(
                 spools, message_id, now=time.time(), audit=db, actor=events.current_actor()
             )
@@ -250,7 +250,7 @@ def register(cli: click.Group) -> None:
             yes,
         )
 
-        async def _delete(spools: list[Spool], db: Database) -> MessageInfo:
+        async def _delete(spools: list[Spool], db: Store) -> MessageInfo:
             return await spool_admin.delete(
                 spools, message_id, now=time.time(), audit=db, actor=events.current_actor()
             )

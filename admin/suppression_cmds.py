@@ -17,14 +17,14 @@ from admin import common
 from relay import clock
 from relay.config import Config
 from relay.store import events, suppressions
-from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.suppressions import Suppression
 
 T = TypeVar("T")
 _CELL = 60  # longest reply or reason shown in a table (--json carries them whole)
 
 
-def _with_db(cfg: Config, fn: Callable[[Database], Awaitable[T]]) -> T:
+def _with_db(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     async def _main() -> T:
         async with common.main_db(cfg) as db:
             return await fn(db)

@@ -18,7 +18,7 @@ from admin import user_controls_cmds as controls
 from relay import clock
 from relay.config import Config
 from relay.store import events, passwords, users
-from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 from relay.store.usage import Counts
 from relay.store.users import User
@@ -31,7 +31,7 @@ BATCHED = (  # relay/service/server.py's LOGIN_FLUSH_INTERVAL
 MAX_GRACE = 30 * 86400  # the longest --grace: how long an old password may keep working
 
 
-def _with_store(cfg: Config, fn: Callable[[Database, Hasher], Awaitable[T]]) -> T:
+def _with_store(cfg: Config, fn: Callable[[Store, Hasher], Awaitable[T]]) -> T:
     """Open the shared database and a hasher, run ``fn``, close both."""
 
     async def _main() -> T:
@@ -190,7 +190,7 @@ def register(cli: click.Group) -> None:
         cutoff = None if unused_since is None else now - controls.parse_since(unused_since)
         cfg = common.get_config(ctx)
 
-        async def _load(db: Database, _h: Hasher) -> tuple[list[User], Mapping[str, Counts]]:
+        async def _load(db: Store, _h: Hasher) -> tuple[list[User], Mapping[str, Counts]]:
             found = await users.list_all(db, domain)
             if cutoff is not None:
                 found = [u for u in found if (u.last_login_at or u.created_at) < cutoff]

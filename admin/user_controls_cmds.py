@@ -17,8 +17,8 @@ from admin import common
 from relay import clock, userrules
 from relay.config import Config
 from relay.errors import Invalid, NotFound
-from relay.store import domains, events, usage, users
-from relay.store.db import Database
+from relay.store import domains, events, shared, usage, users
+from relay.store.engine import Store
 from relay.store.usage import Counts
 from relay.store.users import SettingsChange, User
 from relay.units import parse_duration
@@ -36,9 +36,9 @@ async def today(cfg: Config, logins: Sequence[str], now: float) -> Mapping[str, 
     """Today's counts of ``logins``. Await it inside :func:`common.main_db` (which has become the
     state dir's owner). Before the server counted anything there is no usage.db: zeros, and no
     file is made for that."""
-    if not logins or not cfg.usage_path.exists():
+    if not logins or not shared.counts_exist(cfg):
         return {login: Counts() for login in logins}
-    db = await usage.open_usage(cfg)
+    db = await shared.open_counts(cfg)
     try:
         return await usage.today_for(db, logins, now)
     finally:
@@ -76,7 +76,7 @@ def _time(at: float | None) -> str | None:
     return None if at is None else userrules.format_time(at)
 
 
-async def details(cfg: Config, db: Database, login: str, now: float) -> tuple[User, bool, Counts]:
+async def details(cfg: Config, db: Store, login: str, now: float) -> tuple[User, bool, Counts]:
     """What `user show` shows: the user, whether its domain is a sandbox, today's counts."""
     user = await users.get(db, login)
     if user is None:
@@ -347,9 +347,9 @@ async def _history(cfg: Config, login: str, days: int, now: float) -> list[usage
         user = await users.get(db, login)
         if user is None:
             raise NotFound(f"no such user: {users.normalize_login(login)}")
-        if not cfg.usage_path.exists():
+        if not shared.counts_exist(cfg):
             return [usage.DayUsage(d) for d in _day_keys(days, now)]
-        counts: Database = await usage.open_usage(cfg)
+        counts = await shared.open_counts(cfg)
         try:
             return await usage.history(counts, user.login, days, now)
         finally:

@@ -27,6 +27,7 @@ from relay.delivery import poster
 from relay.errors import Conflict, NotFound
 from relay.store import events, outbox, webhooks
 from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.outbox import Delivery
 from relay.store.spool_schema import SPOOL_MIGRATIONS
 from relay.store.webhooks import Endpoint
@@ -35,7 +36,7 @@ T = TypeVar("T")
 _SPOOL_FILE = re.compile(r"^spool-(\d+)\.db$")
 
 
-def _with_db(cfg: Config, fn: Callable[[Database], Awaitable[T]]) -> T:
+def _with_db(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     async def _main() -> T:
         async with common.main_db(cfg) as db:
             return await fn(db)

@@ -28,6 +28,7 @@ from relay.config_sections import (
     MetricsConfig,
     SandboxConfig,
     SpoolConfig,
+    StoreConfig,
     SuppressionConfig,
     TLSConfig,
     WebhooksConfig,
@@ -105,6 +106,7 @@ class Config:
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     workers: int = 1
     source: str = field(default="(built-in defaults)", compare=False)
 

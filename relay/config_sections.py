@@ -1,5 +1,5 @@
 """The config file's sections (``[tls]``, ``[auth]``, ``[dns]``, ``[limits]``, ``[delivery]``,
-``[spool]``, ``[sandbox]``, ``[suppression]``, ``[metrics]``): one frozen dataclass each,
+``[spool]``, ``[sandbox]``, ``[suppression]``, ``[metrics]``, ``[store]``...): one frozen dataclass each,
 validating its own keys at load.
 
 Split from relay/config.py, which keeps the top-level keys (``state_dir``, ``public_hostname``,
@@ -264,3 +264,41 @@ class MetricsConfig:
             if not sep or not port.isdigit():
                 raise ValueError("listen: expected HOST:PORT")
             check_port("listen", int(port), allow_zero=True)
+
+
+STORE_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where the shared state lives (relay/store/engine.py). ``url`` empty: the
+    embedded SQLite files in the state dir. ``url = "postgresql://relaybox@db.internal/relaybox"``:
+    one PostgreSQL database that every node shares. Its password is read from ``password_file``
+    (a file holding only the password), else where libpq looks (``PGPASSWORD``, ``~/.pgpass``);
+    never from the url, which status output shows. TLS to the database: ``sslmode`` and
+    ``sslrootcert`` as libpq means them (``verify-full`` with the database's CA in production;
+    ``sslrootcert = "system"`` for the system's CAs)."""
+
+    url: str = ""
+    password_file: str = ""
+    sslmode: str = "prefer"
+    sslrootcert: str = ""
+    pool_size: int = 4  # connections per process
+    connect_timeout: Duration = Duration(5)
+
+    def __post_init__(self) -> None:
+        if self.url:
+            scheme, sep, rest = self.url.partition("://")
+            if scheme not in ("postgresql", "postgres") or not sep:
+                raise ValueError("url: expected postgresql://USER@HOST[:PORT]/DATABASE (or empty)")
+            netloc = rest.split("/", 1)[0]
+            if ":" in netloc.rpartition("@")[0]:
+                raise ValueError("url: holds a password; put it in password_file instead")
+        check_choice("sslmode", self.sslmode, STORE_SSLMODES)
+        check_range("pool_size", self.pool_size, 1, 100)
+        if not 0 < float(self.connect_timeout) <= 300:
+            raise ValueError("connect_timeout: expected more than 0 s and at most 5m")
+
+    @property
+    def engine(self) -> str:
+        return "postgresql" if self.url else "sqlite"

@@ -8,7 +8,7 @@ never appear in any log record captured during that test.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ import pytest
 from relay import config as config_mod
 from relay.clock import ManualClock
 from relay.config import Config
-from relay.store.db import MAIN_MIGRATIONS, Database
 from tests import leaks, procs
 
 pytest_plugins: list[str] = [
@@ -24,6 +23,7 @@ pytest_plugins: list[str] = [
     "tests.userhelpers",
     "tests.sink",
     "tests.relayserver",
+    "tests.pgserver",
 ]
 
 
@@ -56,13 +56,6 @@ def cfg(state_dir: Path) -> Config:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(1_800_000_000.0)
-
-
-@pytest.fixture
-async def db(cfg: Config) -> AsyncIterator[Database]:
-    database = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-    yield database
-    await database.close()
 
 
 @pytest.fixture(autouse=True)

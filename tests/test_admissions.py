@@ -1,17 +1,16 @@
-"""Group admission (relay/store/admissions.py) on a real usage.db: what a batch decides when a
-session goes away before its turn, and when the store fails under a batch."""
+"""Group admission (relay/store/admissions.py) on the real counts store, on each engine: what a
+batch decides when a session goes away before its turn, and when the store fails under a batch."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
 
 import pytest
 
 from relay.store import usage
 from relay.store.admissions import Admissions
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.userrules import Limits
 
 LOGIN = "app@example.com"
@@ -19,14 +18,8 @@ NOW = 1_800_000_000.0
 LIMITS = Limits(messages_per_hour=0, messages_per_day=0, recipients_per_day=0)
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> Database:
-    database = await Database.open(tmp_path / "usage.db", usage.USAGE_MIGRATIONS)
-    yield database  # type: ignore[misc]
-    await database.close()
-
-
-async def test_a_session_gone_before_its_turn_is_not_counted(db: Database) -> None:
+async def test_a_session_gone_before_its_turn_is_not_counted(counts: Store) -> None:
+    db = counts
     admissions = Admissions(db)
     try:
         gone = asyncio.ensure_future(admissions.admit(LOGIN, 1, LIMITS, NOW))
@@ -42,20 +35,36 @@ async def test_a_session_gone_before_its_turn_is_not_counted(db: Database) -> No
     assert (counts.messages_today, counts.recipients_today) == (1, 2)
 
 
+REFUSE = {  # a trigger that fails every insert into usage_days: a store fault mid-transaction
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage_days BEGIN SELECT RAISE(ABORT, 'no'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage_days FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+ALLOW = {"sqlite": ["DROP TRIGGER refuse"], "postgresql": ["DROP TRIGGER refuse ON usage_days"]}
+
+
+async def _ddl(db: Store, statements: list[str]) -> None:
+    async with db.transaction() as tx:
+        for sql in statements:
+            await tx.execute(sql)
+
+
 async def test_a_store_failure_answers_the_whole_batch_and_the_writer_goes_on(
-    db: Database, tmp_path: Path
+    counts: Store,
 ) -> None:
-    with sqlite3.connect(tmp_path / "usage.db") as conn:
-        conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON usage_days BEGIN SELECT RAISE(ABORT, 'no'); END"
-        )
+    db = counts
+    await _ddl(db, REFUSE[db.engine])
     admissions = Admissions(db)
     try:
         both = [admissions.admit(LOGIN, 1, LIMITS, NOW) for _ in range(2)]
         results = await asyncio.gather(*both, return_exceptions=True)
         assert all(isinstance(r, StoreError) for r in results), results
-        with sqlite3.connect(tmp_path / "usage.db") as conn:
-            conn.execute("DROP TRIGGER refuse")
+        await _ddl(db, ALLOW[db.engine])
         assert await admissions.admit(LOGIN, 1, LIMITS, NOW) is None
     finally:
         await admissions.close()

@@ -21,10 +21,12 @@ from relay.smtp.auth import Authenticator, Outcome, Throttle, address_key, addre
 from relay.store import db as db_mod
 from relay.store import events, users
 from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store.engine import SqliteStore, Store
 from relay.store.passwords import Hasher
 from relay.units import Duration
 from tests import leaks
 from tests.hostile.kit import with_auth
+from tests.pgserver import sqlite_of
 from tests.userhelpers import make_domain
 
 LOGIN = "app@example.com"
@@ -33,7 +35,7 @@ PASSWORD = "Correct-horse-battery-1"
 
 @pytest.fixture
 async def authn(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock
 ) -> AsyncIterator[Authenticator]:
     leaks.add(PASSWORD)
     await make_domain(db, cfg, now=clock())
@@ -72,7 +74,7 @@ async def test_cache_expires(authn: Authenticator, hasher: Hasher, clock: Manual
 
 
 async def test_cached_credentials_are_revoked_at_once(
-    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+    authn: Authenticator, db: Store, hasher: Hasher, clock: ManualClock
 ) -> None:
     ok = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
     assert ok.identity is not None
@@ -92,7 +94,7 @@ async def test_cached_credentials_are_revoked_at_once(
 
 
 async def test_cache_off(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     nocache = Authenticator(
         db, hasher, dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, cache_ttl=0)),
@@ -123,7 +125,7 @@ async def test_lockout_per_ip_spends_no_argon2(
 
 
 async def test_failures_pay_a_minimum_time(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     slow = Authenticator(
         db, hasher, dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, failure_delay=0.2)),
@@ -138,7 +140,7 @@ async def test_failures_pay_a_minimum_time(
 
 
 async def test_workers_share_the_failure_limit(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     """With workers = 2 each process locks out after its half (rounded up) of max_failures."""
     two = dataclasses.replace(cfg, workers=2, listen=(Listener("127.0.0.1", 2587, "starttls"),))
@@ -222,7 +224,7 @@ async def test_an_answer_and_its_identity_are_frozen(authn: Authenticator) -> No
 
 
 async def test_a_login_longer_than_an_address_counts_under_its_first_320_characters(
-    authn: Authenticator, db: Database
+    authn: Authenticator, db: Store
 ) -> None:
     """An address has at most 320 characters: logins that differ only after that are one login
     for the per-login failure count, and that is the name the audit row gets."""
@@ -303,7 +305,7 @@ async def test_a_cached_login_expires_at_exactly_cache_ttl(
 
 
 async def test_a_one_second_cache_ttl_still_caches(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     short = Authenticator(db, hasher, with_auth(cfg, cache_ttl=Duration(1)), clock=clock)
     assert (await short.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
@@ -313,7 +315,7 @@ async def test_a_one_second_cache_ttl_still_caches(
 
 
 async def test_cache_ttl_0_caches_nothing_even_when_the_clock_steps_back(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     nocache = Authenticator(db, hasher, with_auth(cfg, cache_ttl=Duration(0)), clock=clock)
     assert (await nocache.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
@@ -324,7 +326,7 @@ async def test_cache_ttl_0_caches_nothing_even_when_the_clock_steps_back(
 
 
 async def test_the_old_password_stops_at_the_exact_end_of_its_grace_even_when_cached(
-    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+    authn: Authenticator, db: Store, hasher: Hasher, clock: ManualClock
 ) -> None:
     """users.verify and the cache agree: the grace window ends at now + grace, exclusive."""
     ok = await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")
@@ -341,7 +343,7 @@ async def test_the_old_password_stops_at_the_exact_end_of_its_grace_even_when_ca
 
 
 async def test_flush_logins_records_the_last_login(
-    authn: Authenticator, db: Database, clock: ManualClock
+    authn: Authenticator, db: Store, clock: ManualClock
 ) -> None:
     assert (await authn.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
     clock.advance(5)
@@ -355,7 +357,7 @@ async def test_flush_logins_records_the_last_login(
 
 
 async def test_a_failure_waits_failure_delay_less_its_own_time_plus_a_jitter_of_a_fifth(
-    db: Database,
+    db: Store,
     cfg: Config,
     hasher: Hasher,
     clock: ManualClock,
@@ -452,8 +454,10 @@ async def test_last_logins_the_store_cannot_write_are_kept_for_the_next_flush(
     clock: ManualClock,
     authn: Authenticator,
     quick_busy_db: None,
+    db: Store,
 ) -> None:
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    sqlite_of(db)  # a CLI's write lock on the SQLite file is the fault
+    db = SqliteStore(await Database.open(cfg.db_path, MAIN_MIGRATIONS))
     try:
         flushing = Authenticator(db, hasher, cfg, clock=clock)
         assert (await flushing.authenticate(LOGIN, PASSWORD, "127.0.0.1")).outcome is Outcome.OK
@@ -470,11 +474,11 @@ async def test_last_logins_the_store_cannot_write_are_kept_for_the_next_flush(
 
 
 async def test_a_store_fault_in_a_shared_verify_answers_every_caller(
-    authn: Authenticator, db: Database, hasher: Hasher
+    authn: Authenticator, db: Store, hasher: Hasher
 ) -> None:
     """Eight simultaneous logins share one verify; its read of the user fails (every statement
     on the reader is interrupted): each of the eight gets TEMPFAIL, none is left waiting."""
-    await db.reader.set_progress_handler(lambda: 1, 1)
+    await sqlite_of(db).reader.set_progress_handler(lambda: 1, 1)
     before = hasher.verifications
     try:
         # A hang guard only: a passing run never waits for it.
@@ -483,7 +487,7 @@ async def test_a_store_fault_in_a_shared_verify_answers_every_caller(
                 *(authn.authenticate(LOGIN, PASSWORD, f"192.0.2.{i}") for i in range(8))
             )
     finally:
-        await db.reader.set_progress_handler(lambda: 0, 1)
+        await sqlite_of(db).reader.set_progress_handler(lambda: 0, 1)
     assert [(a.outcome, a.reason) for a in answers] == [(Outcome.TEMPFAIL, "store_error")] * 8
     assert hasher.verifications == before  # the read failed before any argon2 work
     assert (await authn.authenticate(LOGIN, PASSWORD, "192.0.2.1")).outcome is Outcome.OK
@@ -527,7 +531,7 @@ async def test_prune_keeps_live_cache_entries_and_forgets_expired_ones(
 
 
 async def test_prune_forgets_every_stale_key_after_a_spray_of_addresses(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     """Memory under a spray of addresses and logins is bounded by prune(). There is no public
     view of what is tracked, so this counts the keys of the private dicts.
@@ -578,7 +582,7 @@ async def test_prune_forgets_every_stale_key_after_a_spray_of_addresses(
 
 
 async def test_max_failures_1_locks_a_login_out_at_its_first_failure(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     strict = Authenticator(db, hasher, with_auth(cfg, max_failures=1), clock=clock)
     answer = await strict.authenticate(LOGIN, BAD, "192.0.2.10")
@@ -639,7 +643,7 @@ def test_a_lockout_that_ends_takes_its_failures_with_it_pruned_or_not() -> None:
 
 
 async def test_the_login_failures_audit_row_names_the_login_sanitised(
-    authn: Authenticator, db: Database
+    authn: Authenticator, db: Store
 ) -> None:
     """A login is client input: control characters never reach the audit trail (or the terminal
     that `relaybox audit` prints it on)."""
@@ -652,11 +656,11 @@ async def test_the_login_failures_audit_row_names_the_login_sanitised(
 
 
 async def test_a_failed_verify_whose_callers_all_left_logs_nothing(
-    authn: Authenticator, db: Database, caplog: pytest.LogCaptureFixture
+    authn: Authenticator, db: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every caller of a shared verify went away (cancelled), then the verify failed: its error is
     retrieved, so asyncio never logs "Task exception was never retrieved" for it."""
-    await db.reader.set_progress_handler(lambda: 1, 1)  # every read on the reader fails
+    await sqlite_of(db).reader.set_progress_handler(lambda: 1, 1)  # every read on the reader fails
     try:
         caller = asyncio.create_task(authn.authenticate(LOGIN, PASSWORD, "192.0.2.77"))
         await asyncio.sleep(0)  # sleep-ok: one turn: the caller starts the shared verify
@@ -668,7 +672,7 @@ async def test_a_failed_verify_whose_callers_all_left_logs_nothing(
         done, _ = await asyncio.wait({verify}, timeout=5)  # the timeout is a hang guard only
         assert done == {verify}
     finally:
-        await db.reader.set_progress_handler(lambda: 0, 1)
+        await sqlite_of(db).reader.set_progress_handler(lambda: 0, 1)
     assert authn._inflight == {}
     del verify
     gc.collect()
@@ -679,7 +683,7 @@ async def test_a_failed_verify_whose_callers_all_left_logs_nothing(
 
 
 async def test_failures_with_one_login_do_not_lock_out_another_login_on_that_address(
-    authn: Authenticator, db: Database, hasher: Hasher, clock: ManualClock
+    authn: Authenticator, db: Store, hasher: Hasher, clock: ManualClock
 ) -> None:
     """Everyone behind one NAT shares an address: one client failing with its login locks that
     login out there, not the address."""
@@ -708,7 +712,7 @@ async def test_failures_with_one_login_do_not_lock_out_another_login_on_that_add
 
 
 async def test_an_address_failing_with_many_logins_is_locked_out_at_its_own_threshold(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     """A spray of logins from one address: each login stays under max_failures, the address is
     locked out (every login, no argon2 work) once it reaches max_failures_per_address."""
@@ -778,7 +782,7 @@ def test_address_key(ip: str, prefix: int, key: str) -> None:
 
 
 async def test_ipv6_addresses_inside_one_prefix_share_a_lockout(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     """A client with a /64 rotates its address at will: every address in it counts as one."""
     limit = cfg.auth.max_failures
@@ -800,7 +804,7 @@ async def test_ipv6_addresses_inside_one_prefix_share_a_lockout(
 
 
 async def test_workers_share_the_per_address_threshold(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
 ) -> None:
     """With workers = 2 each process locks an address out after half (rounded up) of it."""
     two = dataclasses.replace(
@@ -828,7 +832,7 @@ ALIASES = (
 
 
 async def test_aliases_of_a_login_add_up_to_one_count(
-    authn: Authenticator, db: Database, hasher: Hasher
+    authn: Authenticator, db: Store, hasher: Hasher
 ) -> None:
     """Each alias names the same user (users.normalize_login): their failures are one login's,
     for the lockout on one address and for the audit of one login failing from many addresses."""

@@ -26,8 +26,7 @@ from relay import config as config_mod
 from relay.config import Config
 from relay.service.access import readable_by, stray_files
 from relay.service.doctor import certificate_on_disk, name_matches
-from relay.store import domains
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import domains, shared
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.relayserver import RelayHandle, start_relay
@@ -163,7 +162,7 @@ async def test_problems_are_failures(box: Box, dns_server: TestDNSServer) -> Non
         a.bind(("127.0.0.1", 0))
         b.bind(("127.0.0.1", 0))
         cfg = box.write(starttls=a.getsockname()[1], tls=b.getsockname()[1])
-        db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        db = await shared.open_main(cfg)
         try:
             await make_domain(db, cfg, "example.com", now=time.time())  # verified earlier
         finally:

@@ -38,6 +38,7 @@ from relay.errors import Conflict, Invalid, NotFound
 from relay.service import doctor
 from relay.store import domains, inbox, sandbox
 from relay.store.db import MAIN_MIGRATIONS, Database, Migration
+from relay.store.engine import SqliteStore, Store
 from relay.store.inbox import Inbox
 from relay.store.spool import Spool
 from relay.units import Duration
@@ -399,7 +400,7 @@ async def test_a_capture_repeated_after_a_crash_keeps_one_copy(cfg: Config) -> N
 
 @pytest.mark.parametrize("key_type", ["rsa", "ed25519"])
 async def test_the_dkim_result_uses_the_domain_key_in_the_store(
-    db: Database, cfg: Config, clock: ManualClock, key_type: str
+    db: Store, cfg: Config, clock: ManualClock, key_type: str
 ) -> None:
     conf = dataclasses.replace(cfg, dns=dataclasses.replace(cfg.dns, dkim_key_type=key_type))
     await sandbox.add(db, DOMAIN, cfg=conf, now=clock(), actor="t")
@@ -424,8 +425,13 @@ async def test_the_dkim_result_uses_the_domain_key_in_the_store(
 
 
 async def test_no_check_ever_changes_a_sandbox_domain(
-    db: Database, dns_cfg: Config, clock: ManualClock, dns_server: TestDNSServer
+    db: Store,
+    dns_cfg: Config,
+    store_cfg: Config,
+    clock: ManualClock,
+    dns_server: TestDNSServer,
 ) -> None:
+    dns_cfg = dataclasses.replace(dns_cfg, store=store_cfg.store)  # the doctor reads ``db``'s store
     await sandbox.add(db, DOMAIN, cfg=dns_cfg, now=clock(), actor="test")
     await make_domain(db, dns_cfg, "example.com", now=clock())  # verified, records unpublished
     resolver = dnscheck.make_resolver(dns_cfg)
@@ -443,7 +449,7 @@ async def test_no_check_ever_changes_a_sandbox_domain(
     assert d is not None and (d.state, d.sandbox, d.verified_at) == ("verified", True, 1.8e9)
 
     @asynccontextmanager
-    async def open_db(_cfg: Config) -> AsyncIterator[Database]:
+    async def open_db(_cfg: Config) -> AsyncIterator[Store]:
         yield db
 
     checks = {c.check: c for c in await doctor.check_store(dns_cfg, open_db)}
@@ -453,7 +459,7 @@ async def test_no_check_ever_changes_a_sandbox_domain(
     assert [q for q in dns_server.queries if DOMAIN in q[0]] == []  # never asked about
 
 
-async def test_the_allow_list(db: Database, cfg: Config, clock: ManualClock) -> None:
+async def test_the_allow_list(db: Store, cfg: Config, clock: ManualClock) -> None:
     now = clock()
     d, allowed = await sandbox.add(
         db, DOMAIN, allow_rcpt=["Bob@Dest.TEST", "bob@dest.test"], cfg=cfg, now=now, actor="t"
@@ -489,7 +495,7 @@ async def test_a_database_of_schema_version_1_has_no_sandbox_domain(cfg: Config)
             )
     finally:
         await old.close()
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = SqliteStore(await Database.open(cfg.db_path, MAIN_MIGRATIONS))
     try:
         d = await domains.get(db, "old.test")
         assert d is not None and (d.state, d.sandbox) == ("verified", False)

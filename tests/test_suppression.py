@@ -27,6 +27,7 @@ from relay.clock import ManualClock
 from relay.config import Config
 from relay.config_sections import SmarthostConfig
 from relay.store import events, suppressions, users
+from relay.store.engine import SqliteStore
 from relay.units import Duration
 from tests.dialogue import Dialogue
 from tests.hostile.kit import message
@@ -394,8 +395,8 @@ async def test_a_store_error_at_rcpt_is_a_temporary_failure(box: RelayHandle) ->
     password = await box.add_user(LOGIN)
     d = await _session(box, LOGIN, password)
     await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
-    assert box.server.db is not None
-    await box.server.db.reader.close()  # every read on it fails from now on: a store fault
+    assert isinstance(box.server.db, SqliteStore)
+    await box.server.db.db.reader.close()  # every read on it fails from now on: a store fault
     await d.expect_after(f"RCPT TO:<{GONE}>", "451 4.3.0")
     await d.close()
 

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from relay.config import Config
-from relay.store import logins
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import logins, shared
 from relay.store.passwords import Hasher
 from tests import leaks
 from tests.userhelpers import json_of, make_domain_sync, one_line_error
@@ -41,7 +40,7 @@ CHOSEN = "chosen-password-for-stdin"
 def _verify(conf: Config, login: str, password: str) -> str | None:
     async def _main() -> str | None:
         hasher = Hasher(conf.auth)
-        db = await Database.open(conf.db_path, MAIN_MIGRATIONS)
+        db = await shared.open_main(conf)
         try:
             r = await logins.verify(db, login, password, hasher=hasher, now=time.time())
             return r.matched

@@ -23,8 +23,8 @@ from relay import config as config_mod
 from relay import userrules
 from relay.config import Config
 from relay.service import doctor
-from relay.store import admissions, logins, usage, users
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import admissions, logins, shared, usage, users
+from relay.store.db import Database
 from relay.store.passwords import Hasher
 from relay.store.usage import Hit
 from relay.store.users import SettingsChange, User
@@ -51,7 +51,7 @@ def _ts(value: str) -> float:
 
 def _in_main_db(conf: Config, fn: Any) -> Any:
     async def _main() -> Any:
-        db = await Database.open(conf.db_path, MAIN_MIGRATIONS)
+        db = await shared.open_main(conf)
         try:
             return await fn(db)
         finally:
@@ -62,7 +62,7 @@ def _in_main_db(conf: Config, fn: Any) -> Any:
 
 def _in_usage_db(conf: Config, fn: Any) -> Any:
     async def _main() -> Any:
-        db = await usage.open_usage(conf)
+        db = await shared.open_counts(conf)
         try:
             return await fn(db)
         finally:

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay import userrules
-from relay.store import usage, users
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import shared, usage, users
 from relay.store.users import SettingsChange
 from tests.dialogue import Dialogue
 from tests.sink import Sink
@@ -58,7 +57,7 @@ async def test_a_daily_limit_admits_exactly_its_count_across_two_workers(
 ) -> None:
     day = userrules.day_key(time.time())
     async with workers_running(tmp_path, tls_files, sink, paused=True) as run:
-        db = await Database.open(run.cfg.db_path, MAIN_MIGRATIONS)
+        db = await shared.open_main(run.cfg)
         try:
             change = SettingsChange(limits={"messages_per_day": LIMIT, "messages_per_hour": 0})
             await users.update_settings(db, LOGIN, change, now=time.time(), actor="test")
@@ -72,7 +71,7 @@ async def test_a_daily_limit_admits_exactly_its_count_across_two_workers(
         assert len(accepted) == LIMIT, replies
         assert len(refused) == SESSIONS * EACH - LIMIT, replies
         assert all(f"limit of {LIMIT} messages per day reached" in r for r in refused)
-        counts_db = await usage.open_usage(run.cfg)
+        counts_db = await shared.open_counts(run.cfg)
         try:
             counts = await usage.snapshot(counts_db, LOGIN, time.time())
         finally:

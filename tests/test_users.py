@@ -17,9 +17,11 @@ from relay.clock import ManualClock
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import domains, logins, users
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 from tests import leaks
+from tests.pgserver import sqlite_of
 from tests.userhelpers import make_domain
 
 P1 = "first-password-0001"
@@ -35,30 +37,30 @@ def _register_secrets() -> None:
 
 
 @pytest.fixture
-async def domain(db: Database, cfg: Config, clock: ManualClock) -> str:
+async def domain(db: Store, cfg: Config, clock: ManualClock) -> str:
     return await make_domain(db, cfg, now=clock())
 
 
 @pytest.fixture
-async def user(db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str) -> str:
+async def user(db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str) -> str:
     u = await users.create(
         db, f"app@{domain}", P1, hasher=hasher, cfg=cfg, now=clock(), actor="test"
     )
     return u.login
 
 
-async def _current_hash(db: Database, login: str) -> str | None:
+async def _current_hash(db: Store, login: str) -> str | None:
     """The current hash of an enabled user, else None (unknown, malformed or disabled)."""
     creds = await logins.credentials(db, login)
     return None if creds is None or creds.disabled else creds.current_hash
 
 
-async def _which(db: Database, hasher: Hasher, login: str, pw: str, now: float) -> str | None:
+async def _which(db: Store, hasher: Hasher, login: str, pw: str, now: float) -> str | None:
     return (await logins.verify(db, login, pw, hasher=hasher, now=now)).matched
 
 
 async def _reset(
-    db: Database, hasher: Hasher, login: str, pw: str, grace: float, now: float
+    db: Store, hasher: Hasher, login: str, pw: str, grace: float, now: float
 ) -> users.User:
     return await users.reset_password(
         db, login, pw, grace=grace, hasher=hasher, now=now, actor="test"
@@ -66,23 +68,24 @@ async def _reset(
 
 
 @asynccontextmanager
-async def _stale_reader(db: Database) -> AsyncIterator[None]:
+async def _stale_reader(db: Store) -> AsyncIterator[None]:
     """Hold a read transaction on the reader: its reads keep seeing the database as it is now,
     while the writer commits. Reads made through it stand for reads that happened before those
     commits (the interleaving a race would produce, without timing)."""
-    await db.reader.execute_fetchall("BEGIN")
+    reader = sqlite_of(db).reader
+    await reader.execute_fetchall("BEGIN")
     try:
-        await db.reader.execute_fetchall("SELECT COUNT(*) FROM users")  # the snapshot starts here
+        await reader.execute_fetchall("SELECT COUNT(*) FROM users")  # the snapshot starts here
         yield
     finally:
-        await db.reader.execute_fetchall("ROLLBACK")
+        await reader.execute_fetchall("ROLLBACK")
 
 
 @asynccontextmanager
-async def _refused(db: Database, action: int, table: str) -> AsyncIterator[None]:
+async def _refused(db: Store, action: int, table: str) -> AsyncIterator[None]:
     """A store fault in the middle of a write: the writer connection (the one db.transaction()
     hands out) refuses to prepare statements doing ``action`` on ``table`` (sqlite3.Error)."""
-    async with db.transaction() as writer:
+    async with sqlite_of(db).transaction() as writer:
         pass
 
     def authorize(code: int, arg1: str | None, *_: str | None) -> int:
@@ -176,7 +179,7 @@ def test_normalize_login_only_ever_raises_invalid(raw: str) -> None:
 
 
 async def test_create_and_read(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     u = await users.create(
         db, "App@Example.COM", P1, hasher=hasher, cfg=cfg, now=clock(), actor="test"
@@ -197,7 +200,7 @@ async def test_create_and_read(
 
 
 async def test_create_needs_a_verified_domain(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock
 ) -> None:
     with pytest.raises(Conflict, match=r"relaybox domain add nowhere\.example"):
         await users.create(
@@ -216,7 +219,7 @@ async def test_create_needs_a_verified_domain(
 
 
 async def test_a_domain_removed_after_the_check_is_reported_as_unknown(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     """create() checks the domain, hashes, then inserts: a domain removed in between fails the
     insert's foreign key, which is the unknown domain it is (a Conflict), not a store fault."""
@@ -231,7 +234,7 @@ async def test_a_domain_removed_after_the_check_is_reported_as_unknown(
 
 
 async def test_a_store_fault_during_create_is_a_store_error(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     with pytest.raises(StoreError, match="^users: not authorized$"):
         async with _refused(db, sqlite3.SQLITE_INSERT, "users"):
@@ -243,7 +246,7 @@ async def test_a_store_fault_during_create_is_a_store_error(
 
 
 async def test_create_enforces_the_password_policy(
-    db: Database, cfg: Config, hasher: Hasher, domain: str
+    db: Store, cfg: Config, hasher: Hasher, domain: str
 ) -> None:
     for weak in ("short", "a" * 30, "nul-inside\0-password"):
         with pytest.raises(Invalid):
@@ -252,7 +255,7 @@ async def test_create_enforces_the_password_policy(
 
 
 async def test_list_all_by_domain(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     other = await make_domain(db, cfg, "other.example", now=clock())
     for login in (f"b@{domain}", f"a@{domain}", f"c@{other}"):
@@ -269,7 +272,7 @@ async def test_list_all_by_domain(
 
 
 async def test_old_password_works_until_the_grace_ends(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     t0 = clock()
     u = await _reset(db, hasher, user, P2, HOUR, t0)
@@ -287,7 +290,7 @@ async def test_old_password_works_until_the_grace_ends(
 
 
 async def test_old_password_fails_once_the_window_has_passed(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     t0 = clock()
     await _reset(db, hasher, user, P2, HOUR, t0)
@@ -305,7 +308,7 @@ async def test_old_password_fails_once_the_window_has_passed(
 
 @pytest.mark.parametrize("grace", [0.5, 1.0])
 async def test_a_grace_of_a_second_or_less_still_keeps_the_old_password(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str, grace: float
+    db: Store, hasher: Hasher, clock: ManualClock, user: str, grace: float
 ) -> None:
     t0 = clock()
     u = await _reset(db, hasher, user, P2, grace, t0)
@@ -316,7 +319,7 @@ async def test_a_grace_of_a_second_or_less_still_keeps_the_old_password(
 
 @pytest.mark.parametrize("grace", [-1.0, -0.5])
 async def test_a_negative_grace_is_refused(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str, grace: float
+    db: Store, hasher: Hasher, clock: ManualClock, user: str, grace: float
 ) -> None:
     with pytest.raises(Invalid, match="grace cannot be negative"):
         await _reset(db, hasher, user, P2, grace, clock())
@@ -325,7 +328,7 @@ async def test_a_negative_grace_is_refused(
 
 
 async def test_a_store_fault_during_a_reset_is_a_store_error(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     with pytest.raises(StoreError, match="^users: not authorized$"):
         async with _refused(db, sqlite3.SQLITE_UPDATE, "users"):
@@ -335,7 +338,7 @@ async def test_a_store_fault_during_a_reset_is_a_store_error(
 
 
 async def test_grace_zero_revokes_at_once(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     u = await _reset(db, hasher, user, P2, 0, clock())
     assert u.old_password_valid_until is None
@@ -344,7 +347,7 @@ async def test_grace_zero_revokes_at_once(
 
 
 async def test_revoke_old_ends_the_window(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     await _reset(db, hasher, user, P2, HOUR, clock())
     clock.advance(60)
@@ -358,7 +361,7 @@ async def test_revoke_old_ends_the_window(
 
 
 async def test_second_reset_replaces_the_previous_password(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     t0 = clock()
     await _reset(db, hasher, user, P2, HOUR, t0)
@@ -371,7 +374,7 @@ async def test_second_reset_replaces_the_previous_password(
 
 
 async def test_delete_revokes_everything_at_once(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     await _reset(db, hasher, user, P2, HOUR, clock())
     await users.delete(db, user, now=clock(), actor="test")
@@ -385,7 +388,7 @@ async def test_delete_revokes_everything_at_once(
 
 
 async def test_disabled_users_fail_until_enabled(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     await _reset(db, hasher, user, P2, HOUR, clock())
     u = await users.set_disabled(db, user, True, now=clock(), actor="test")
@@ -402,7 +405,7 @@ async def test_disabled_users_fail_until_enabled(
     assert await _which(db, hasher, user, P1, clock()) == "previous"
 
 
-async def test_unknown_logins_raise_not_found(db: Database, hasher: Hasher, domain: str) -> None:
+async def test_unknown_logins_raise_not_found(db: Store, hasher: Hasher, domain: str) -> None:
     login = f"ghost@{domain}"
     with pytest.raises(NotFound):
         await _reset(db, hasher, login, P2, HOUR, 1)
@@ -416,7 +419,7 @@ async def test_unknown_logins_raise_not_found(db: Database, hasher: Hasher, doma
 
 
 async def test_unknown_and_malformed_logins_cost_one_verify(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     """A wrong password, an unknown user and a malformed login each cost one argon2 verify."""
     cases = [(user, "wrong-password-xyz"), ("nobody@example.com", P1), ("not a login", P1)]
@@ -428,7 +431,7 @@ async def test_unknown_and_malformed_logins_cost_one_verify(
 
 
 async def test_verify_result_matched_says_whether_a_password_matched(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     assert (await logins.verify(db, user, P1, hasher=hasher, now=clock())).matched is not None
     await _reset(db, hasher, user, P2, HOUR, clock())
@@ -439,7 +442,7 @@ async def test_verify_result_matched_says_whether_a_password_matched(
 
 
 async def test_what_the_store_returns_is_frozen_and_hashable(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     u = await users.get(db, user)
     creds = await logins.credentials(db, user)
@@ -456,14 +459,14 @@ async def test_what_the_store_returns_is_frozen_and_hashable(
     assert {result: 1}[await logins.verify(db, user, P1, hasher=hasher, now=clock())] == 1
 
 
-async def test_malformed_logins_have_no_hash_and_no_credentials(db: Database, user: str) -> None:
+async def test_malformed_logins_have_no_hash_and_no_credentials(db: Store, user: str) -> None:
     for raw in ("not a login", "@example.com", "x" * 200):
         assert await _current_hash(db, raw) is None
         assert await logins.credentials(db, raw) is None
 
 
 async def test_verify_result_carries_the_matched_hash(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     first = await logins.verify(db, user, P1, hasher=hasher, now=clock())
     assert first.matched == "current" and first.user is not None
@@ -482,7 +485,7 @@ async def test_verify_result_carries_the_matched_hash(
 
 
 async def test_successful_login_rehashes_with_new_parameters(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     old_hash = await _current_hash(db, user)
     assert old_hash is not None and ",t=1," in old_hash
@@ -508,7 +511,7 @@ async def test_successful_login_rehashes_with_new_parameters(
 
 
 async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
-    db: Database,
+    db: Store,
     cfg: Config,
     hasher: Hasher,
     clock: ManualClock,
@@ -518,7 +521,7 @@ async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
     """A CLI holds the write lock during a login that would rehash: the login still succeeds,
     with the old hash, and the next login upgrades it."""
     old_hash = await _current_hash(db, user)
-    async with db.transaction() as conn:
+    async with sqlite_of(db).transaction() as conn:
         await conn.execute("PRAGMA busy_timeout = 0")  # the writer gives up on a held lock at once
     params = dataclasses.replace(cfg.auth.argon2, time_cost=2)
     dearer = Hasher(dataclasses.replace(cfg.auth, argon2=params))
@@ -539,7 +542,7 @@ async def test_a_rehash_that_cannot_write_keeps_the_old_hash(
 
 
 async def test_a_reset_that_ran_meanwhile_wins_over_the_rehash(
-    db: Database,
+    db: Store,
     cfg: Config,
     hasher: Hasher,
     clock: ManualClock,
@@ -567,7 +570,7 @@ async def test_a_reset_that_ran_meanwhile_wins_over_the_rehash(
 
 
 async def test_record_logins_in_a_batch(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     other = (
         await users.create(db, "b@example.com", P2, hasher=hasher, cfg=cfg, now=1, actor="t")
@@ -582,7 +585,7 @@ async def test_record_logins_in_a_batch(
 
 
 async def test_a_store_fault_while_recording_logins_is_a_store_error(
-    db: Database, clock: ManualClock, user: str
+    db: Store, clock: ManualClock, user: str
 ) -> None:
     with pytest.raises(StoreError, match="^users: not authorized$"):
         async with _refused(db, sqlite3.SQLITE_UPDATE, "users"):
@@ -594,7 +597,7 @@ async def test_a_store_fault_while_recording_logins_is_a_store_error(
 
 
 async def test_every_admin_action_is_audited_without_secrets(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     login = f"app@{domain}"
     await users.create(db, login, P1, hasher=hasher, cfg=cfg, now=clock(), actor="alice")
@@ -626,7 +629,7 @@ COMPOSED = "Pa\u00dfw\u00f6rd-tr\u00e8s-s\u00fbr"
 DECOMPOSED = unicodedata.normalize("NFD", COMPOSED)
 
 
-async def _store_unprepared_hash(db: Database, cfg: Config, login: str, password: str) -> str:
+async def _store_unprepared_hash(db: Store, cfg: Config, login: str, password: str) -> str:
     """Make ``login``'s current hash one relaybox made before SASLprep (argon2 over the password
     as sent). SQL in a test, because no code path of relaybox makes such a hash any more."""
     p = cfg.auth.argon2
@@ -639,7 +642,7 @@ async def _store_unprepared_hash(db: Database, cfg: Config, login: str, password
 
 
 async def test_set_composed_log_in_decomposed(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, domain: str
 ) -> None:
     leaks.add(COMPOSED)
     leaks.add(DECOMPOSED)
@@ -652,7 +655,7 @@ async def test_set_composed_log_in_decomposed(
 
 
 async def test_a_hash_made_before_saslprep_logs_in_and_is_upgraded(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     """An app whose password SASLprep changes keeps working after the upgrade of relaybox: its
     first login matches the old hash with the password as sent and stores the prepared form's
@@ -672,7 +675,7 @@ async def test_a_hash_made_before_saslprep_logs_in_and_is_upgraded(
 
 
 async def test_a_hash_made_before_saslprep_keeps_working_in_its_grace_window(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     leaks.add(DECOMPOSED)
     await _store_unprepared_hash(db, cfg, user, DECOMPOSED)
@@ -683,7 +686,7 @@ async def test_a_hash_made_before_saslprep_keeps_working_in_its_grace_window(
 
 
 async def test_unknown_users_cost_what_wrong_passwords_cost_whatever_saslprep_does(
-    db: Database, hasher: Hasher, clock: ManualClock, user: str
+    db: Store, hasher: Hasher, clock: ManualClock, user: str
 ) -> None:
     """A password that SASLprep changes is tried in two forms (two argon2 verifies): so it is for
     the dummy of an unknown, disabled or malformed login too; one it leaves alone costs one."""
@@ -696,7 +699,7 @@ async def test_unknown_users_cost_what_wrong_passwords_cost_whatever_saslprep_do
 
 
 async def test_a_password_saslprep_refuses_cannot_be_set(
-    db: Database, cfg: Config, hasher: Hasher, clock: ManualClock, user: str, domain: str
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, user: str, domain: str
 ) -> None:
     for bad in ("emoji-\U0001f600-password", "private-\ue000-password"):
         leaks.add(bad)

@@ -20,14 +20,15 @@ from click.testing import CliRunner, Result
 from admin.cli import cli
 from relay import config as config_mod
 from relay.config import Config
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import shared
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 
 DOMAIN = "example.com"
 
 
 async def make_domain(
-    db: Database, cfg: Config, name: str = DOMAIN, *, now: float, verified: bool = True
+    db: Store, cfg: Config, name: str = DOMAIN, *, now: float, verified: bool = True
 ) -> str:
     """Add ``name`` (pending); with ``verified``, record a pass for every required check."""
     # Imported here so loading this plugin never depends on the domains module being importable.
@@ -45,7 +46,7 @@ def make_domain_sync(cfg: Config, name: str = DOMAIN, *, now: float, verified: b
     """The same, from a synchronous (CLI) test: opens and closes its own connection."""
 
     async def _main() -> str:
-        db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+        db = await shared.open_main(cfg)
         try:
             return await make_domain(db, cfg, name, now=now, verified=verified)
         finally:
@@ -63,7 +64,7 @@ async def seed_user(cfg: Config, login: str, *, now: float) -> str:
 
     password = leaks.add(generate_password())
     leaks.add_auth_payload(login, password)
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = await shared.open_main(cfg)
     hasher = Hasher(cfg.auth)
     try:
         await make_domain(db, cfg, login.rpartition("@")[2], now=now)

@@ -37,7 +37,7 @@ from relay.metrics import parse_listen
 from relay.service import probe, tlsutil
 from relay.service.access import config_secret, readable_by, service_user, stray_files
 from relay.store import domains, users
-from relay.store.db import Database
+from relay.store.engine import Store
 
 EXPIRY_WARN_DAYS = 14  # Let's Encrypt renews at 30 days left: below 14, renewal is failing
 USER_EXPIRY_WARN_DAYS = 7  # a user's expiry (`user set --expires`) this close is warned about
@@ -61,7 +61,7 @@ class SendTest:
     to: str
 
 
-OpenDatabase = Callable[[Config], AbstractAsyncContextManager[Database]]
+OpenDatabase = Callable[[Config], AbstractAsyncContextManager[Store]]
 
 
 def _worst(*statuses: str) -> str:
@@ -189,7 +189,7 @@ def check_state_dir(cfg: Config) -> list[Check]:
 
 
 async def check_store(cfg: Config, open_db: OpenDatabase, now: float | None = None) -> list[Check]:
-    if not cfg.db_path.exists():
+    if not cfg.store.url and not cfg.db_path.exists():
         return [Check("database", "warn", f"{cfg.db_path} not created yet (first start does)")]
     async with open_db(cfg) as db:
         all_users = await users.list_all(db)

@@ -41,8 +41,9 @@ from relay.smtp.controls import Quota
 from relay.smtp.gate import Gate
 from relay.smtp.handler import Handler
 from relay.smtp.session import RelaySMTP
-from relay.store import domains, suppressions, usage
-from relay.store.db import MAIN_MIGRATIONS, Database, StoreError
+from relay.store import domains, shared, suppressions
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 from relay.store.spool import Spool
 from relay.store.usage import Tally
@@ -77,8 +78,8 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._ssl: tlsutil.LiveContext | None = None  # one for good: a reload swaps its certificate
         # Made by startup(), in this order; None until then (and after a failed start).
-        self.db: Database | None = None
-        self.usage_db: Database | None = None  # usage.db: the per-user counts
+        self.db: Store | None = None
+        self.usage_db: Store | None = None  # usage.db: the per-user counts
         self.tally = Tally()  # delivery outcomes per user, flushed into the usage periodically
         self._hasher: Hasher | None = None
         self._auth: Authenticator | None = None
@@ -123,9 +124,9 @@ class Server:
         if not cfg.tls.cert:
             tlsutil.ensure_self_signed(cfg)
             tlsutil.reload(self._ssl, cfg)
-        self.db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
-        # The counts every worker shares (commits not fsynced): sending limits, AUTH failures.
-        self.usage_db = await usage.open_usage(cfg)
+        self.db = await shared.open_main(cfg)
+        # The counts every worker (and node) shares: sending limits, AUTH failures.
+        self.usage_db = await shared.open_counts(cfg)
         self._hasher = Hasher(cfg.auth)
         self._auth = Authenticator(
             self.db, self._hasher, cfg, clock=self.clock, shared=self.usage_db

@@ -17,7 +17,8 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.delivery.poster import Poster
 from relay.metrics import Metrics
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.spool import Spool
 from relay.store.webhooks import Subscriptions
 
@@ -33,10 +34,10 @@ class Webhooks:
         self.posters: list[Poster] = []
         self._clock = clock
         self._metrics = metrics
-        self._db: Database | None = None
+        self._db: Store | None = None
         self._refresher: asyncio.Task[None] | None = None
 
-    async def open(self, db: Database) -> None:
+    async def open(self, db: Store) -> None:
         """Read the endpoints from the shared ``db`` (a failure is logged: read again later)."""
         self._db = db
         await self.refresh()

@@ -16,8 +16,8 @@ from relay.dkim import Signer
 from relay.errors import Invalid
 from relay.metrics import Metrics
 from relay.store import domains, sandbox
-from relay.store.db import Database
 from relay.store.domains import SigningKey
+from relay.store.engine import Store
 from relay.store.outbox import EventRow
 from relay.store.spool import Spool
 from relay.store.webhooks import Subscriptions
@@ -52,7 +52,7 @@ def allowed_of(recipients: Sequence[str], allowed: frozenset[str]) -> frozenset[
 class Acceptor:
     def __init__(
         self,
-        db: Database,
+        db: Store,
         spool: Spool,
         metrics: Metrics,
         *,

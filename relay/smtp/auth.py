@@ -39,7 +39,8 @@ from relay.config import Config
 from relay.smtp.controls import Controls, refusal
 from relay.smtp.throttle import Throttle, address_key, address_limit, login_key, process_share
 from relay.store import authfail, events, logins
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 
 
@@ -78,12 +79,12 @@ class _CacheEntry:
 class Authenticator:
     def __init__(
         self,
-        db: Database,
+        db: Store,
         hasher: Hasher,
         cfg: Config,
         *,
         clock: Clock = clock_mod.system,
-        shared: Database | None = None,
+        shared: Store | None = None,
     ) -> None:
         """``shared``: where failures and lockouts are counted for every worker (usage.db,
         relay/store/authfail.py): the limits are then the service's, exactly. Without it each

@@ -18,7 +18,8 @@ from relay.metrics import Metrics
 from relay.replies import Reply
 from relay.smtp.policy import Senders
 from relay.store import admissions, logins, usage
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.usage import Counts, Hit
 from relay.userrules import LimitOverrides, Limits
 
@@ -68,7 +69,7 @@ def limit_reply(login: str, hit: Hit) -> Reply:
 class Quota:
     """The sending limits of every session of one process, counted in the shared store."""
 
-    def __init__(self, db: Database, cfg: Config, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, db: Store, cfg: Config, metrics: Metrics, clock: Clock) -> None:
         """``db``: the main database through its counting handle (synchronous NORMAL)."""
         self.db = db
         self.cfg = cfg

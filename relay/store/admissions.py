@@ -8,7 +8,8 @@ import asyncio
 from dataclasses import dataclass
 
 from relay import userrules
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.usage import Counts, Hit, first_hit
 from relay.userrules import Limits
 
@@ -43,7 +44,7 @@ class Admissions:
     counts, in the order the messages arrived: no limit is passed, whatever the concurrency.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -123,8 +124,7 @@ class Admissions:
         flat = [v for key in keys for v in key]
         results: list[Hit | None] = []
         async with self.db.transaction() as conn:
-            async with conn.execute(_READ_DAYS + where, flat) as cur:
-                rows = await cur.fetchall()
+            rows = await conn.fetchall(_READ_DAYS + where, flat)
             # (login, day) -> [accepted, recipients, hour, hour_accepted]
             state = {(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows}
             for req in batch:
@@ -153,9 +153,7 @@ class Admissions:
         return results
 
 
-async def admit(
-    db: Database, login: str, recipients: int, limits: Limits, now: float
-) -> Hit | None:
+async def admit(db: Store, login: str, recipients: int, limits: Limits, now: float) -> Hit | None:
     """One admission on its own, a batch of one (tools and tests; the server keeps one
     :class:`Admissions` for all its sessions)."""
     admissions = Admissions(db)

@@ -12,10 +12,9 @@ work, so these writes cost little even under a guessing attack.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
-from relay.store.db import Database, StoreError
+from relay.store.engine import Store
 
 MIGRATION_SQL = """
 CREATE TABLE auth_failures (
@@ -30,7 +29,7 @@ CREATE TABLE auth_lockouts (
 """
 
 
-async def lockouts(db: Database, keys: Sequence[str], now: float) -> dict[str, float]:
+async def lockouts(db: Store, keys: Sequence[str], now: float) -> dict[str, float]:
     """The keys among ``keys`` locked out at ``now``, with the end of each lockout."""
     if not keys:
         return {}
@@ -43,41 +42,32 @@ async def lockouts(db: Database, keys: Sequence[str], now: float) -> dict[str, f
 
 
 async def fail(
-    db: Database, key: str, now: float, *, window: float, limit: int, lockout: float
+    db: Store, key: str, now: float, *, window: float, limit: int, lockout: float
 ) -> float | None:
     """Count a failure for ``key``; if it is the ``limit``-th within ``window`` seconds, lock
     ``key`` out until ``now + lockout`` and return that time (else None). The failures that led
     to a lockout are forgotten with it, as the in-process throttle does."""
-    try:
-        async with db.transaction() as conn:
-            await conn.execute(
-                "DELETE FROM auth_failures WHERE key = ? AND at <= ?", (key, now - window)
-            )
-            await conn.execute("INSERT INTO auth_failures (key, at) VALUES (?, ?)", (key, now))
-            async with conn.execute(
-                "SELECT count(*) FROM auth_failures WHERE key = ?", (key,)
-            ) as cur:
-                row = await cur.fetchone()
-            count = int(row[0]) if row else 1
-            if count < limit:
-                return None
-            until = now + lockout
-            await conn.execute(
-                "INSERT INTO auth_lockouts (key, until) VALUES (?, ?) ON CONFLICT (key)"
-                " DO UPDATE SET until = excluded.until",
-                (key, until),
-            )
-            await conn.execute("DELETE FROM auth_failures WHERE key = ?", (key,))
-            return until
-    except sqlite3.Error as exc:
-        raise StoreError(f"auth failures: {exc}") from exc
+    async with db.transaction() as conn:
+        await conn.execute(
+            "DELETE FROM auth_failures WHERE key = ? AND at <= ?", (key, now - window)
+        )
+        await conn.execute("INSERT INTO auth_failures (key, at) VALUES (?, ?)", (key, now))
+        row = await conn.fetchone("SELECT count(*) FROM auth_failures WHERE key = ?", (key,))
+        count = int(row[0]) if row else 1
+        if count < limit:
+            return None
+        until = now + lockout
+        await conn.execute(
+            "INSERT INTO auth_lockouts (key, until) VALUES (?, ?) ON CONFLICT (key)"
+            " DO UPDATE SET until = excluded.until",
+            (key, until),
+        )
+        await conn.execute("DELETE FROM auth_failures WHERE key = ?", (key,))
+        return until
 
 
-async def prune(db: Database, now: float, window: float) -> None:
+async def prune(db: Store, now: float, window: float) -> None:
     """Forget failures older than the window and lockouts that ended."""
-    try:
-        async with db.transaction() as conn:
-            await conn.execute("DELETE FROM auth_failures WHERE at <= ?", (now - window,))
-            await conn.execute("DELETE FROM auth_lockouts WHERE until <= ?", (now,))
-    except sqlite3.Error as exc:
-        raise StoreError(f"auth failures: {exc}") from exc
+    async with db.transaction() as conn:
+        await conn.execute("DELETE FROM auth_failures WHERE at <= ?", (now - window,))
+        await conn.execute("DELETE FROM auth_lockouts WHERE until <= ?", (now,))

@@ -192,6 +192,17 @@ class Database:
         return self._reader
 
 
+async def schema_version(path: Path) -> int:
+    """The ``user_version`` of the database at ``path``, read only (no migration, no WAL switch)."""
+    try:
+        async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            async with conn.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    return int(row[0]) if row else 0
+
+
 async def _migrate(conn: aiosqlite.Connection, migrations: Sequence[Migration]) -> None:
     """Apply migrations newer than ``PRAGMA user_version``, each in its own transaction.
 

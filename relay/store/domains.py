@@ -27,11 +27,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiosqlite
 import dns.asyncresolver
 
 from relay import dkimkeys, dnscheck
@@ -40,7 +38,7 @@ from relay.dnscheck import CheckResult
 from relay.errors import Conflict, Invalid, NotFound
 from relay.grammar import normalize_domain
 from relay.store import events, users
-from relay.store.db import Database
+from relay.store.engine import Row, Store, Tx
 
 __all__ = [
     "Domain",
@@ -103,7 +101,7 @@ class SigningKey:
     private_pem: str = field(repr=False)
 
 
-def _domain(row: sqlite3.Row) -> Domain:
+def _domain(row: Row) -> Domain:
     checks = tuple(CheckResult.from_json(c) for c in json.loads(row["checks"]))
     return Domain(
         name=row["name"],
@@ -127,18 +125,16 @@ _COLUMNS = (
 )
 
 
-async def _fetch(conn: aiosqlite.Connection, name: str) -> sqlite3.Row | None:
+async def _fetch(conn: Tx, name: str) -> Row | None:
     """Read inside a write transaction (the writer sees its own, current state)."""
-    async with conn.execute(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,)) as cur:
-        row: sqlite3.Row | None = await cur.fetchone()
-    return row
+    return await conn.fetchone(f"SELECT {_COLUMNS} FROM domains WHERE name = ?", (name,))
 
 
 # --- admin actions ------------------------------------------------------------------------------
 
 
 async def add(
-    db: Database, name: str, *, cfg: Config, now: float, actor: str, sandbox: bool = False
+    db: Store, name: str, *, cfg: Config, now: float, actor: str, sandbox: bool = False
 ) -> Domain:
     """Add a domain ``pending`` with a new ownership token and DKIM key. Conflict if it exists.
     A ``sandbox`` domain is ``verified`` from now on, without DNS (see the module docstring)."""
@@ -171,7 +167,7 @@ async def add(
     return _domain(row)
 
 
-async def get(db: Database, name: str) -> Domain | None:
+async def get(db: Store, name: str) -> Domain | None:
     try:
         name = normalize_domain(name)
     except Invalid:
@@ -180,12 +176,12 @@ async def get(db: Database, name: str) -> Domain | None:
     return None if row is None else _domain(row)
 
 
-async def list_all(db: Database) -> list[Domain]:
+async def list_all(db: Store) -> list[Domain]:
     rows = await db.fetchall(f"SELECT {_COLUMNS} FROM domains ORDER BY name")
     return [_domain(r) for r in rows]
 
 
-async def remove(db: Database, name: str, *, with_users: bool, now: float, actor: str) -> None:
+async def remove(db: Store, name: str, *, with_users: bool, now: float, actor: str) -> None:
     """Remove a domain and its DKIM key. Refused while it has users, unless ``with_users``: then
     its users are deleted in the same transaction, by relay/store/users.py (users.domain references
     domains.name; the cascade is asked for here rather than declared as ON DELETE CASCADE, so
@@ -276,7 +272,7 @@ def next_state(
 
 
 async def _record(
-    db: Database,
+    db: Store,
     name: str,
     results: Sequence[CheckResult],
     *,
@@ -318,7 +314,7 @@ async def _record(
 
 
 async def record_results(
-    db: Database,
+    db: Store,
     name: str,
     results: Sequence[CheckResult],
     *,
@@ -332,7 +328,7 @@ async def record_results(
 
 
 async def verify(
-    db: Database,
+    db: Store,
     name: str,
     *,
     resolver: dns.asyncresolver.Resolver,
@@ -353,7 +349,7 @@ async def verify(
 
 
 async def recheck(
-    db: Database, *, resolver: dns.asyncresolver.Resolver, cfg: Config, now: float
+    db: Store, *, resolver: dns.asyncresolver.Resolver, cfg: Config, now: float
 ) -> list[Domain]:
     """Re-check every domain (the server calls this every ``dns.recheck_interval``).
 
@@ -376,7 +372,7 @@ async def recheck(
     return [d for d in done if d is not None]
 
 
-async def signing_key(db: Database, name: str) -> SigningKey | None:
+async def signing_key(db: Store, name: str) -> SigningKey | None:
     """The DKIM private key of ``name`` (whatever its state: whether it may send is policy's
     decision, see :attr:`Domain.can_send`). A secret: never log it."""
     try:

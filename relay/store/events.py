@@ -10,10 +10,8 @@ import getpass
 import os
 from dataclasses import dataclass
 
-import aiosqlite
-
 from relay.maillog import printable
-from relay.store.db import Database
+from relay.store.engine import Store, Tx
 
 FIELD_LIMIT = 512  # characters kept of a field (a login is at most 320)
 
@@ -39,7 +37,7 @@ def current_actor() -> str:
 
 
 async def add(
-    conn: aiosqlite.Connection,
+    conn: Tx,
     *,
     now: float,
     actor: str,
@@ -57,13 +55,13 @@ async def add(
 
 
 async def record(
-    db: Database, *, now: float, actor: str, action: str, target: str = "", detail: str = ""
+    db: Store, *, now: float, actor: str, action: str, target: str = "", detail: str = ""
 ) -> None:
     async with db.transaction() as conn:
         await add(conn, now=now, actor=actor, action=action, target=target, detail=detail)
 
 
-async def recent(db: Database, limit: int = 100, target: str | None = None) -> list[Event]:
+async def recent(db: Store, limit: int = 100, target: str | None = None) -> list[Event]:
     if target is None:
         rows = await db.fetchall("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
     else:

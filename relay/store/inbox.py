@@ -28,6 +28,7 @@ from relay.dkim import Verification
 from relay.errors import NotFound
 from relay.store import domains, events
 from relay.store.db import Database, Migration
+from relay.store.engine import Store
 
 __all__ = ["INBOX_MIGRATIONS", "Captured", "Inbox", "delete", "dkim_result"]
 
@@ -172,7 +173,7 @@ class Inbox:
 
 
 async def delete(
-    inbox: Inbox, inbox_id: int | None, *, audit: Database, now: float, actor: str
+    inbox: Inbox, inbox_id: int | None, *, audit: Store, now: float, actor: str
 ) -> int:
     """The operator's delete (one message, or every one with None): audited in ``audit`` as
     ``inbox.delete`` once done; returns how many were deleted."""
@@ -184,7 +185,7 @@ async def delete(
     return n
 
 
-async def dkim_result(main: Database, message: bytes) -> Verification:
+async def dkim_result(main: Store, message: bytes) -> Verification:
     """Verify ``message``'s first DKIM signature against the key that the domain it names has
     in the store now (no DNS: what a receiver would see had its records been published). A
     domain removed or added again since has no key or another one: the result says so."""

@@ -8,13 +8,13 @@ in the hasher's thread pool), :func:`credentials` to check a cached credential c
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from relay import maillog
 from relay.errors import Invalid
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import Store
 from relay.store.passwords import Hasher
 from relay.store.users import COLUMNS, User, from_row, normalize_login, writing
 from relay.userrules import LimitOverrides
@@ -48,7 +48,7 @@ class Credentials:
 
 
 async def verify(
-    db: Database, login: str, password: str, *, hasher: Hasher, now: float
+    db: Store, login: str, password: str, *, hasher: Hasher, now: float
 ) -> VerifyResult:
     """Which password of ``login`` matches: the current one, the previous one in its window, none.
 
@@ -83,7 +83,7 @@ async def verify(
     return _NO_MATCH
 
 
-async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher: Hasher) -> str:
+async def _rehash(db: Store, login: str, old_hash: str, password: str, hasher: Hasher) -> str:
     """Store a hash with the configured parameters of the password's prepared form; keep the old
     one if anything interferes (or if SASLprep refuses the password for a stored string: a
     password set before relaybox prepared passwords may hold what it now refuses)."""
@@ -94,12 +94,11 @@ async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher
     try:
         async with db.transaction() as conn:
             # Compare-and-set: a reset that ran meanwhile wins over this upgrade.
-            cur = await conn.execute(
+            changed = await conn.execute(
                 "UPDATE users SET password_hash = ? WHERE login = ? AND password_hash = ?",
                 (new_hash, login, old_hash),
             )
-            changed = cur.rowcount
-    except (sqlite3.Error, StoreError) as exc:
+    except StoreError as exc:
         # The login still succeeds with the old hash; the next login tries again.
         maillog.event("rehash skipped", user=login, reason=type(exc).__name__)
         return old_hash
@@ -109,7 +108,7 @@ async def _rehash(db: Database, login: str, old_hash: str, password: str, hasher
     return new_hash
 
 
-async def credentials(db: Database, login: str) -> Credentials | None:
+async def credentials(db: Store, login: str) -> Credentials | None:
     """The stored hashes of ``login`` (None if unknown or malformed), for the server's auth cache.
 
     One indexed read, no argon2: the cache compares the hash a cached login matched against these
@@ -136,7 +135,7 @@ async def credentials(db: Database, login: str) -> Credentials | None:
     )
 
 
-async def record_logins(db: Database, logins: Mapping[str, float]) -> None:
+async def record_logins(db: Store, logins: Mapping[str, float]) -> None:
     """Set last_login_at for many users in one transaction (the server flushes periodically).
 
     Never moves a timestamp backwards, and silently skips users deleted meanwhile.

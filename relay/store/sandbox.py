@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from relay import grammar
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import domains, events
-from relay.store.db import Database
 from relay.store.domains import Domain
+from relay.store.engine import Store, Tx
 
 __all__ = ["add", "address_key", "allow_lists", "allowed", "set_allowed"]
 
@@ -38,7 +36,7 @@ def address_key(address: str) -> str:
 
 
 async def add(
-    db: Database,
+    db: Store,
     name: str,
     *,
     allow_rcpt: Sequence[str] = (),
@@ -56,7 +54,7 @@ async def add(
     return domain, ()
 
 
-async def allowed(db: Database, name: str) -> tuple[str, ...]:
+async def allowed(db: Store, name: str) -> tuple[str, ...]:
     """The recipients ``name``'s mail may be delivered to (sorted; empty: every one captured)."""
     try:
         name = grammar.normalize_domain(name)
@@ -68,7 +66,7 @@ async def allowed(db: Database, name: str) -> tuple[str, ...]:
     return tuple(r["address"] for r in rows)
 
 
-async def allow_lists(db: Database) -> dict[str, tuple[str, ...]]:
+async def allow_lists(db: Store) -> dict[str, tuple[str, ...]]:
     """Every sandbox domain's allowed recipients, by domain (domains without any are absent)."""
     rows = await db.fetchall(
         "SELECT domain, address FROM sandbox_recipients ORDER BY domain, address"
@@ -80,7 +78,7 @@ async def allow_lists(db: Database) -> dict[str, tuple[str, ...]]:
 
 
 async def set_allowed(
-    db: Database,
+    db: Store,
     name: str,
     *,
     add: Sequence[str] = (),
@@ -103,10 +101,11 @@ async def set_allowed(
             [(name, a) for a in removed],
         )
         await conn.executemany(
-            "INSERT OR IGNORE INTO sandbox_recipients (domain, address) VALUES (?, ?)",
+            "INSERT INTO sandbox_recipients (domain, address) VALUES (?, ?)"
+            " ON CONFLICT (domain, address) DO NOTHING",
             [(name, a) for a in added],
         )
-        rows = await conn.execute_fetchall(
+        rows = await conn.fetchall(
             "SELECT address FROM sandbox_recipients WHERE domain = ? ORDER BY address", (name,)
         )
         after = tuple(str(r[0]) for r in rows)
@@ -121,9 +120,8 @@ async def set_allowed(
     return after
 
 
-async def _require_sandbox(conn: aiosqlite.Connection, name: str) -> None:
-    async with conn.execute("SELECT sandbox FROM domains WHERE name = ?", (name,)) as cur:
-        row = await cur.fetchone()
+async def _require_sandbox(conn: Tx, name: str) -> None:
+    row = await conn.fetchone("SELECT sandbox FROM domains WHERE name = ?", (name,))
     if row is None:
         raise NotFound(f"no such domain: {name}")
     if not row[0]:

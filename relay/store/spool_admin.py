@@ -20,6 +20,7 @@ import aiosqlite
 from relay.errors import Invalid, NotFound
 from relay.store import events
 from relay.store.db import Database
+from relay.store.engine import Store
 
 PENDING = ("queued", "deferred")
 FINAL = ("delivered", "bounced")
@@ -199,7 +200,7 @@ async def find(spools: Sequence[SpoolAdmin], message_id: str) -> tuple[SpoolAdmi
 
 
 async def retry(
-    spools: Sequence[SpoolAdmin], message_id: str | None, *, now: float, audit: Database, actor: str
+    spools: Sequence[SpoolAdmin], message_id: str | None, *, now: float, audit: Store, actor: str
 ) -> int:
     """Make pending recipients due now, of one message or (``None``) of every message in every
     spool; returns how many. Audited once in ``audit`` as ``queue.retry`` (target: the id or
@@ -221,7 +222,7 @@ async def retry(
 
 
 async def delete(
-    spools: Sequence[SpoolAdmin], message_id: str, *, now: float, audit: Database, actor: str
+    spools: Sequence[SpoolAdmin], message_id: str, *, now: float, audit: Store, actor: str
 ) -> MessageInfo:
     """Remove a message from whichever spool holds it (no bounce); returns what was removed.
     Audited in ``audit`` as ``queue.delete``."""

@@ -17,12 +17,9 @@ bounce replaces it).
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import aiosqlite
 
 from relay import clock, grammar, maillog, replies
 from relay.config import Config
@@ -31,7 +28,7 @@ from relay.maillog import printable
 from relay.metrics import Metrics
 from relay.replies import Reply
 from relay.store import domains, events
-from relay.store.db import Database, StoreError
+from relay.store.engine import Store, Tx
 
 __all__ = [
     "Suppress",
@@ -143,7 +140,7 @@ def _row(r: Any) -> Suppression:
     )
 
 
-async def is_suppressed(db: Database, domain: str, address: str, now: float) -> Suppression | None:
+async def is_suppressed(db: Store, domain: str, address: str, now: float) -> Suppression | None:
     """The live entry for ``address`` on ``domain``'s list, or None. ``domain`` as stored (a
     user's domain); ``address`` a mailbox that passed RCPT's syntax check (an ASCII domain: its
     lowercase form is its key) or any form :func:`address_key` reads. One primary-key read."""
@@ -162,7 +159,7 @@ async def is_suppressed(db: Database, domain: str, address: str, now: float) -> 
     return None if row is None else _row(row)
 
 
-async def list_for(db: Database, now: float, domain: str | None = None) -> list[Suppression]:
+async def list_for(db: Store, now: float, domain: str | None = None) -> list[Suppression]:
     """The live entries, of one domain or of all, by domain then address."""
     if domain is None:
         rows = await db.fetchall(
@@ -176,7 +173,7 @@ async def list_for(db: Database, now: float, domain: str | None = None) -> list[
     return [_row(r) for r in rows]
 
 
-async def for_address(db: Database, address: str, now: float) -> list[Suppression]:
+async def for_address(db: Store, address: str, now: float) -> list[Suppression]:
     """Every domain's live entry for ``address``, by domain. NotFound if there is none."""
     key = address_key(address)
     rows = await db.fetchall(
@@ -189,7 +186,7 @@ async def for_address(db: Database, address: str, now: float) -> list[Suppressio
 
 
 async def add(
-    db: Database, address: str, *, domain: str, reason: str = "", now: float, actor: str
+    db: Store, address: str, *, domain: str, reason: str = "", now: float, actor: str
 ) -> Suppression:
     """Suppress ``address`` for ``domain`` (one of ours) by hand, until removed. Audited as
     ``suppression.add``. Conflict if it is suppressed there already."""
@@ -210,7 +207,7 @@ async def add(
 
 
 async def remove(
-    db: Database, address: str, *, domain: str | None = None, now: float, actor: str
+    db: Store, address: str, *, domain: str | None = None, now: float, actor: str
 ) -> list[str]:
     """Remove ``address`` from ``domain``'s list, or from every list; the domains it was
     removed from (sorted). Each is audited as ``suppression.remove``. NotFound if none."""
@@ -219,7 +216,7 @@ async def remove(
     async with db.transaction() as conn:
         sql = "WHERE address = ?" if name is None else "WHERE domain = ? AND address = ?"
         params: tuple[object, ...] = (key, now) if name is None else (name, key, now)
-        rows = await conn.execute_fetchall(
+        rows = await conn.fetchall(
             f"SELECT domain FROM suppressions {sql} AND {_LIVE} ORDER BY domain", params
         )
         found = [str(r[0]) for r in rows]
@@ -235,7 +232,7 @@ async def remove(
 
 
 async def record_bounce(
-    db: Database,
+    db: Store,
     *,
     domain: str,
     address: str,
@@ -255,30 +252,30 @@ async def record_bounce(
         return None
     expires = now + ttl if ttl > 0 else None
     entry = Suppression(name, key, "", code, printable(reply, REPLY_LIMIT), "bounce", now, expires)
-    try:
-        async with db.transaction() as conn:
-            await _put(conn, entry)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot record a suppression: {exc}") from exc
+    async with db.transaction() as conn:
+        await _put(conn, entry)
     return entry
 
 
-async def _live(conn: aiosqlite.Connection, domain: str, key: str, now: float) -> bool:
-    rows = await conn.execute_fetchall(
+async def _live(conn: Tx, domain: str, key: str, now: float) -> bool:
+    rows = await conn.fetchall(
         f"SELECT 1 FROM suppressions WHERE domain = ? AND address = ? AND {_LIVE}",
         (domain, key, now),
     )
-    return bool(list(rows))
+    return bool(rows)
 
 
-async def _put(conn: aiosqlite.Connection, e: Suppression) -> None:
+async def _put(conn: Tx, e: Suppression) -> None:
     await conn.execute(
-        f"INSERT OR REPLACE INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (domain, address) DO UPDATE SET reason = excluded.reason,"
+        " code = excluded.code, reply = excluded.reply, source = excluded.source,"
+        " created_at = excluded.created_at, expires_at = excluded.expires_at",
         (e.domain, e.address, e.reason, e.code, e.reply, e.source, e.created_at, e.expires_at),
     )
 
 
-def recorder(db: Database, cfg: Callable[[], Config], metrics: Metrics | None) -> Suppress:
+def recorder(db: Store, cfg: Callable[[], Config], metrics: Metrics | None) -> Suppress:
     """The :data:`Suppress` delivery is handed: :func:`record_bounce` with the ttl of the config
     in effect (``cfg()``), counted in ``metrics`` and logged in the mail log."""
 

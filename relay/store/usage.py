@@ -33,17 +33,15 @@ counts (they come out low). The mail itself is on disk before any 250, through t
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import aiosqlite
 
 from relay import userrules
 from relay.config import Config
 from relay.store import authfail
 from relay.store.db import Database, Migration, StoreError
+from relay.store.engine import Store, Tx
 from relay.userrules import Limits
 
 USAGE_MIGRATIONS: tuple[Migration, ...] = (
@@ -136,62 +134,53 @@ def first_hit(limits: Limits, counts: Counts, now: float, recipients: int = 0) -
 
 
 _SNAPSHOT = (
-    "SELECT accepted, recipients, CASE WHEN hour = :h THEN hour_accepted ELSE 0 END AS in_hour"
-    " FROM usage_days WHERE login = :l AND day = :d"
+    "SELECT accepted, recipients, CASE WHEN hour = ? THEN hour_accepted ELSE 0 END AS in_hour"
+    " FROM usage_days WHERE login = ? AND day = ?"
 )
 
 
-async def snapshot(db: Database, login: str, now: float) -> Counts:
+async def snapshot(db: Store, login: str, now: float) -> Counts:
     """The user's counts in the windows holding ``now`` (one read)."""
-    row = await db.fetchone(
-        _SNAPSHOT, {"l": login, "h": userrules.hour_start(now), "d": userrules.day_key(now)}
-    )
+    row = await db.fetchone(_SNAPSHOT, (userrules.hour_start(now), login, userrules.day_key(now)))
     if row is None:
         return Counts()
     return Counts(row["in_hour"], row["accepted"], row["recipients"])
 
 
-async def release(db: Database, login: str, recipients: int, admitted_at: float) -> None:
+async def release(db: Store, login: str, recipients: int, admitted_at: float) -> None:
     """Take back a message :func:`admit` counted at ``admitted_at`` that was not queued after
     all (its windows are those of ``admitted_at``, whatever the time now)."""
+    hour = userrules.hour_start(admitted_at)
     await db.write_fetchall(
-        "UPDATE usage_days SET accepted = max(accepted - 1, 0),"
-        " recipients = max(recipients - :n, 0),"
-        " hour_accepted = CASE WHEN hour = :h THEN max(hour_accepted - 1, 0) ELSE hour_accepted END"
-        " WHERE login = :l AND day = :d",
-        {
-            "l": login,
-            "n": recipients,
-            "h": userrules.hour_start(admitted_at),
-            "d": userrules.day_key(admitted_at),
-        },
+        "UPDATE usage_days SET accepted = CASE WHEN accepted > 0 THEN accepted - 1 ELSE 0 END,"
+        " recipients = CASE WHEN recipients > ? THEN recipients - ? ELSE 0 END,"
+        " hour_accepted = CASE WHEN hour = ? AND hour_accepted > 0 THEN hour_accepted - 1"
+        " WHEN hour = ? THEN 0 ELSE hour_accepted END"
+        " WHERE login = ? AND day = ?",
+        (recipients, recipients, hour, hour, login, userrules.day_key(admitted_at)),
     )
 
 
-async def note_refused(db: Database, login: str, hit: Hit, now: float) -> bool:
+async def note_refused(db: Store, login: str, hit: Hit, now: float) -> bool:
     """Count a message refused at ``hit``'s limit; True for the first refusal at that limit in
     its window (the one to log), for the whole service."""
     start = hit.resets_at - (userrules.HOUR if hit.name == "messages_per_hour" else userrules.DAY)
-    try:
-        async with db.transaction() as conn:
-            async with conn.execute(
-                "INSERT INTO limit_hits (login, name, window_start, refused) VALUES (?, ?, ?, 1)"
-                " ON CONFLICT (login, name, window_start) DO UPDATE SET refused = refused + 1"
-                " RETURNING refused",
-                (login, hit.name, start),
-            ) as cur:
-                (refused,) = await cur.fetchone() or (1,)
-            await conn.execute(
-                "INSERT INTO usage_days (login, day, limited) VALUES (?, ?, 1)"
-                " ON CONFLICT (login, day) DO UPDATE SET limited = limited + 1",
-                (login, userrules.day_key(now)),
-            )
-    except sqlite3.Error as exc:
-        raise StoreError(f"usage: {exc}") from exc
-    return int(refused) == 1
+    async with db.transaction() as conn:
+        row = await conn.fetchone(
+            "INSERT INTO limit_hits (login, name, window_start, refused) VALUES (?, ?, ?, 1)"
+            " ON CONFLICT (login, name, window_start)"
+            " DO UPDATE SET refused = limit_hits.refused + 1 RETURNING refused",
+            (login, hit.name, start),
+        )
+        await conn.execute(
+            "INSERT INTO usage_days (login, day, limited) VALUES (?, ?, 1)"
+            " ON CONFLICT (login, day) DO UPDATE SET limited = usage_days.limited + 1",
+            (login, userrules.day_key(now)),
+        )
+    return row is None or int(row[0]) == 1
 
 
-async def history(db: Database, login: str, days: int, now: float) -> list[DayUsage]:
+async def history(db: Store, login: str, days: int, now: float) -> list[DayUsage]:
     """The last ``days`` UTC days up to today, oldest first; a day without rows reads as 0."""
     keys = [userrules.day_key(now - i * userrules.DAY) for i in range(days - 1, -1, -1)]
     rows = await db.fetchall(
@@ -207,14 +196,13 @@ async def history(db: Database, login: str, days: int, now: float) -> list[DayUs
     return out
 
 
-async def today_for(db: Database, logins: Sequence[str], now: float) -> Mapping[str, Counts]:
+async def today_for(db: Store, logins: Sequence[str], now: float) -> Mapping[str, Counts]:
     """:class:`Counts` of many users at once (`user list`)."""
-    params = {"h": userrules.hour_start(now), "d": userrules.day_key(now)}
     rows = await db.fetchall(
         "SELECT login, accepted, recipients,"
-        " CASE WHEN hour = :h THEN hour_accepted ELSE 0 END AS in_hour"
-        " FROM usage_days WHERE day = :d",
-        params,
+        " CASE WHEN hour = ? THEN hour_accepted ELSE 0 END AS in_hour"
+        " FROM usage_days WHERE day = ?",
+        (userrules.hour_start(now), userrules.day_key(now)),
     )
     found = {r["login"]: Counts(r["in_hour"], r["accepted"], r["recipients"]) for r in rows}
     return {login: found.get(login, Counts()) for login in logins}
@@ -238,7 +226,7 @@ class Tally:
             return
         self._pending[(login, userrules.day_key(now))][OUTCOMES.index(state)] += 1
 
-    async def flush(self, db: Database, now: float) -> None:
+    async def flush(self, db: Store, now: float) -> None:
         """Write what was added; kept for the next flush if the store fails (StoreError)."""
         batch, self._pending = self._pending, defaultdict(lambda: [0, 0, 0])
         try:
@@ -247,15 +235,15 @@ class Tally:
                     await conn.executemany(
                         "INSERT INTO usage_days (login, day, delivered, deferred, bounced)"
                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (login, day) DO UPDATE SET"
-                        " delivered = delivered + excluded.delivered,"
-                        " deferred = deferred + excluded.deferred,"
-                        " bounced = bounced + excluded.bounced",
+                        " delivered = usage_days.delivered + excluded.delivered,"
+                        " deferred = usage_days.deferred + excluded.deferred,"
+                        " bounced = usage_days.bounced + excluded.bounced",
                         [(login, day, *n) for (login, day), n in batch.items()],
                     )
                 if now >= self._next_prune:
                     await _prune(conn, now)
                     self._next_prune = now + PRUNE_EVERY
-        except (sqlite3.Error, StoreError) as exc:
+        except StoreError as exc:
             for key, counts in batch.items():
                 mine = self._pending[key]
                 for i, n in enumerate(counts):
@@ -263,7 +251,7 @@ class Tally:
             raise StoreError(f"usage: {exc}") from exc
 
 
-async def _prune(conn: aiosqlite.Connection, now: float) -> None:
+async def _prune(conn: Tx, now: float) -> None:
     """Forget windows that ended (hits older than two days) and history past KEEP_DAYS."""
     execute = conn.execute
     await execute("DELETE FROM limit_hits WHERE window_start < ?", (now - 2 * userrules.DAY,))

@@ -16,18 +16,16 @@ Only these two modules write the ``users`` table (a domain removed with its user
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-
-import aiosqlite
 
 from relay import grammar, saslprep, userrules
 from relay.config import Config
 from relay.errors import Conflict, Invalid, NotFound
 from relay.store import events
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
+from relay.store.engine import IntegrityError, Row, Store, Tx
 from relay.store.passwords import Hasher
 from relay.units import format_duration
 from relay.userrules import LimitOverrides
@@ -93,7 +91,7 @@ def normalize_login(login: str) -> str:
     return f"{local.lower()}@{grammar.normalize_domain(domain)}"
 
 
-def from_row(row: sqlite3.Row) -> User:
+def from_row(row: Row) -> User:
     """A :class:`User` from a row holding :data:`COLUMNS`."""
     has_previous = row["previous_hash"] is not None
     return User(
@@ -118,14 +116,12 @@ def split_list(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-async def _fetch(conn: aiosqlite.Connection, login: str) -> sqlite3.Row | None:
+async def _fetch(conn: Tx, login: str) -> Row | None:
     """Read a user inside a write transaction (the writer connection sees its own changes)."""
-    async with conn.execute("SELECT * FROM users WHERE login = ?", (login,)) as cur:
-        row: sqlite3.Row | None = await cur.fetchone()
-    return row
+    return await conn.fetchone("SELECT * FROM users WHERE login = ?", (login,))
 
 
-async def _existing(conn: aiosqlite.Connection, login: str) -> sqlite3.Row:
+async def _existing(conn: Tx, login: str) -> Row:
     row = await _fetch(conn, login)
     if row is None:
         raise NotFound(f"no such user: {login}")
@@ -133,26 +129,28 @@ async def _existing(conn: aiosqlite.Connection, login: str) -> sqlite3.Row:
 
 
 @asynccontextmanager
-async def writing(db: Database) -> AsyncIterator[aiosqlite.Connection]:
-    """A write transaction whose SQLite errors are this store's (a StoreError naming it)."""
+async def writing(db: Store) -> AsyncIterator[Tx]:
+    """A write transaction whose store errors name this store ("users: ...")."""
     try:
         async with db.transaction() as conn:
             yield conn
-    except sqlite3.Error as exc:
+    except IntegrityError:
+        raise
+    except StoreError as exc:
         raise StoreError(f"users: {exc}") from exc
 
 
-async def _domain_state(db: Database, domain: str) -> str | None:
+async def _domain_state(db: Store, domain: str) -> str | None:
     """The state of ``domain`` (an A-label), None if it is not known (the FK's other end)."""
     row = await db.fetchone("SELECT state FROM domains WHERE name = ?", (domain,))
     return None if row is None else str(row["state"])
 
 
-_Change = Callable[[sqlite3.Row], tuple[str, tuple[object, ...], str]]  # row -> SQL, params, detail
+_Change = Callable[[Row], tuple[str, tuple[object, ...], str]]  # row -> SQL, params, detail
 
 
 async def _update(
-    db: Database, login: str, change: _Change, *, now: float, actor: str, action: str
+    db: Store, login: str, change: _Change, *, now: float, actor: str, action: str
 ) -> User:
     """Apply ``change`` to ``login`` and audit it as ``action``, in one transaction."""
     async with writing(db) as conn:
@@ -167,7 +165,7 @@ async def _update(
 
 
 async def create(
-    db: Database,
+    db: Store,
     login: str,
     password: str,
     *,
@@ -207,7 +205,7 @@ async def create(
                 " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (login, domain, password_hash, now, now, expires_at),
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             # The domain was removed between the check and the insert (foreign key).
             raise Conflict(
                 f"domain {domain} is not known: run `relaybox domain add {domain}`"
@@ -219,7 +217,7 @@ async def create(
 
 
 async def reset_password(
-    db: Database,
+    db: Store,
     login: str,
     new_password: str,
     *,
@@ -241,7 +239,7 @@ async def reset_password(
         raise NotFound(f"no such user: {login}")
     new_hash = await hasher.hash(new_password)
 
-    def change(row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+    def change(row: Row) -> tuple[str, tuple[object, ...], str]:
         previous, until = (row["password_hash"], now + grace) if grace > 0 else (None, None)
         sql = (
             "UPDATE users SET password_hash = ?, previous_hash = ?, previous_valid_until = ?,"
@@ -252,11 +250,11 @@ async def reset_password(
     return await _update(db, login, change, now=now, actor=actor, action="user.reset-password")
 
 
-async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> User:
+async def revoke_old(db: Store, login: str, *, now: float, actor: str) -> User:
     """End a running grace window: only the current password works from now on."""
     login = normalize_login(login)
 
-    def change(row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+    def change(row: Row) -> tuple[str, tuple[object, ...], str]:
         active = from_row(row).old_password_works(now)
         sql = "UPDATE users SET previous_hash = NULL, previous_valid_until = NULL WHERE login = ?"
         return sql, (login,), "window was running" if active else "no window was running"
@@ -264,7 +262,7 @@ async def revoke_old(db: Database, login: str, *, now: float, actor: str) -> Use
     return await _update(db, login, change, now=now, actor=actor, action="user.revoke-old")
 
 
-async def delete(db: Database, login: str, *, now: float, actor: str) -> None:
+async def delete(db: Store, login: str, *, now: float, actor: str) -> None:
     """Remove the user: current and previous passwords stop working at once."""
     login = normalize_login(login)
     async with writing(db) as conn:
@@ -273,11 +271,11 @@ async def delete(db: Database, login: str, *, now: float, actor: str) -> None:
         await events.add(conn, now=now, actor=actor, action="user.delete", target=login)
 
 
-async def set_disabled(db: Database, login: str, disabled: bool, *, now: float, actor: str) -> User:
+async def set_disabled(db: Store, login: str, disabled: bool, *, now: float, actor: str) -> User:
     """Disable (no password works, nothing is forgotten) or enable a user."""
     login = normalize_login(login)
 
-    def change(_row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+    def change(_row: Row) -> tuple[str, tuple[object, ...], str]:
         return "UPDATE users SET disabled = ? WHERE login = ?", (int(disabled), login), ""
 
     action = "user.disable" if disabled else "user.enable"
@@ -308,7 +306,7 @@ class SettingsChange:
 
 
 async def update_settings(
-    db: Database, login: str, change: SettingsChange, *, now: float, actor: str
+    db: Store, login: str, change: SettingsChange, *, now: float, actor: str
 ) -> User:
     """Apply ``change`` (limits, allow-lists, expiry) and audit it as ``user.set``, one
     transaction. Entries are checked and stored canonical (relay/userrules.py); Invalid names
@@ -349,21 +347,20 @@ async def update_settings(
     if not sets:
         raise Invalid("nothing to change: give at least one option")
 
-    def apply(_row: sqlite3.Row) -> tuple[str, tuple[object, ...], str]:
+    def apply(_row: Row) -> tuple[str, tuple[object, ...], str]:
         sql = f"UPDATE users SET {', '.join(sets)} WHERE login = ?"
         return sql, (*params, login), " ".join(detail)
 
     return await _update(db, login, apply, now=now, actor=actor, action="user.set")
 
 
-async def count_in_domain(conn: aiosqlite.Connection, domain: str) -> int:
+async def count_in_domain(conn: Tx, domain: str) -> int:
     """How many users ``domain`` has, read inside the caller's write transaction."""
-    async with conn.execute("SELECT COUNT(*) FROM users WHERE domain = ?", (domain,)) as cur:
-        row = await cur.fetchone()
+    row = await conn.fetchone("SELECT COUNT(*) FROM users WHERE domain = ?", (domain,))
     return int(row[0]) if row else 0
 
 
-async def delete_in_domain(conn: aiosqlite.Connection, domain: str) -> None:
+async def delete_in_domain(conn: Tx, domain: str) -> None:
     """Delete every user of ``domain`` inside the caller's write transaction (domains.remove's)."""
     await conn.execute("DELETE FROM users WHERE domain = ?", (domain,))
 
@@ -371,13 +368,13 @@ async def delete_in_domain(conn: aiosqlite.Connection, domain: str) -> None:
 # --- reads ----------------------------------------------------------------------------------------
 
 
-async def get(db: Database, login: str) -> User | None:
+async def get(db: Store, login: str) -> User | None:
     login = normalize_login(login)
     row = await db.fetchone(f"SELECT {COLUMNS} FROM users WHERE login = ?", (login,))
     return None if row is None else from_row(row)
 
 
-async def list_all(db: Database, domain: str | None = None) -> list[User]:
+async def list_all(db: Store, domain: str | None = None) -> list[User]:
     if domain is None:
         rows = await db.fetchall(f"SELECT {COLUMNS} FROM users ORDER BY domain, login")
     else:

@@ -22,7 +22,7 @@ from typing import Any
 from relay import clock, grammar, webhook
 from relay.errors import NotFound
 from relay.store import domains, events
-from relay.store.db import Database
+from relay.store.engine import Store
 from relay.store.outbox import EventRow
 
 __all__ = ["Endpoint", "Subscriptions", "add", "get", "list_all", "remove"]
@@ -59,7 +59,7 @@ def _row(r: Any) -> Endpoint:
 
 
 async def add(
-    db: Database,
+    db: Store,
     url: str,
     *,
     domain: str | None = None,
@@ -90,12 +90,12 @@ async def add(
     return entry
 
 
-async def list_all(db: Database) -> list[Endpoint]:
+async def list_all(db: Store) -> list[Endpoint]:
     rows = await db.fetchall(f"SELECT {_COLUMNS} FROM webhook_endpoints ORDER BY created_at, id")
     return [_row(r) for r in rows]
 
 
-async def get(db: Database, endpoint_id: str) -> Endpoint:
+async def get(db: Store, endpoint_id: str) -> Endpoint:
     row = await db.fetchone(
         f"SELECT {_COLUMNS} FROM webhook_endpoints WHERE id = ?", (endpoint_id.strip(),)
     )
@@ -104,7 +104,7 @@ async def get(db: Database, endpoint_id: str) -> Endpoint:
     return _row(row)
 
 
-async def remove(db: Database, endpoint_id: str, *, now: float, actor: str) -> Endpoint:
+async def remove(db: Store, endpoint_id: str, *, now: float, actor: str) -> Endpoint:
     """Remove an endpoint (its pending events are failed by the poster). Audited as
     ``webhook.remove``. NotFound if there is none of that id."""
     entry = await get(db, endpoint_id)
@@ -124,7 +124,7 @@ class Subscriptions:
     loaded: bool = False  # read once at least (before that, no pending row is judged)
     _by_id: dict[str, Endpoint] = field(default_factory=dict)
 
-    async def refresh(self, db: Database) -> None:
+    async def refresh(self, db: Store) -> None:
         """Read the table again (a StoreError keeps the copy as it was)."""
         self.set(await list_all(db))
 

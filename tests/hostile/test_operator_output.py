@@ -35,8 +35,8 @@ from relay.config import Config
 from relay.config_sections import SmarthostConfig
 from relay.delivery.outbound import Outbound
 from relay.delivery.scheduler import Deliverer
-from relay.store import events
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import events, shared
+from relay.store.db import Database
 from relay.store.spool import Outcome, Spool
 from relay.units import Duration
 from tests.dialogue import Dialogue, plain
@@ -143,7 +143,7 @@ def test_an_old_audit_row_is_shown_safely(cli_config: Path) -> None:
 
 
 async def _open_and_close(cfg: Config) -> None:
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = await shared.open_main(cfg)
     await db.close()
 
 

@@ -24,8 +24,7 @@ from click.testing import CliRunner
 from admin.cli import cli
 from relay import config as config_mod
 from relay.config import Config
-from relay.store import domains, logins
-from relay.store.db import MAIN_MIGRATIONS, Database
+from relay.store import domains, logins, shared
 from tests import leaks
 from tests.dialogue import Dialogue, b64, plain
 from tests.faults.procserver import ServerProcess
@@ -81,7 +80,7 @@ def run_cli(config: Path, *args: str, stdin: str | None = None) -> tuple[int, st
 
 async def stored_secrets(cfg: Config, login: str, domain: str) -> tuple[str, str]:
     """The password hash and the DKIM private key as stored (to look for them in output)."""
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = await shared.open_main(cfg)
     try:
         creds = await logins.credentials(db, login)
         key = await domains.signing_key(db, domain)
