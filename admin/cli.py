@@ -15,6 +15,7 @@ from admin import (
     lockinfo,
     queue_cmds,
     serve_cmd,
+    store_cmds,
     suppression_cmds,
     user_cmds,
     webhook_cmds,
@@ -102,6 +103,7 @@ def _register() -> None:
         inbox_cmd,
         suppression_cmds,
         webhook_cmds,
+        store_cmds,
         audit_cmd,
         doctor_cmd,
     ):

@@ -1,6 +1,6 @@
 """The config file's sections (``[tls]``, ``[auth]``, ``[dns]``, ``[limits]``, ``[delivery]``,
-``[spool]``, ``[sandbox]``, ``[suppression]``, ``[metrics]``, ``[store]``...): one frozen dataclass each,
-validating its own keys at load.
+``[spool]``, ``[sandbox]``, ``[suppression]``, ``[webhooks]``, ``[metrics]``, ``[store]``): one
+frozen dataclass each, validating its own keys at load.
 
 Split from relay/config.py, which keeps the top-level keys (``state_dir``, ``public_hostname``,
 ``[[listen]]``, ``workers``), the :class:`relay.config.Config` tree and the TOML loader. Durations
