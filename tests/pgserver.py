@@ -9,6 +9,7 @@ to run as root.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -151,8 +152,9 @@ def start_server(root: Path) -> PgServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+@contextlib.contextmanager
+def own_cluster() -> Iterator[PgServer]:
+    """A cluster of its own (a fault test stops and starts it), removed at the end."""
     # Not under pytest's tmp dir: its parents are 0700, which the postgres user cannot cross.
     root = Path(tempfile.mkdtemp(prefix="relaybox-pg-"))
     try:
@@ -166,6 +168,12 @@ def pg_server() -> Iterator[PgServer]:
                 pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    with own_cluster() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
