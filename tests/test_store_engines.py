@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from relay.store import (
     admissions,
     domains,
     events,
+    leases,
     logins,
     pg,
     shared,
@@ -223,7 +225,8 @@ def test_store_status_and_migrate_on_postgresql(
     assert data["components"]["main"]["version"] == 0 and data["users"] is None
     migrated = relaybox("store", "migrate")
     assert migrated.exit_code == 0, migrated.output
-    assert "schema main: version 5" in migrated.stdout
+    latest = max(m.version for m in shared.COMPONENTS["main"][1])
+    assert f"schema main: version {latest}" in migrated.stdout
     after = relaybox("store", "status")
     assert "needs migrate" not in after.stdout and "users: 0, domains: 0" in after.stdout
 
@@ -246,3 +249,15 @@ def test_the_pg_server_is_really_password_protected(pg_server: PgServer) -> None
         psycopg.connect(
             host="127.0.0.1", port=pg_server.port, user="relaybox", dbname="postgres", password="x"
         )
+
+
+async def test_one_recheck_per_interval_whoever_asks(db: Store) -> None:
+    """Every node and worker asks on its own timer; the first to ask after the interval does it,
+    the others asking at the same moment do not (on both engines)."""
+    interval = 3600.0
+    asked = await asyncio.gather(*(leases.recheck_due(db, NOW, interval) for _ in range(5)))
+    assert sorted(asked) == [False, False, False, False, True]
+    assert not await leases.recheck_due(db, NOW + interval / 2, interval)
+    assert await leases.recheck_due(db, NOW + interval, interval)
+    row = await db.fetchone("SELECT holder FROM leases WHERE name = ?", (leases.DOMAIN_RECHECK,))
+    assert row is not None and f"pid {os.getpid()}" in row[0]

@@ -41,7 +41,7 @@ from relay.smtp.controls import Quota
 from relay.smtp.gate import Gate
 from relay.smtp.handler import Handler
 from relay.smtp.session import RelaySMTP
-from relay.store import domains, shared, suppressions
+from relay.store import domains, leases, shared, suppressions
 from relay.store.db import StoreError
 from relay.store.engine import Store
 from relay.store.passwords import Hasher
@@ -380,15 +380,15 @@ class Server:
 
     async def _recheck_loop(self) -> None:
         interval = float(self.cfg.dns.recheck_interval)
-        if interval <= 0:
-            return
-        while True:
+        while interval > 0:  # every node and worker has this timer: one of them re-checks for all
             await asyncio.sleep(interval)  # sleep-ok: a timer
-            await self.recheck_domains()
+            await self.recheck_domains(lease=interval)
 
-    async def recheck_domains(self) -> None:
+    async def recheck_domains(self, lease: float = 0) -> None:
         assert self.db is not None and self.resolver is not None
-        try:
+        try:  # with a ``lease``, only if no node or worker did it within that many seconds
+            if lease and not await leases.recheck_due(self.db, self.clock(), lease):
+                return
             result = await domains.recheck(
                 self.db, resolver=self.resolver, cfg=self.cfg, now=self.clock()
             )

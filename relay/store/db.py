@@ -341,4 +341,16 @@ MAIN_MIGRATIONS: tuple[Migration, ...] = (
         )
         """,
     ),
+    # Periodic work that one node (or worker) does for all (relay/store/domains.py's recheck):
+    # who did it last, and when.
+    Migration(
+        6,
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            at REAL NOT NULL
+        )
+        """,
+    ),
 )

@@ -105,6 +105,16 @@ MAIN: tuple[Migration, ...] = (
         )
         """,
     ),
+    Migration(
+        6,
+        """
+        CREATE TABLE leases (
+            name TEXT COLLATE "C" PRIMARY KEY,
+            holder TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 )
 
 USAGE: tuple[Migration, ...] = (
