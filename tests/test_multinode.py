@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -333,3 +334,24 @@ def _subject(data: bytes) -> str:
         if line.lower().startswith(b"subject:"):
             return line.split(b":", 1)[1].strip().decode()
     return ""
+
+
+REFERENCE = Path(__file__).resolve().parent.parent / "conf" / "multinode"
+
+
+def test_the_reference_node_config_loads() -> None:
+    cfg = config_mod.load(REFERENCE / "relaybox-node.toml")
+    assert cfg.store.engine == "postgresql" and cfg.store.sslmode == "verify-full"
+    assert all(li.proxy_protocol and li.trusted_proxies for li in cfg.listen)
+
+
+@pytest.mark.skipif(not os.path.exists(HAPROXY) and not os.environ.get("CI"), reason="no haproxy")
+def test_the_reference_haproxy_config_is_valid_for_haproxy() -> None:
+    done = subprocess.run(
+        [HAPROXY, "-c", "-f", str(REFERENCE / "haproxy.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "send-proxy-v2" in (REFERENCE / "haproxy.cfg").read_text()
