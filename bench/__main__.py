@@ -28,6 +28,7 @@ from bench import relaybox_target as rb_mod
 from bench.common import all_procs, log, make_cert, memory, python_cmd, write_file
 from bench.dnszone import Zone
 from bench.harness import Result, Scenario
+from bench.pgstore import start_pg
 from bench.targets import REPO, Ceiling, Proc, Sink, Target, port_of
 
 CEILING = "aiosmtpd-ceiling"
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big", type=int, default=32, help="parallel 10 MiB messages (0: skip)")
     p.add_argument("--no-postfix", action="store_true")
     p.add_argument("--no-relaybox", action="store_true")
+    p.add_argument("--no-pg", action="store_true", help="skip the -pg (PostgreSQL store) targets")
     p.add_argument("--no-scale", action="store_true", help="skip the 1M-recipient spool run")
     p.add_argument("--scale-recipients", type=int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
@@ -139,6 +141,9 @@ async def _run(
     why = "--no-relaybox" if args.no_relaybox else rb_mod.available()
     if why is None:
         common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
+        # The -pg targets: the shared store in PostgreSQL (Debian's, a durable cluster of the
+        # bench's own on loopback: fsync and synchronous commits on), the spool local (issue 15).
+        pg = None if args.no_pg else await start_pg(work, stops, info)
         # The -webhook targets post every event to this loopback receiver (answers 204).
         hooks, line = await Proc.start("webhook-receiver", python_cmd("bench.hookreceiver"))
         stops.append(hooks.stop)
@@ -154,7 +159,11 @@ async def _run(
             ("relaybox-accept-webhook", True, "5m", 0, "rsa", 0),
             ("relaybox-e2e-webhook", False, "5m", 0, "rsa", 0),
             ("relaybox-nocache", True, "0s", args.reconnect_connections, "rsa", 0),
+            ("relaybox-accept-pg", True, "5m", 0, "rsa", 0),
+            ("relaybox-e2e-pg", False, "5m", 0, "rsa", 0),
         ):
+            if name.endswith("-pg") and pg is None:
+                continue
             rb = await rb_mod.Relaybox.start(
                 name,
                 work / name,
@@ -164,6 +173,7 @@ async def _run(
                 dkim_key_type=dkim,
                 user_limit=limit,
                 webhook_url=hook_url if name.endswith("-webhook") else "",
+                store=pg.store_table(pg.new_database()) if pg and name.endswith("-pg") else "",
                 extra=args.relaybox_toml.replace("\\n", "\n"),
                 **common,
             )
@@ -193,6 +203,8 @@ async def _run(
         "relaybox-e2e-limits",
         "relaybox-accept-webhook",
         "relaybox-e2e-webhook",
+        "relaybox-accept-pg",
+        "relaybox-e2e-pg",
         "postfix-e2e",
         "postfix-dkim-e2e",
     ]
@@ -252,6 +264,8 @@ async def _run(
             ("relaybox-e2e-limits", "relaybox-e2e"),
             ("relaybox-accept-webhook", "relaybox-accept"),
             ("relaybox-e2e-webhook", "relaybox-e2e"),
+            ("relaybox-accept-pg", "relaybox-accept"),
+            ("relaybox-e2e-pg", "relaybox-e2e"),
         ):
             if num in targets and den in targets:
                 ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)

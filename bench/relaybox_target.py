@@ -54,7 +54,9 @@ def write_config(
     dkim_key_type: str = "rsa",
     extra: str = "",
     user_limit: int = 0,
+    store: str = "",
 ) -> None:
+    """``store``: a ``[store]`` table (the -pg targets), written last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Top-level keys must precede every [table]; a snippet that opens a table goes last.
     top, tail = ("", extra) if extra.lstrip().startswith("[") else (extra, "")
@@ -105,6 +107,7 @@ host = "{LOOPBACK}"
 port = {sink_port}
 security = "none"
 {tail}
+{store}
 """
     )
 
@@ -171,6 +174,7 @@ class Relaybox:
         dkim_key_type: str = "rsa",
         user_limit: int = 0,
         webhook_url: str = "",
+        store: str = "",
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -187,6 +191,7 @@ class Relaybox:
             dkim_key_type=dkim_key_type,
             extra=extra,
             user_limit=user_limit,
+            store=store,
         )
         password_file = workdir / "password"
         creds = setup_store(config, zone, password_file, users)
