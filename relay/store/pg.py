@@ -23,7 +23,6 @@ import functools
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -161,11 +160,7 @@ class PgTx:
         return rows[0] if rows else None
 
 
-@dataclass
-class _Shared:
-    pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[PgRow]]
-    users: int = 0
-    timeout: float = 5.0
+Pool = psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[PgRow]]
 
 
 class PgStore:
@@ -174,12 +169,12 @@ class PgStore:
 
     engine = "postgresql"
 
-    def __init__(self, shared: _Shared, component: str, url: str) -> None:
-        self._shared = shared
+    def __init__(self, pool: Pool, timeout: float, component: str, url: str) -> None:
+        self._pool = pool
+        self._timeout = timeout
         self.lock_key = lock_key(component)
         self.component = component
         self.url = url
-        shared.users += 1
 
     @property
     def where(self) -> str:
@@ -187,7 +182,7 @@ class PgStore:
 
     async def _getconn(self) -> psycopg.AsyncConnection[PgRow]:
         try:
-            return await self._shared.pool.getconn(timeout=self._shared.timeout)
+            return await self._pool.getconn(timeout=self._timeout)
         except psycopg_pool.PoolTimeout as exc:
             raise StoreError(f"{self.component}: the database is unreachable") from exc
 
@@ -208,7 +203,7 @@ class PgStore:
             except psycopg.Error as exc:
                 raise _error(exc, self.component) from exc
             finally:
-                await self._shared.pool.putconn(conn)
+                await self._pool.putconn(conn)
         raise AssertionError("unreachable")
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
@@ -230,7 +225,7 @@ class PgStore:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
                 return conn
             except psycopg.Error as exc:
-                await self._shared.pool.putconn(conn)
+                await self._pool.putconn(conn)
                 if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
                     raise _error(exc, f"{self.component}: cannot begin a write") from exc
         raise AssertionError("unreachable")
@@ -253,29 +248,26 @@ class PgStore:
             except psycopg.Error as exc:
                 raise _error(exc, f"{self.component}: commit failed") from exc
         finally:
-            await self._shared.pool.putconn(conn)
+            await self._pool.putconn(conn)
 
     async def close(self) -> None:
-        self._shared.users -= 1
-        if self._shared.users <= 0:
-            await self._shared.pool.close()
+        await self._pool.close()
 
 
-async def open_pool(cfg: StoreConfig) -> _Shared:
-    """A pool to ``cfg.url``, open once it holds a connection (StoreError if it cannot)."""
+async def open_store(cfg: StoreConfig, component: str) -> PgStore:
+    """``component`` on a pool of its own to ``cfg.url``, open once the pool holds a connection
+    (StoreError if it cannot)."""
     timeout = float(cfg.connect_timeout)
-    pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[PgRow]] = (
-        psycopg_pool.AsyncConnectionPool(
-            cfg.url,
-            connection_class=psycopg.AsyncConnection[PgRow],
-            kwargs={"autocommit": True, "row_factory": _row_factory, **connect_kwargs(cfg)},
-            min_size=1,
-            max_size=cfg.pool_size,
-            open=False,
-            timeout=timeout,
-            reconnect_timeout=0,
-            name="relaybox",
-        )
+    pool: Pool = psycopg_pool.AsyncConnectionPool(
+        cfg.url,
+        connection_class=psycopg.AsyncConnection[PgRow],
+        kwargs={"autocommit": True, "row_factory": _row_factory, **connect_kwargs(cfg)},
+        min_size=1,
+        max_size=cfg.pool_size,
+        open=False,
+        timeout=timeout,
+        reconnect_timeout=0,
+        name="relaybox",
     )
     try:
         await pool.open(wait=True, timeout=timeout)
@@ -284,7 +276,7 @@ async def open_pool(cfg: StoreConfig) -> _Shared:
         raise StoreError(
             f"cannot reach the store at {redact_url(cfg.url)} within {timeout:g} s"
         ) from exc
-    return _Shared(pool, timeout=timeout)
+    return PgStore(pool, timeout, component, cfg.url)
 
 
 async def versions(store: PgStore) -> dict[str, int]:

@@ -20,8 +20,7 @@ COMPONENTS: dict[str, tuple[Sequence[Migration], Sequence[Migration]]] = {
 
 async def open_pg(cfg: Config, component: str, *, migrate: bool = True) -> pg.PgStore:
     """``component`` of the PostgreSQL store, migrated first unless ``migrate`` is False."""
-    shared = await pg.open_pool(cfg.store)
-    store = pg.PgStore(shared, component, cfg.store.url)
+    store = await pg.open_store(cfg.store, component)
     if migrate:
         try:
             await pg.migrate(store, COMPONENTS[component][1])
