@@ -221,8 +221,9 @@ class PgStore:
         for attempt in (1, 2):
             conn = await self._getconn()
             try:
-                await conn.execute("BEGIN")
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
+                # One round trip: the key is our own integer, so no parameter is needed (and
+                # psycopg sends a parameterless text of two statements in one simple query).
+                await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(self.lock_key)})")
                 return conn
             except psycopg.Error as exc:
                 await self._pool.putconn(conn)
