@@ -1,8 +1,9 @@
 """The webhook poster: one per spool file, posting its outbox (relay/store/outbox.py) at least once.
 
 It reads due rows (without claiming them in the file: what it has in flight it keeps in memory),
-posts each to its endpoint signed (relay/webhook.py), and records the outcomes of many posts in one
-transaction (group commit, no timer), only then forgetting them as in flight. A crash between a
+posts each to its endpoint signed (relay/webhook.py), and records the outcomes through the spool's
+writer (group commit with the hot path's writes: no transaction of their own), only then
+forgetting them as in flight. A crash between a
 post and its record posts the event again after the restart, with the same ``webhook-id``.
 
 A 2xx is delivered; anything else (a 3xx: redirects are not followed; a 4xx or 5xx; no answer
@@ -33,8 +34,9 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.store import outbox
-from relay.store.db import Database, StoreError
+from relay.store.db import StoreError
 from relay.store.outbox import Attempt, Pending
+from relay.store.spool import Spool
 from relay.store.webhooks import Endpoint, Subscriptions
 
 log = logging.getLogger("relaybox.webhooks")
@@ -95,7 +97,7 @@ def client(cfg: Config) -> httpx.AsyncClient:
 class Poster:
     def __init__(
         self,
-        db: Database,
+        spool: Spool,
         subscriptions: Subscriptions,
         cfg: Config,
         *,
@@ -103,8 +105,10 @@ class Poster:
         clock: Clock = clock_mod.system,
         metrics: Metrics | None = None,
     ) -> None:
-        """``db``: the spool file whose outbox this posts; ``name`` labels its gauges."""
-        self.db = db
+        """``spool``: the spool file whose outbox this posts (its outcomes are written through
+        the spool's writer, with the hot path's writes); ``name`` labels its gauges."""
+        self.spool = spool
+        self.db = spool.db
         self.cfg = cfg
         self.name = name
         self._subs = subscriptions
@@ -263,7 +267,7 @@ class Poster:
             batch, self._results = self._results, []
             if batch:
                 try:
-                    await outbox.record(self.db, [a for a, _row in batch])
+                    await self.spool.write_outbox(posted=[a for a, _row in batch])
                 except StoreError as exc:  # left pending: posted again (at least once)
                     log.error("webhooks: cannot record %d outcome(s): %s", len(batch), exc)
                 for _a, row in batch:

@@ -58,7 +58,7 @@ class Webhooks:
         for spool in spools:
             name = spool.db.path.stem
             poster = Poster(
-                spool.db, self.subscriptions, self.cfg, name=name, clock=self._clock,
+                spool, self.subscriptions, self.cfg, name=name, clock=self._clock,
                 metrics=self._metrics,
             )  # fmt: skip
             spool.events_written = poster.wake

@@ -7,6 +7,7 @@ reads only that mark, so no later change of the domain can let mail already queu
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from relay.dkim import Signer
 from relay.errors import Invalid
 from relay.metrics import Metrics
 from relay.store import domains, sandbox
+from relay.store.db import StoreError
 from relay.store.domains import SigningKey
 from relay.store.engine import Store
 from relay.store.outbox import EventRow
 from relay.store.spool import Spool
 from relay.store.webhooks import Subscriptions
+
+log = logging.getLogger("relaybox.accept")
 
 DOMAIN_CACHE_TTL = 10.0  # seconds a domain's state/key is trusted before it is read again
 
@@ -149,13 +153,15 @@ class Acceptor:
         self, user: str, domain: str, sender: str, recipient: str, reply: str
     ) -> None:
         """message.suppressed: a RCPT TO refused as suppressed, for the endpoints that want it
-        (a small write of its own: relay/store/spool.py logs a failure, the refusal stands)."""
+        (a small write of its own; a failure is logged, the refusal stands)."""
         if not self.subscriptions.wanted("message.suppressed", domain):
             return
         data = webhook.message_data(
             queue_id=None, message_id=None, user=user, sender=sender,
             recipient=recipient, attempt=0, remote_host=None, reply=reply,
         )  # fmt: skip
-        await self.spool.add_events(
-            self.subscriptions.rows("message.suppressed", domain, data, self.spool.now())
-        )
+        rows = self.subscriptions.rows("message.suppressed", domain, data, self.spool.now())
+        try:
+            await self.spool.write_outbox(rows)
+        except StoreError as exc:
+            log.error("could not write a message.suppressed event: %s", exc)

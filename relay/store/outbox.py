@@ -141,15 +141,15 @@ async def next_due(db: Database) -> float | None:
     return None if row is None or row[0] is None else float(row[0])
 
 
-async def record(db: Database, attempts: Sequence[Attempt]) -> None:
-    """The outcomes of posts, in one transaction (the poster's group commit)."""
+async def record_in(conn: aiosqlite.Connection, attempts: Sequence[Attempt]) -> None:
+    """The outcomes of posts, inside the caller's transaction (the spool writer's: group
+    commit with the hot path's writes, no transaction of their own)."""
     params = [
         (a.state, a.at, a.status, printable(a.error, ERROR_LIMIT) or None,
          a.next_attempt_at if a.state == "pending" else None, a.event_id, a.endpoint_id)
         for a in attempts
     ]  # fmt: skip
-    async with db.transaction() as conn:
-        await conn.executemany(_RECORD, params)
+    await conn.executemany(_RECORD, params)
 
 
 def _delivery(r: Any) -> Delivery:

@@ -33,7 +33,7 @@ from relay.config import Config
 from relay.errors import Invalid
 from relay.store import outbox
 from relay.store.db import Database, StoreError
-from relay.store.outbox import EventRow
+from relay.store.outbox import Attempt, EventRow
 from relay.store.spool_admin import (
     FINAL,
     NEXT_DUE,
@@ -163,6 +163,7 @@ class _Op:
     outcomes: list[tuple[Any, ...]] = field(default_factory=list)
     releases: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)  # webhook outbox rows (outbox.py)
+    posted: list[Attempt] = field(default_factory=list)  # and outcomes of their posts
     touched: set[str] = field(default_factory=set)
     claim: tuple[float, int] | None = None
     result: Any = None
@@ -268,14 +269,12 @@ class Spool(SpoolAdmin):
         await self._submit(op)
         return bounce_id
 
-    async def add_events(self, events: Sequence[EventRow]) -> None:
-        """Webhook events of a change made elsewhere (a RCPT refused as suppressed); a failure
-        is logged (the change they report stands)."""
-        try:
-            if events:
-                await self._submit(_Op(events=list(events)))
-        except StoreError as exc:
-            log.error("could not write %d webhook event(s): %s", len(events), exc)
+    async def write_outbox(
+        self, events: Sequence[EventRow] = (), posted: Sequence[Attempt] = ()
+    ) -> None:
+        """Webhook events of a change made elsewhere (a RCPT refused as suppressed), or what
+        posts came to (relay/delivery/poster.py): group-committed with the rest."""
+        await self._submit(_Op(events=list(events), posted=list(posted)))
 
     def now(self) -> float:
         return self._clock()
@@ -336,12 +335,12 @@ class Spool(SpoolAdmin):
                     op.future.set_result(op.result)
 
     async def _write_batch(self, batch: list[_Op]) -> None:
-        def merged(attr: str) -> list[tuple[Any, ...]]:
+        def merged(attr: str) -> list[Any]:
             return [row for op in batch for row in getattr(op, attr)]
 
         messages, recipients = merged("messages"), merged("recipients")
         outcomes, releases = merged("outcomes"), merged("releases")
-        events = [row for op in batch for row in op.events]
+        events, posted = merged("events"), merged("posted")
         touched = {mid for op in batch for mid in op.touched}
         try:
             async with self.db.transaction() as conn:
@@ -354,6 +353,8 @@ class Spool(SpoolAdmin):
                     await conn.executemany(_RELEASE, releases)
                 if events:
                     await outbox.insert(conn, events)
+                if posted:
+                    await outbox.record_in(conn, posted)
                 if touched:
                     now = self._clock()
                     await conn.executemany(_DONE, [(now, mid, mid) for mid in touched])
