@@ -1,7 +1,7 @@
 """A webhook receiver on loopback: a small HTTP/1.1 server in the test's own event loop.
 
 ``asyncio.start_server`` on 127.0.0.1 port 0 (aiohttp is not in the test lock). It keeps
-connections open (httpx reuses them), records every request whole, and answers as scripted:
+connections open (the poster reuses them), records every request whole, and answers as scripted:
 ``receiver.script(500, 500)`` answers the next two requests 500, then 200 again;
 ``receiver.default = 503`` changes what it answers after the script. Waiting is on a
 condition, never on a sleep: ``await receiver.wait_for(lambda reqs: len(reqs) >= 3)``.

@@ -13,10 +13,12 @@ queues it again). At most ``concurrency`` posts per endpoint are in flight, and 
 KiB of an answer are read. No order is promised, not even per message: a retry comes after
 later events.
 
-httpx (not aiohttp): it is in the lock already, and does what is needed with plain options: no
-redirects, one timeout for the whole exchange, the answer streamed so that only what is wanted
-is read, connections reused per endpoint. ``trust_env=False``: no proxy or .netrc credentials
-from the environment are applied to posts the operator did not configure.
+aiohttp (not httpx, which the first version used): the same plain options (no redirects, one
+timeout for the whole exchange, at most RESPONSE_LIMIT bytes of an answer read, connections reused
+per endpoint) at a tenth of the CPU per post: measured here 0.11 ms of CPU for a post and its
+answer against httpx's 1.22 ms, which on the worker's loop was half the bench's rate with one
+endpoint (README "What webhooks cost"). ``trust_env=False``: no proxy or .netrc credentials from
+the environment; no cookie is kept; answers are not decompressed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import contextlib
 import logging
 import time
 
-import httpx
+import aiohttp
 
 from relay import __version__, maillog, webhook
 from relay import clock as clock_mod
@@ -54,12 +56,12 @@ def retry_delay(attempts: int, backoff: float) -> float:
 
 
 async def post(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     endpoint: Endpoint,
     event_id: str,
     body: str,
     timestamp: int,
-    timeout: float,  # noqa: ASYNC109 (httpx's own timeout, one for the whole exchange)
+    timeout: float,  # noqa: ASYNC109 (aiohttp's own timeout, one for the whole exchange)
 ) -> tuple[int | None, str]:
     """One signed POST of ``body``: the answer's status (None: no answer) and, if it is not a
     2xx, why. At most RESPONSE_LIMIT bytes of the answer are read. ``timestamp``: the
@@ -67,29 +69,37 @@ async def post(
     data = body.encode()
     headers = webhook.headers(endpoint.secret, event_id, timestamp, data)
     try:
-        async with client.stream(
-            "POST", endpoint.url, content=data, headers=headers, timeout=timeout
+        async with client.post(
+            endpoint.url,
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
-            read = 0
-            async for chunk in resp.aiter_raw():
-                read += len(chunk)
-                if read >= RESPONSE_LIMIT:
-                    break
-            ok = 200 <= resp.status_code < 300
-            return resp.status_code, "" if ok else f"HTTP {resp.status_code}"
-    except httpx.HTTPError as exc:
+            await resp.content.read(RESPONSE_LIMIT)
+            if not resp.content.at_eof():
+                resp.close()  # more than we read: drop the connection rather than drain it
+            ok = 200 <= resp.status < 300
+            return resp.status, "" if ok else f"HTTP {resp.status}"
+    except aiohttp.ClientConnectorError:
+        return None, "ConnectError"  # refused, unreachable, or the name does not resolve
+    except TimeoutError:
+        return None, "Timeout"
+    except aiohttp.ClientError as exc:
         return None, type(exc).__name__
     except Exception:  # a bug must not leave the row in flight until a restart
         log.exception("webhook post of %s failed unexpectedly", event_id)
         return None, "internal error"
 
 
-def client(cfg: Config) -> httpx.AsyncClient:
-    """No redirects, one timeout, no proxy or credentials from the environment."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        timeout=float(cfg.webhooks.timeout),
+def client(cfg: Config) -> aiohttp.ClientSession:
+    """No redirects (per post), one timeout, no proxy or credentials from the environment, no
+    cookies kept, answers not decompressed. Made inside the running loop."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=float(cfg.webhooks.timeout)),
         trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
         headers={"user-agent": f"relaybox/{__version__}"},
     )
 
@@ -114,7 +124,7 @@ class Poster:
         self._subs = subscriptions
         self._clock = clock
         self._metrics = metrics
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._results: list[tuple[Attempt, Pending]] = []
@@ -168,7 +178,7 @@ class Poster:
         if self._writer is not None:
             await self._writer
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     # --- the loop ------------------------------------------------------------------------------
