@@ -283,7 +283,7 @@ class StoreConfig:
     password_file: str = ""
     sslmode: str = "prefer"
     sslrootcert: str = ""
-    pool_size: int = 4  # connections per process
+    pool_size: int = 4  # connections per pool (two per process: main tables, counts)
     connect_timeout: Duration = Duration(5)
 
     def __post_init__(self) -> None:
