@@ -48,6 +48,7 @@ RESPONSE_LIMIT = 4096  # bytes of an answer read at most (then the connection is
 IDLE_POLL = 5.0  # an idle poster still looks this often (a `webhook replay` from the CLI)
 GAUGE_INTERVAL = 5.0
 PURGE_INTERVAL = 3600.0
+COALESCE = 0.02  # seconds a woken poster waits for more events before it reads the outbox
 
 
 def retry_delay(attempts: int, backoff: float) -> float:
@@ -211,6 +212,8 @@ class Poster:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+                    if not self._stopping:  # let the wakes of a burst come together: one read
+                        await asyncio.sleep(COALESCE)  # sleep-ok: a short timer, not a poll
 
     async def _maintain(self) -> None:
         if self._metrics is not None and time.monotonic() >= self._next_gauge:
