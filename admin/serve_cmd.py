@@ -13,7 +13,7 @@ import click
 
 from admin import common
 from relay.config import Config, ConfigError
-from relay.service import access
+from relay.service import access, posterproc
 from relay.service.server import Server
 from relay.service.supervisor import Supervisor, watch_supervisor
 from relay.store.db import StoreError
@@ -67,6 +67,11 @@ def worker_command(cfg: Config, log_level: str) -> Callable[[int], list[str]]:
     return command
 
 
+def poster_command(log_level: str) -> list[str]:
+    """The command line of a worker's webhook poster process (relay/service/posterproc.py)."""
+    return [sys.executable, "-I", "-m", "admin.cli", "webhook-poster", "--log-level", log_level]
+
+
 async def _serve(server: Server, after_bind: Callable[[], None], hangup: HangupLatch) -> None:
     # A worker of `workers = N` stops (drains) when its supervisor is gone, as on SIGTERM.
     watch_supervisor(server.request_stop)
@@ -98,6 +103,7 @@ def register(cli: click.Group) -> None:
         if worker is not None and worker >= cfg.workers:
             raise click.ClickException(f"--worker {worker}: the config has workers = {cfg.workers}")
         server = Server(cfg, worker=worker or 0)
+        server.webhooks.poster_command = poster_command(log_level)
         try:
             # As root on a state dir owned by the service user: bind first, then become it.
             asyncio.run(_serve(server, lambda: common.drop_privileges_for(cfg.state_dir), hangup))
@@ -105,3 +111,19 @@ def register(cli: click.Group) -> None:
             raise click.ClickException(f"store error: {exc}") from None
         except (OSError, ConfigError) as exc:  # a ConfigError here: the TLS files, named
             raise click.ClickException(f"cannot start: {exc}") from None
+
+    @cli.command("webhook-poster", hidden=True)
+    @click.option(
+        "--log-level",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+        default="INFO",
+    )
+    @click.pass_context
+    def webhook_poster(ctx: click.Context, log_level: str) -> None:
+        """A worker's webhook poster (started by serve, fed through its stdin)."""
+        setup_logging(log_level)
+        # Its worker stops it (end of file on stdin, after the posts in flight): a SIGTERM or
+        # Ctrl-C meant for the whole service must not cut the posts short.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        ctx.exit(asyncio.run(posterproc.run()))

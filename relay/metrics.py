@@ -271,9 +271,9 @@ class Metrics:
         """A recipient suppressed; ``source``: "bounce" or "admin"."""
         self._suppressed.labels(source).inc()
 
-    def webhook_event(self, event_type: str, outcome: str) -> None:
-        """A post ended; ``event_type`` one of relay.webhook.EVENT_TYPES (a bounded set)."""
-        self._webhooks.labels(event_type, outcome).inc()
+    def webhook_event(self, event_type: str, outcome: str, n: int = 1) -> None:
+        """A post ended (``n``: that many); ``event_type`` one of relay.webhook.EVENT_TYPES."""
+        self._webhooks.labels(event_type, outcome).inc(n)
 
     def set_webhook_backlog(self, spool: str, pending: int, oldest_age: float) -> None:
         self._outbox.labels(spool).set(pending)

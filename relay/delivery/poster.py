@@ -1,10 +1,11 @@
 """The webhook poster: one per spool file, posting its outbox (relay/store/outbox.py) at least once.
 
 It reads due rows (without claiming them in the file: what it has in flight it keeps in memory),
-posts each to its endpoint signed (relay/webhook.py), and records the outcomes through the spool's
-writer (group commit with the hot path's writes: no transaction of their own), only then
-forgetting them as in flight. A crash between a
-post and its record posts the event again after the restart, with the same ``webhook-id``.
+posts each to its endpoint signed (relay/webhook.py), and records the outcomes (:class:`Outbox`:
+in the poster process, relay/service/posterproc.py, transactions of its own on the spool file;
+embedded in a worker, the spool's writer, with the hot path's writes), only then forgetting them
+as in flight. A crash between a post and its record posts the event again after the restart,
+with the same ``webhook-id``.
 
 A 2xx is delivered; anything else (a 3xx: redirects are not followed; a 4xx or 5xx; no answer
 within ``[webhooks] timeout``) is tried again after ``backoff``, doubling each time (at most
@@ -27,6 +28,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -34,11 +37,9 @@ from relay import __version__, maillog, webhook
 from relay import clock as clock_mod
 from relay.clock import Clock
 from relay.config import Config
-from relay.metrics import Metrics
 from relay.store import outbox
-from relay.store.db import StoreError
-from relay.store.outbox import Attempt, Pending
-from relay.store.spool import Spool
+from relay.store.db import Database, StoreError
+from relay.store.outbox import Attempt, EventRow, Pending
 from relay.store.webhooks import Endpoint, Subscriptions
 
 log = logging.getLogger("relaybox.webhooks")
@@ -49,6 +50,26 @@ IDLE_POLL = 5.0  # an idle poster still looks this often (a `webhook replay` fro
 GAUGE_INTERVAL = 5.0
 PURGE_INTERVAL = 3600.0
 COALESCE = 0.02  # seconds a woken poster waits for more events before it reads the outbox
+
+
+class Outbox(Protocol):
+    """Where a poster reads due rows (``db``) and records what its posts came to: the worker's
+    :class:`relay.store.spool.Spool` (through its writer), or, in the poster process,
+    :class:`relay.store.outbox.OutboxFile` (transactions of its own on the same file)."""
+
+    @property
+    def db(self) -> Database: ...
+
+    async def write_outbox(
+        self, events: Sequence[EventRow] = (), posted: Sequence[Attempt] = ()
+    ) -> None: ...
+
+
+class PosterMetrics(Protocol):
+    """What a poster reports: relay.metrics.Metrics, or the poster process's relay of it."""
+
+    def webhook_event(self, event_type: str, outcome: str) -> None: ...
+    def set_webhook_backlog(self, spool: str, pending: int, oldest_age: float) -> None: ...
 
 
 def retry_delay(attempts: int, backoff: float) -> float:
@@ -108,16 +129,19 @@ def client(cfg: Config) -> aiohttp.ClientSession:
 class Poster:
     def __init__(
         self,
-        spool: Spool,
+        spool: Outbox,
         subscriptions: Subscriptions,
         cfg: Config,
         *,
         name: str = "spool-0",
         clock: Clock = clock_mod.system,
-        metrics: Metrics | None = None,
+        metrics: PosterMetrics | None = None,
+        coalesce: float = COALESCE,
     ) -> None:
-        """``spool``: the spool file whose outbox this posts (its outcomes are written through
-        the spool's writer, with the hot path's writes); ``name`` labels its gauges."""
+        """``spool``: the outbox of one spool file (in the worker, its outcomes are written
+        through the spool's writer, with the hot path's writes); ``name`` labels its gauges;
+        ``coalesce``: seconds a woken poster waits for more events before it reads the outbox,
+        and finished posts for more before their outcomes are written."""
         self.spool = spool
         self.db = spool.db
         self.cfg = cfg
@@ -135,6 +159,7 @@ class Poster:
         self._main: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._stopping = False
+        self._coalesce = coalesce
         self._next_gauge = 0.0
         self._next_purge = 0.0
 
@@ -213,7 +238,7 @@ class Poster:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
                     if not self._stopping:  # let the wakes of a burst come together: one read
-                        await asyncio.sleep(COALESCE)  # sleep-ok: a short timer, not a poll
+                        await asyncio.sleep(self._coalesce)  # sleep-ok: a timer, not a poll
 
     async def _maintain(self) -> None:
         if self._metrics is not None and time.monotonic() >= self._next_gauge:
@@ -276,6 +301,8 @@ class Poster:
         """Group commit of outcomes: everything finished while the last COMMIT ran, in one."""
         while True:
             await self._results_ready.wait()
+            if not self._stopping:  # the posts of a burst end together: one write
+                await asyncio.sleep(self._coalesce)  # sleep-ok: a timer, not a poll
             self._results_ready.clear()
             batch, self._results = self._results, []
             if batch:

@@ -17,17 +17,22 @@ restart (at least once). Delivered rows go with the spool's retention.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from relay import clock
 from relay.maillog import printable
-from relay.store.db import Database
+from relay.store.db import Database, StoreError
+from relay.store.spool_schema import SPOOL_MIGRATIONS
 
-__all__ = ["Attempt", "Delivery", "EventRow", "Pending", "backlog", "deliveries", "insert"]
+__all__ = [
+    "Attempt", "Delivery", "EventRow", "OutboxFile", "Pending", "backlog", "deliveries", "insert",
+]  # fmt: skip
 
 ERROR_LIMIT = 200
 _INSERT = (
@@ -200,3 +205,36 @@ async def purge(db: Database, before: float) -> int:
             "DELETE FROM outbox WHERE state = 'delivered' AND created_at < ?", (before,)
         )
         return int(cur.rowcount)
+
+
+class OutboxFile:
+    """The outbox of a spool file, opened by the poster process (relay/service/posterproc.py)
+    beside the worker that owns the file: it reads due rows and records outcomes in small
+    transactions of its own. ``synchronous = NORMAL``: a posted mark lost to a power cut only
+    posts that event once more (at least once); the events themselves are written by the
+    worker, with ``FULL``. SQLite serialises its writes with the worker's."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> OutboxFile:
+        # Never create one: a spool file is the worker's to create (one stat, at start).
+        if not path.exists():  # noqa: ASYNC240
+            raise StoreError(f"no spool file {path}")
+        return cls(await Database.open(path, SPOOL_MIGRATIONS, synchronous="NORMAL"))
+
+    async def write_outbox(
+        self, events: Sequence[EventRow] = (), posted: Sequence[Attempt] = ()
+    ) -> None:
+        try:
+            async with self.db.transaction() as conn:
+                if events:
+                    await insert(conn, events)
+                if posted:
+                    await record_in(conn, posted)
+        except sqlite3.Error as exc:
+            raise StoreError(f"outbox write: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.db.close()
