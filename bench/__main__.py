@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-postfix", action="store_true")
     p.add_argument("--no-relaybox", action="store_true")
     p.add_argument("--no-pg", action="store_true", help="skip the -pg (PostgreSQL store) targets")
+    p.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated relaybox targets to run (the ceiling always runs), e.g. "
+        "relaybox-e2e,relaybox-e2e-webhook: fewer targets, more rounds in the same time",
+    )
     p.add_argument("--no-scale", action="store_true", help="skip the 1M-recipient spool run")
     p.add_argument("--scale-recipients", type=int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
@@ -64,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration, args.big, args.no_scale = 1, 2.0, 0, True
     args.connections = [int(c) for c in str(args.connections).split(",") if c]
+    args.targets = sorted({t.strip() for t in str(args.targets).split(",") if t.strip()})
     return args
 
 
@@ -143,7 +150,8 @@ async def _run(
         common = {"cert": cert, "key": key, "zone": zone, "sink_port": sink.port}
         # The -pg targets: the shared store in PostgreSQL (Debian's, a durable cluster of the
         # bench's own on loopback: fsync and synchronous commits on), the spool local (issue 15).
-        pg = None if args.no_pg else await start_pg(work, stops, info)
+        wants_pg = not args.targets or any(t.endswith("-pg") for t in args.targets)
+        pg = None if args.no_pg or not wants_pg else await start_pg(work, stops, info)
         # The -webhook targets post every event to this loopback receiver (answers 204).
         hooks, line = await Proc.start("webhook-receiver", python_cmd("bench.hookreceiver"))
         stops.append(hooks.stop)
@@ -163,6 +171,8 @@ async def _run(
             ("relaybox-e2e-pg", False, "5m", 0, "rsa", 0),
         ):
             if name.endswith("-pg") and pg is None:
+                continue
+            if args.targets and name not in args.targets:
                 continue
             rb = await rb_mod.Relaybox.start(
                 name,
