@@ -237,6 +237,7 @@ async def _run(
             await harness.drain(sink, load["ok"])  # nothing of it may arrive during a measurement
     results: list[Result] = []
     argon2: list[float] = []
+    signs: list[dict[str, float]] = []
     t_start = time.monotonic()
     for rnd in range(args.rounds):
         ordered = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
@@ -244,6 +245,8 @@ async def _run(
             results.append(await harness.measure(sc, rnd, sink, work, args.duration))
         if "relaybox-nocache" in targets:
             argon2.append(await harness.argon2_rate())
+        if "relaybox-accept" in targets:
+            signs.append(await harness.sign_costs())
     info["rounds_s"] = round(time.monotonic() - t_start, 1)
 
     procs = all_procs()
@@ -279,6 +282,8 @@ async def _run(
         ):
             if num in targets and den in targets:
                 ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)
+    for key in sorted(signs[0]) if signs else ():  # measured alone, between the rounds
+        ratios[f"DKIM {key} (alone, one core)"] = harness.median([s[key] for s in signs])
     if argon2:
         nocache = [r for r in results if r.scenario.target.name == "relaybox-nocache"]
         rate = harness.median([r.rate for r in nocache])

@@ -191,6 +191,18 @@ async def argon2_rate() -> float:
     return float(json.loads(out.splitlines()[-1])["rate"])
 
 
+async def sign_costs() -> dict[str, float]:
+    """bench/signrate.py in its own process: a DKIM signature's CPU, alone on one core."""
+    proc = await asyncio.create_subprocess_exec(
+        *python_cmd("bench.signrate", "--seconds", "1"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    result: dict[str, float] = json.loads(out.splitlines()[-1])
+    return result
+
+
 async def big_messages(target: Target, pids: set[int], count: int, size: int) -> dict[str, Any]:
     """`count` connections each sending one message of `size` bytes at once: the target's peak
     RSS (VmHWM reset first, so it is this run's own peak)."""

@@ -2,13 +2,14 @@
 
 dkimpy computes RSA in pure Python (~7-9 ms per 2048-bit signature, a cap near 110 msgs/s). The RSA
 private-key step is the only slow part and RSASSA-PKCS1-v1_5 is deterministic, so it is handed to
-`cryptography` (OpenSSL, ~0.4 ms) with byte-identical output. dkimpy 1.1.8 has no signer hook: we
-wrap its two module-level functions ``parse_pem_private_key`` and ``RSASSA_PKCS1_v1_5_sign``; the
-wrappers act only on a :class:`_PreloadedKey` (a key parsed once, by us) and pass anything else to
-dkimpy's own code, so plain dkimpy calls elsewhere behave exactly as before. dkimpy is pinned; the
-tests compare our output with dkimpy's own, byte for byte, and verify it with ``dkim.verify``.
-Its three relaxed-canonicalisation helpers are replaced by the same substitutions, compiled once
-and skipped where they cannot match (:data:`CANON_ORIGINALS` keeps dkimpy's for the tests).
+`cryptography` (OpenSSL, ~0.28 ms here: bench/signrate.py) with byte-identical output. dkimpy
+1.1.8 has no signer hook: we wrap its two module-level functions ``parse_pem_private_key`` and
+``RSASSA_PKCS1_v1_5_sign``; the wrappers act only on a :class:`_PreloadedKey` (a key parsed once,
+by us) and pass anything else to dkimpy's own code, so plain dkimpy calls elsewhere behave exactly
+as before. dkimpy is pinned; the tests compare our output with dkimpy's own, byte for byte, and
+verify it with ``dkim.verify``. Its three relaxed-canonicalisation helpers are replaced by the
+same substitutions, compiled once and skipped where they cannot match (:data:`CANON_ORIGINALS`
+keeps dkimpy's for the tests).
 
 Ed25519 (RFC 8463, ``dns.dkim_key_type = "ed25519"``): dkimpy signs it through PyNaCl, which is not
 a dependency. Without PyNaCl, dkimpy has no ``nacl`` name at all; we give it a stand-in whose
