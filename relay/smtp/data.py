@@ -15,7 +15,8 @@ What a message is, whatever the reads look like:
 - Dot-stuffing is undone (RFC 5321 4.5.2); ``limits.max_message_size`` holds for the message as
   stored, whatever SIZE= said (552 5.3.4); the first fault wins and the rest is read, not kept.
 - Memory is reserved from the budget before it is held: the declared SIZE= at once (or one
-  STEP without it), then in STEPs as the message grows; no room is 451 4.3.1.
+  STEP without it), then in STEPs as the message grows; no room is 451 4.3.1. A refused message
+  gives its room back at once (the rest of it is read, not kept).
 
 How it reads: ``readuntil(CRLF.CRLF)`` takes everything up to the end of the message at once, or,
 without an end in sight, all the reader holds but its last four octets (which may begin the end);
@@ -192,6 +193,11 @@ class DataReader:
         if self.problem is None:
             self.problem = reply
             self.kept = bytearray()
+            # Nothing more of it is kept: its room goes back to the budget now, not when its
+            # end is read, so the messages still being kept can grow into it (32 DATAs growing
+            # together otherwise all run out together, and none is accepted).
+            self.hold.release()
+            self.covered = 0
 
 
 def _unstuffed(region: bytes) -> bytes | None:
