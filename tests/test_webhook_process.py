@@ -94,6 +94,15 @@ async def metric_reaches(port: int, line: str) -> None:
             await asyncio.sleep(0.1)  # sleep-ok: the counts come in every 0.1 s
 
 
+async def cli_add_endpoint(config: Path, url: str, *events: str) -> str:
+    """``relaybox webhook add`` through the CLI, as an operator would: the secret it printed."""
+    args = ["--config", str(config), "webhook", "add", url, "--json"]
+    if events:
+        args += ["--events", ",".join(events)]
+    made = json_of(await asyncio.to_thread(CliRunner().invoke, cli, args))
+    return leaks.add(str(made["secret"]))
+
+
 async def send_one(port: int, ctx: ssl.SSLContext, password: str, rcpt: str) -> str:
     d = await Dialogue.open(port, tls=ctx)
     await d.login(LOGIN, password)
@@ -128,10 +137,7 @@ async def test_serve_posts_from_a_child_process_restarted_if_it_dies(
     password = await seed_user(cfg, LOGIN, now=time.time())
     ctx = ssl.create_default_context(cafile=str(tls_files[2]))
     async with running() as receiver:
-        args = ["--config", str(path), "webhook", "add", receiver.url, "--json"]
-        args += ["--events", "message.accepted"]
-        made = json_of(await asyncio.to_thread(CliRunner().invoke, cli, args))
-        secret = leaks.add(made["secret"])
+        secret = await cli_add_endpoint(path, receiver.url, "message.accepted")
         server = ServerProcess(path, listeners=1)
         try:
             await server.start()
@@ -185,8 +191,7 @@ async def test_a_poster_whose_worker_is_killed_stops_by_itself(
 ) -> None:
     path = write_serve_config(tmp_path, tls_files, delivery=smarthost(sink.port))
     async with running() as receiver:
-        args = ["--config", str(path), "webhook", "add", receiver.url, "--json"]
-        json_of(await asyncio.to_thread(CliRunner().invoke, cli, args))
+        await cli_add_endpoint(path, receiver.url)
         server = ServerProcess(path, listeners=1)
         try:
             await server.start()
@@ -217,9 +222,7 @@ async def test_no_poster_process_until_there_is_an_endpoint(
             assert not [c for c in children(server.proc.pid) if "webhook-poster" in cmdline(c)]
             assert not [line for line in server.lines if "webhook poster started" in line]
 
-            args = ["--config", str(path), "webhook", "add", receiver.url, "--json"]
-            made = json_of(await asyncio.to_thread(CliRunner().invoke, cli, args))
-            secret = leaks.add(made["secret"])
+            secret = await cli_add_endpoint(path, receiver.url)
             server.signal(signal.SIGHUP)  # the endpoints are read again: now there is one
             await server.wait_for_line("webhook poster started")
             await poster_of(server)
