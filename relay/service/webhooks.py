@@ -250,8 +250,12 @@ class PosterProcess:
         proc.stdin.write(b"init " + posterproc.json_line(init))
         if self._subs.loaded:
             self.send_endpoints()
-        while line := await proc.stdout.readline():
-            self._report(line)
+        try:
+            while line := await proc.stdout.readline():
+                self._report(line)
+        except ValueError as exc:  # a line past the limit: not the child we started
+            log.error("webhook poster: unreadable report (%s): stopping it", exc)
+            proc.kill()
         return await proc.wait()
 
     def _report(self, line: bytes) -> None:
