@@ -140,17 +140,36 @@ class CpuMeter:
     def __init__(self, select: PidSelector) -> None:
         self.select = select
         self._before: dict[int, int] = {}
+        self._loop_before: dict[int, int] = {}
+        self.loop_s = 0.0  # after stop(): the serving processes' main threads only (see loop_ticks)
 
     def start(self) -> None:
         procs = all_procs()
-        self._before = {pid: procs[pid].ticks for pid in self.select(procs)}
+        pids = self.select(procs)
+        self._before = {pid: procs[pid].ticks for pid in pids}
+        self._loop_before = {pid: loop_ticks(pid) for pid in pids}
 
     def stop(self) -> float:
         procs = all_procs()
-        total = 0
+        total = loop = 0
         for pid in self.select(procs):
             total += procs[pid].ticks - self._before.get(pid, 0)
+            loop += loop_ticks(pid) - self._loop_before.get(pid, 0)
+        self.loop_s = max(loop, 0) / CLK_TCK
         return max(total, 0) / CLK_TCK
+
+
+def loop_ticks(pid: int) -> int:
+    """CPU ticks of ``pid``'s main thread (for an asyncio server: its event loop, which holds the
+    GIL and bounds the rate), 0 for relaybox's webhook poster process, whose loop serves no SMTP."""
+    try:
+        if b"webhook-poster" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return 0
+        raw = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    f = raw.rpartition(")")[2].split()
+    return int(f[11]) + int(f[12])
 
 
 def peak_rss_kib(pids: Iterable[int]) -> int:

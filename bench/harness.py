@@ -43,11 +43,17 @@ class Result:
     rate: float  # e2e: received by the sink per second; else 250s per second at the client
     server_cpu_s: float
     sink: dict[str, Any] = field(default_factory=dict)
+    loop_cpu_s: float = 0.0  # the serving processes' main threads (bench/common.py, loop_ticks)
 
     @property
     def ms_per_msg(self) -> float | None:
         ok = self.load["ok"]
         return self.server_cpu_s * 1000 / ok if ok else None
+
+    @property
+    def loop_ms_per_msg(self) -> float | None:
+        ok = self.load["ok"]
+        return self.loop_cpu_s * 1000 / ok if ok else None
 
 
 async def run_loadgen(
@@ -152,7 +158,7 @@ async def measure(sc: Scenario, rnd: int, sink: Sink, workdir: Path, duration: f
     cpu = meter.stop()
     if sink_info.get("lost"):
         sink_info["lost_detail"] = await explain_lost(t, lost)
-    res = Result(sc, rnd, load, rate, cpu, sink_info)
+    res = Result(sc, rnd, load, rate, cpu, sink_info, meter.loop_s)
     extra = ""
     if sink_info:
         extra = f" sink lost={sink_info['lost']} dup={sink_info['duplicated']}"
@@ -250,6 +256,7 @@ def summarise(results: list[Result], ceiling_name: str) -> list[dict[str, Any]]:
             if c:
                 ratios.append(r.rate / c)
         cpu = [r.ms_per_msg for r in rs if r.ms_per_msg is not None]
+        loop = [r.loop_ms_per_msg for r in rs if r.loop_ms_per_msg]
         client = [r.load["client_cpu_ms_per_msg"] for r in rs if r.load["client_cpu_ms_per_msg"]]
         rejects: dict[str, int] = {}
         for r in rs:
@@ -268,6 +275,7 @@ def summarise(results: list[Result], ceiling_name: str) -> list[dict[str, Any]]:
             "p95_ms": round(median([r.load["p95_ms"] for r in rs]), 2),
             "p99_ms": round(median([r.load["p99_ms"] for r in rs]), 2),
             "server_cpu_ms_per_msg": round(median(cpu), 3) if cpu else None,
+            "loop_cpu_ms_per_msg": round(median(loop), 3) if loop else None,
             "client_cpu_ms_per_msg": round(median(client), 3) if client else None,
             "x_ceiling": round(median(ratios), 3) if ratios else None,
             "non_250": rejects,
@@ -299,7 +307,7 @@ def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
     head = (
         f"{'target':<24} {'C':>3} {'mode':<10} {'msgs/s':>8} {'accept/s':>8} {'x ceil':>7} "
         f"{'p50':>7} {'p95':>7} "
-        f"{'p99':>7} {'srv ms/msg':>10} {'cli ms/msg':>10} {'mem MiB':>8}  notes"
+        f"{'p99':>7} {'srv ms/msg':>10} {'loop ms':>8} {'cli ms/msg':>10} {'mem MiB':>8}  notes"
     )
     print(head)
     print("-" * len(head))
@@ -311,13 +319,15 @@ def print_table(rows: list[dict[str, Any]], rss: dict[str, float]) -> None:
             notes.append(" ".join(f"{k}:{v}" for k, v in sorted(r["non_250"].items())))
         x = f"{r['x_ceiling']:.2f}" if r["x_ceiling"] is not None else "-"
         srv = r["server_cpu_ms_per_msg"]
+        loop = r.get("loop_cpu_ms_per_msg")
         cli = r["client_cpu_ms_per_msg"]
         print(
             f"{r['target']:<24} {r['connections']:>3} "
             f"{'reconnect' if r['reconnect'] else 'persistent':<10} {r['rate']:>8.0f} "
             f"{r['accept_rate']:>8.0f} {x:>7} "
             f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} "
-            f"{srv if srv is not None else '-':>10} {cli if cli is not None else '-':>10} "
+            f"{srv if srv is not None else '-':>10} {loop if loop is not None else '-':>8} "
+            f"{cli if cli is not None else '-':>10} "
             f"{rss.get(r['target'], 0):>8.0f}  {'; '.join(notes)}"
         )
     sys.stdout.flush()

@@ -24,8 +24,8 @@ def render(s: dict[str, Any]) -> str:
         f"{a['size']} B messages, STARTTLS + AUTH PLAIN; medians over rounds.",
         "",
         "| target | C | mode | msgs/s | x ceiling | p50 ms | p95 ms | p99 ms | server CPU ms/msg "
-        "| client CPU ms/msg | memory MiB | notes |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| main thread ms/msg | client CPU ms/msg | memory MiB | notes |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in s["rows"]:
         mem = s["memory"].get(r["target"], {})
@@ -42,6 +42,7 @@ def render(s: dict[str, Any]) -> str:
             f"| {r['target']} | {r['connections']} | {mode} | {r['rate']:.0f} "
             f"| {_num(r['x_ceiling'], '{:.2f}')} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} "
             f"| {r['p99_ms']:.1f} | {_num(r['server_cpu_ms_per_msg'], '{:.2f}')} "
+            f"| {_num(r.get('loop_cpu_ms_per_msg'), '{:.2f}')} "
             f"| {_num(r['client_cpu_ms_per_msg'], '{:.2f}')} | {_num(mem.get('mib'))}{kind} "
             f"| {'; '.join(notes)} |"
         )
