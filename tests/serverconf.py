@@ -54,6 +54,7 @@ def serve_config(
     delivery: Table | None = None,
     metrics: str | None = None,
     auth: Table | None = None,
+    webhooks: Table | None = None,
 ) -> str:
     """The TOML text. ``listen`` is (port, mode) pairs on 127.0.0.1 (port 0 unless workers must
     share a named port); ``dns`` is merged over ``recheck_interval = "0s"``, ``auth`` over the
@@ -67,7 +68,7 @@ def serve_config(
         "auth": {"failure_delay": "0s", "argon2": CHEAP_ARGON2, **(auth or {})},
         "dns": {"recheck_interval": "0s", **(dns or {})},
     }
-    for name, table in (("limits", limits), ("delivery", delivery)):
+    for name, table in (("limits", limits), ("delivery", delivery), ("webhooks", webhooks)):
         if table is not None:
             tables[name] = table
     if metrics is not None:

@@ -29,7 +29,7 @@ from tests.dialogue import Dialogue
 from tests.faults.procserver import ServerProcess
 from tests.hostile.kit import LOGIN, clean, message
 from tests.pgcluster import free_port
-from tests.serverconf import smarthost, toml, write_serve_config
+from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
 from tests.userhelpers import json_of, seed_user
 from tests.webhookreceiver import Receiver, running
@@ -129,10 +129,8 @@ async def test_serve_posts_from_a_child_process_restarted_if_it_dies(
     metrics_port = free_port()
     path = write_serve_config(
         tmp_path, tls_files, dns={"dkim_key_type": "ed25519"}, delivery=smarthost(sink.port),
-        metrics=f"127.0.0.1:{metrics_port}",
+        metrics=f"127.0.0.1:{metrics_port}", webhooks={"backoff": "200ms"},
     )  # fmt: skip
-    with path.open("a") as f:
-        f.write("\n" + toml({"backoff": "200ms"}, "webhooks"))
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())
     ctx = ssl.create_default_context(cafile=str(tls_files[2]))

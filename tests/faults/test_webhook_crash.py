@@ -28,7 +28,7 @@ from tests import leaks
 from tests.dialogue import Dialogue
 from tests.faults.procserver import ServerProcess
 from tests.hostile.kit import LOGIN, clean, message
-from tests.serverconf import smarthost, toml, write_serve_config
+from tests.serverconf import smarthost, write_serve_config
 from tests.sink import Sink
 from tests.userhelpers import json_of, seed_user
 from tests.webhookreceiver import running
@@ -40,10 +40,12 @@ async def test_sigkill_with_events_pending_then_restart_posts_every_event(
     tmp_path: Path, tls_files: tuple[Path, Path, Path], sink: Sink
 ) -> None:
     path = write_serve_config(
-        tmp_path, tls_files, dns={"dkim_key_type": "ed25519"}, delivery=smarthost(sink.port)
+        tmp_path,
+        tls_files,
+        dns={"dkim_key_type": "ed25519"},
+        delivery=smarthost(sink.port),
+        webhooks={"backoff": "200ms"},
     )
-    with path.open("a") as f:
-        f.write("\n" + toml({"backoff": "200ms"}, "webhooks"))
     cfg = config_mod.load(path)
     password = await seed_user(cfg, LOGIN, now=time.time())
     ctx = ssl.create_default_context(cafile=str(tls_files[2]))
