@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from relay import grammar
+from relay.dkimbody import BodyHash
 
 DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were written against
 INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a thread so the loop keeps serving
@@ -226,6 +227,18 @@ def headers_to_sign(message: bytes) -> list[bytes]:
     return [f.key.encode("ascii") for f in fields] + [b"from"]
 
 
+class _HashedBody(dkim.DKIM):  # type: ignore[misc]
+    """dkimpy's signer for a header section whose body was hashed apart: the one change is the
+    ``bh=`` tag, put in before the header hash that covers it is computed (gen_header is where
+    dkimpy 1.1.8 turns the tags into the header; every byte else is dkimpy's)."""
+
+    body_hash = b""
+
+    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
+        fields = [(k, self.body_hash if k == b"bh" else v) for k, v in fields]
+        return super().gen_header(fields, *args, **kwargs)
+
+
 class Signer:
     """Signs messages with a domain's key; parsed keys are cached (keyed by a digest of the PEM)."""
 
@@ -256,8 +269,12 @@ class Signer:
             self._keys[ident] = pre
         return pre
 
-    def sign(self, message: bytes, key: SigningKey) -> bytes:
-        """The message with a DKIM-Signature (rsa-sha256, relaxed/relaxed) prepended."""
+    def sign(self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None) -> bytes:
+        """The message with a DKIM-Signature (rsa-sha256, relaxed/relaxed) prepended.
+
+        With ``body_hash`` (a body too large to hold, hashed as it arrived: relay.dkimbody),
+        ``message`` is the header section with its blank line, and the body's hash is signed
+        for the body dkimpy is given none of."""
         algorithm = _ALGORITHMS.get(key.algorithm.lower())
         if algorithm is None:
             raise SigningError(f"DKIM algorithm {key.algorithm!r} is not supported for signing")
@@ -274,24 +291,29 @@ class Signer:
         if grammar.modern_field_names(message) != message:
             raise HeaderError("a header field has white space before its colon")
         try:
-            sig = dkim.sign(
-                message,
+            signer = (dkim.DKIM if body_hash is None else _HashedBody)(
+                message, signature_algorithm=algorithm
+            )
+            if body_hash is not None:
+                signer.body_hash = body_hash.b64()
+            sig = signer.sign(
                 key.selector.encode("ascii"),
                 key.domain.encode("ascii"),
                 privkey,
                 canonicalize=_CANON,
-                signature_algorithm=algorithm,
                 include_headers=include,
             )
         except (dkim.DKIMException, ValueError, UnicodeError) as exc:
             raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
         return bytes(sig) + message
 
-    async def sign_async(self, message: bytes, key: SigningKey) -> bytes:
+    async def sign_async(
+        self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None
+    ) -> bytes:
         """Inline for small messages (a thread costs more than it saves); a thread for large."""
         if len(message) <= INLINE_LIMIT:
-            return self.sign(message, key)
-        return await asyncio.to_thread(self.sign, message, key)
+            return self.sign(message, key, body_hash)
+        return await asyncio.to_thread(self.sign, message, key, body_hash)
 
 
 @dataclass(frozen=True)

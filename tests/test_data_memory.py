@@ -14,11 +14,14 @@ from pathlib import Path
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.smtp.data import MEMORY_FACTOR, STEP
+from relay.smtp.spill import SPILL_AT
 from tests.hostile.kit import LOGIN, authed, eventually, queued, started, stopped, with_limits
 
 LINE = b"x" * 78 + b"\r\n"  # 80 octets
-HALF = 8 * STEP - 2 * len(LINE)  # rounds up to 8 STEPs of room
-BUDGET = MEMORY_FACTOR * 16 * STEP  # room for both halves, exactly
+# Held in memory below SPILL_AT (beyond it the body goes to disk and the room stops growing).
+HALF = 3 * STEP - 2 * len(LINE)  # rounds up to 3 STEPs of room
+BUDGET = MEMORY_FACTOR * 6 * STEP  # room for both halves, exactly
+assert 4 * STEP <= SPILL_AT  # the first is refused before its body could go to disk
 
 
 def lines(n_octets: int) -> bytes:
@@ -48,12 +51,12 @@ async def test_a_refused_data_gives_its_room_back_before_its_end(
             await d.writer.drain()
         await eventually(lambda: memory.used == BUDGET, what="both halves held: budget full")
 
-        first.send_raw(lines(2 * STEP))  # no room to grow: refused, its room given back
+        first.send_raw(lines(STEP))  # no room to grow: refused, its room given back
         await first.writer.drain()
-        half_room = MEMORY_FACTOR * 8 * STEP
+        half_room = MEMORY_FACTOR * 3 * STEP
         await eventually(lambda: memory.used == half_room, what="the refused one's room released")
 
-        second.send_raw(lines(6 * STEP) + b".\r\n")  # grows into it, to 15 of the 16 STEPs
+        second.send_raw(lines(2 * STEP) + b".\r\n")  # grows into it, to 5 of the 6 STEPs
         reply = await second.expect("250 2.0.0 queued as ")
         first.send_raw(b".\r\n")
         await first.expect("451 4.3.1")

@@ -68,7 +68,8 @@ class Server:
         self.worker = worker
         self.metrics = Metrics()
         # The memory budget is the service's: with workers, each process gets its share.
-        self.gate = Gate(cfg.limits, cfg.limits.data_memory_budget // cfg.workers, self.metrics)
+        budget = cfg.limits.data_memory_budget // cfg.workers
+        self.gate = Gate(cfg.limits, budget, self.metrics, spill_dir=cfg.state_dir)
         self._shutting_down = False
         self.bound: list[Bound] = []
         self._listening: list[listen.Listening] = []

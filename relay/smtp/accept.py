@@ -16,6 +16,7 @@ from relay import maillog, replies, webhook
 from relay.dkim import Signer
 from relay.errors import Invalid
 from relay.metrics import Metrics
+from relay.smtp.spill import Spill
 from relay.store import domains, sandbox
 from relay.store.db import StoreError
 from relay.store.domains import SigningKey
@@ -96,9 +97,16 @@ class Acceptor:
         self._cache.clear()
 
     async def accept(
-        self, domain: str, sender: str, recipients: list[str], message: bytes, user: str
+        self,
+        domain: str,
+        sender: str,
+        recipients: list[str],
+        message: bytes,
+        user: str,
+        tail: Spill | None = None,
     ) -> str:
         """Sign and queue; returns the queue id once the message is committed to disk.
+        ``tail``: a large message's body, on disk (then ``message`` is its header section).
 
         ``message`` has passed the DATA checks (relay.smtp.policy.check_header), its field names
         written the modern way (relay.grammar.modern_field_names), so the signer reads the fields
@@ -106,7 +114,8 @@ class Acceptor:
         the header) to the DATA handler, which answers it; nothing is queued then."""
         d = await self._domain(domain)
         if d.key is not None:
-            message = await self.signer.sign_async(message, d.key)
+            body_hash = tail.body_hash if tail is not None else None
+            message = await self.signer.sign_async(message, d.key, body_hash)
         allowed = allowed_of(recipients, d.allowed) if d.sandbox else frozenset()
         events = None
         if self.subscriptions.wanted("message.accepted", d.name):
@@ -119,8 +128,9 @@ class Acceptor:
             sandbox=d.name if d.sandbox else None,
             allowed=allowed,
             events=events,
+            tail=tail,
         )
-        self.metrics.accepted(len(recipients), len(message))
+        self.metrics.accepted(len(recipients), len(message) + (tail.size if tail else 0))
         if d.sandbox:
             self.metrics.sandbox_accepted()
             captured = len(recipients) - len(allowed)

@@ -17,6 +17,9 @@ What a message is, whatever the reads look like:
 - Memory is reserved from the budget before it is held: the declared SIZE= at once (or one
   STEP without it), then in STEPs as the message grows; no room is 451 4.3.1. A refused message
   gives its room back at once (the rest of it is read, not kept).
+- Past SPILL_AT octets, once its header section is complete, a message's body goes to disk as it
+  arrives (relay/smtp/spill.py: hashed for DKIM on the way) and only the header section and the
+  last CHUNK stay in memory: what a large message holds of the budget stops growing there.
 
 How it reads: ``readuntil(CRLF.CRLF)`` takes everything up to the end of the message at once, or,
 without an end in sight, all the reader holds but its last four octets (which may begin the end);
@@ -31,10 +34,15 @@ the end of the message, or the last four octets, is given back to the reader
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 from relay import replies
 from relay.replies import Reply
 from relay.smtp.gate import MemoryHold
+from relay.smtp.spill import CHUNK, SPILL_AT, Spill
+
+log = logging.getLogger("relaybox.data")
 
 END = b"\r\n.\r\n"
 _AHEAD = len(END) - 1  # octets left unread after a cut: an end may begin in them
@@ -63,13 +71,27 @@ class DataReader:
     """One message after 354: ``begin()`` reserves its first memory, ``read()`` reads it."""
 
     def __init__(
-        self, limit: int, hold: MemoryHold, declared: int | None, *, normalize: bool
+        self,
+        limit: int,
+        hold: MemoryHold,
+        declared: int | None,
+        *,
+        normalize: bool,
+        spill_dir: Path | None = None,
     ) -> None:
+        """``spill_dir``: where a body past SPILL_AT goes (relay/smtp/spill.py); None: held."""
         self.limit = limit
+        self.spill_dir = spill_dir
+        self.spill: Spill | None = None  # the body, once on disk (then ``head`` is the rest)
+        self.head = b""
+        self.stored = 0  # message octets so far, held or on disk
+        self._no_head = False  # past SPILL_AT without a complete header section: held whole
         self.normalize = normalize  # a bare LF is a line end, stored as CRLF
         self._eol = b"\n" if normalize else b"\r\n"  # what ends a line
         self.hold = hold
         self.first = min(STEP if declared is None else declared, limit)
+        if spill_dir is not None:  # what is held at most, once the body goes to disk
+            self.first = min(self.first, SPILL_AT + CHUNK)
         self.covered = 0  # message octets the hold has room for
         self.kept = bytearray()
         self.problem: Reply | None = None
@@ -94,6 +116,7 @@ class DataReader:
         safe = False  # whether no end of the message can have begun in what was taken
         pending = b""
         while not self.done:
+            await self._spill_some()
             if safe:
                 try:
                     self._feed(await reader.readuntil(END))  # the first end: the message's own
@@ -114,9 +137,35 @@ class DataReader:
                 _give_back(reader, pending[-_AHEAD:])
                 pending = b""
                 safe = await self._in_long_line_take(reader, _AHEAD - 1)
+        await self._spill_some()
         if self.problem is not None:
             return self.problem, None
+        if self.spill is not None:
+            return None, self.head
         return None, bytes(self.kept)
+
+    async def _spill_some(self) -> None:
+        """Past SPILL_AT, with its header section complete: the body to disk, CHUNK at a time
+        (and the rest at the end), the header section kept as ``head``."""
+        if self.problem is not None or self.spill_dir is None or self._no_head:
+            return
+        if self.spill is None:
+            if len(self.kept) < SPILL_AT:
+                return
+            end = self.kept.find(b"\r\n\r\n")
+            if end < 0 or self.kept.startswith(b"\r\n"):  # no header section to keep apart
+                self._no_head = True
+                return
+            self.head = bytes(self.kept[: end + 4])
+            del self.kept[: end + 4]
+            self.spill = Spill(self.spill_dir)
+        if len(self.kept) >= CHUNK or (self.done and self.kept):
+            data, self.kept = self.kept, bytearray()
+            try:
+                await self.spill.write(bytes(data))
+            except OSError as exc:  # a full disk, a file too large: as when the spool cannot grow
+                log.error("could not write a message body to disk: %s", exc.strerror or exc)
+                self._refuse(replies.TEMP_FAILURE)
 
     async def _in_long_line_take(self, reader: asyncio.StreamReader, n: int) -> bool:
         """After taking all the reader holds but _AHEAD octets: inside a line too long to keep
@@ -172,12 +221,13 @@ class DataReader:
         if self.problem is not None or not region:
             return
         body = _normalized(region) if self.normalize else _unstuffed(region)
-        if body is None or len(self.kept) + len(body) > self.limit:
-            self._refuse(_first_fault(region, len(self.kept), self.limit, self.normalize))
-        elif not self._cover(len(self.kept) + len(body)):
+        if body is None or self.stored + len(body) > self.limit:
+            self._refuse(_first_fault(region, self.stored, self.limit, self.normalize))
+        elif not self._cover(len(self.head) + len(self.kept) + len(body)):  # what is held
             self._refuse(replies.MEMORY_BUSY)
         else:
             self.kept += body
+            self.stored += len(body)
 
     def _cover(self, size: int) -> bool:
         """Room in the hold for ``size`` octets of message (at most the limit), in STEPs."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from pathlib import Path
 from typing import Protocol
 
 from relay import maillog, replies
@@ -110,8 +111,17 @@ TLS_FAILURE_INTERVAL = 60.0
 
 
 class Gate:
-    def __init__(self, limits: LimitsConfig, memory_total: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        memory_total: int,
+        metrics: Metrics,
+        spill_dir: Path | None = None,
+    ) -> None:
+        """``spill_dir``: where the body of a large message goes while DATA reads it
+        (relay/smtp/spill.py; the state directory); None: every message is held in memory."""
         self.limits = limits
+        self.spill_dir = spill_dir
         self.memory = MemoryBudget(
             memory_total, limits.data_memory_share_per_user, limits.data_memory_share_per_ip
         )

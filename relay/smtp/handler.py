@@ -255,7 +255,7 @@ class Handler:
         queued = False
         try:
             msg_id = await self.acceptor.accept(
-                identity.domain, envelope.mail_from, rcpts, message, identity.login
+                identity.domain, envelope.mail_from, rcpts, message, identity.login, st.spill
             )
             queued = True
         except StoreError:
@@ -272,8 +272,9 @@ class Handler:
             if not queued:
                 await self.quota.release(identity.login, len(rcpts), admitted_at)
         st.messages += 1
+        size = len(message) + (st.spill.size if st.spill is not None else 0)
         maillog.queued(
-            msg_id, envelope.mail_from, len(envelope.rcpt_tos), len(message), identity.login, st.ip
+            msg_id, envelope.mail_from, len(envelope.rcpt_tos), size, identity.login, st.ip
         )
         return str(replies.QUEUED.fill(id=msg_id))
 

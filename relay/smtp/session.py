@@ -41,6 +41,7 @@ from relay.smtp.controls import Grant
 from relay.smtp.data import DataReader, declared_size
 from relay.smtp.gate import Gate
 from relay.smtp.reader import AUTH_COMMAND_LIMIT, CommandReader
+from relay.smtp.spill import Spill
 from relay.smtp.tls import TLSSMTP
 
 log = logging.getLogger("relaybox.session")
@@ -57,6 +58,7 @@ class SessionState:
     auth_failures: int = 0
     busy: bool = False
     in_data: bool = False
+    spill: Spill | None = None  # in DATA, a large message's body on disk (relay/smtp/spill.py)
     messages: int = 0
     idle_commands: int = 0  # since the last accepted message (limits.max_idle_commands)
 
@@ -305,6 +307,7 @@ class RelaySMTP(TLSSMTP):
             hold,
             declared_size(self.envelope.mail_options),
             normalize=limits.bare_newline == "normalize",
+            spill_dir=self.gate.spill_dir,
         )
         if not data.begin():
             await self.push(str(replies.MEMORY_BUSY))
@@ -316,8 +319,9 @@ class RelaySMTP(TLSSMTP):
             reply, content = await data.read(self._reader)
             if reply is None:
                 assert content is not None
-                self.envelope.original_content = content
+                self.envelope.original_content = content  # the header section, if spilled
                 self.envelope.content = content
+                self.state.spill = data.spill
                 status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
             else:
                 status = str(reply)
@@ -326,5 +330,8 @@ class RelaySMTP(TLSSMTP):
         finally:
             hold.release()
             self.state.in_data = False
+            self.state.spill = None
+            if data.spill is not None:  # queued by now (copied into the spool), or refused
+                await data.spill.close()
             if self.transport is not None:  # back to the idle timer, unless already gone
                 self._reset_timeout()

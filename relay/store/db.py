@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
+
+T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -89,6 +92,14 @@ async def _set_wal(conn: aiosqlite.Connection) -> None:
                 raise
         await asyncio.sleep(delay)  # sleep-ok: back-off while another process holds the lock
         delay = min(delay * 2, 0.1)
+
+
+def in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
+    """Run ``fn`` with the sqlite3 connection itself, in ``conn``'s own thread: for what aiosqlite
+    does not wrap (incremental blob I/O, ``Connection.blobopen``). Through aiosqlite's
+    ``_execute``, the queue its own calls use (0.22, pinned; tests/test_spill.py writes through
+    it), so it runs in order with them and inside the transaction ``conn`` is in."""
+    return conn._execute(lambda: fn(conn._conn))  # type: ignore[no-untyped-call]
 
 
 class Database:

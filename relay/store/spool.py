@@ -18,9 +18,8 @@ final (delivered or bounced) the message is *done*: its body is dropped and its 
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import logging
-import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.errors import Invalid
 from relay.store import outbox
-from relay.store.db import Database, StoreError
+from relay.store.db import Database, StoreError, in_thread
 from relay.store.outbox import Attempt, EventRow
 from relay.store.spool_admin import (
     FINAL,
@@ -43,6 +42,15 @@ from relay.store.spool_admin import (
     RecipientInfo,
     SpoolAdmin,
     Stats,
+)
+from relay.store.spool_rows import (
+    DueRecipient,
+    Message,
+    NewMessage,
+    Outcome,
+    StreamedBody,
+    new_id,
+    write_body,
 )
 from relay.store.spool_schema import SPOOL_MIGRATIONS
 
@@ -61,6 +69,7 @@ __all__ = [
     "RecipientInfo",
     "Spool",
     "Stats",
+    "StreamedBody",
     "new_id",
 ]
 
@@ -69,6 +78,11 @@ MAX_BATCH_OPS = 1024  # bounds one transaction (and the time others wait for the
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, sender, user, size, created_at, body, sandbox) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# A body on disk (a large message read by DATA): room for it in the row, then written into it.
+_INSERT_STREAMED = (
+    "INSERT INTO messages (id, sender, user, size, created_at, body, sandbox) "
+    "VALUES (?, ?, ?, ?, ?, zeroblob(?), ?)"
 )
 _INSERT_RECIPIENT = (
     "INSERT INTO recipients (message_id, idx, address, domain, next_attempt_at, capture) "
@@ -104,61 +118,13 @@ _CLAIM = """
 HOT_QUERIES = {"claim": _CLAIM, "next_due": NEXT_DUE}
 
 
-def new_id(now: float) -> str:
-    """16 characters, sortable by time (ms) then random: short to quote, unique across workers."""
-    raw = int(now * 1000).to_bytes(6, "big") + secrets.token_bytes(4)
-    return base64.b32hexencode(raw).decode("ascii").lower()  # base32hex keeps sort order
-
-
-@dataclass(frozen=True)
-class DueRecipient:
-    message_id: str
-    idx: int
-    address: str
-    domain: str
-    attempts: int
-    capture: bool = False  # a sandbox message's: into the inbox, never out (relay/store/sandbox.py)
-
-
-@dataclass(frozen=True)
-class Message:
-    id: str
-    sender: str
-    user: str | None
-    size: int
-    created_at: float
-    body: bytes | None  # None once the message is done
-    sandbox: str | None = None  # the sandbox domain it was sent from
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one delivery attempt for one recipient."""
-
-    message_id: str
-    idx: int
-    state: str  # "delivered" | "deferred" | "bounced"
-    code: int | None
-    reply: str
-    relay: str
-    next_attempt_at: float | None = None  # for "deferred"
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    sender: str
-    recipients: tuple[str, ...]
-    body: bytes
-    user: str | None = None
-    sandbox: str | None = None  # from a sandbox domain: every recipient captured, except...
-    allowed: frozenset[str] = frozenset()  # ...these (as in recipients), delivered as usual
-
-
 @dataclass
 class _Op:
     """One submitted write; the writer merges many into one transaction."""
 
     messages: list[tuple[Any, ...]] = field(default_factory=list)
+    streamed: list[tuple[Any, ...]] = field(default_factory=list)  # rows of bodies on disk...
+    tails: list[tuple[str, bytes, StreamedBody]] = field(default_factory=list)  # ...and those
     recipients: list[tuple[Any, ...]] = field(default_factory=list)
     outcomes: list[tuple[Any, ...]] = field(default_factory=list)
     releases: list[tuple[Any, ...]] = field(default_factory=list)
@@ -228,12 +194,14 @@ class Spool(SpoolAdmin):
         sandbox: str | None = None,
         allowed: frozenset[str] = frozenset(),
         events: Callable[[str], Sequence[EventRow]] | None = None,
+        tail: StreamedBody | None = None,
     ) -> str:
         """Queue a message; returns its id once the COMMIT holding it returned. A ``sandbox``
         domain's recipients are captured, except those in ``allowed`` (see NewMessage).
-        ``events(id)``: its webhook events, written in the same transaction."""
+        ``events(id)``: its webhook events, written in the same transaction. ``tail``: the
+        rest of the message after ``body``, on disk; copied into the row in that transaction."""
         op = _Op()
-        new = NewMessage(sender, tuple(recipients), body, user, sandbox, allowed)
+        new = NewMessage(sender, tuple(recipients), body, user, sandbox, allowed, tail)
         msg_id = self._add_message(op, new)
         if events is not None:
             op.events.extend(events(msg_id))
@@ -291,7 +259,11 @@ class Spool(SpoolAdmin):
             raise Invalid("a message needs at least one recipient")
         now = self._clock()
         msg_id = new_id(now)
-        op.messages.append((msg_id, m.sender, m.user, len(m.body), now, m.body, m.sandbox))
+        if m.tail is None:
+            op.messages.append((msg_id, m.sender, m.user, m.size, now, m.body, m.sandbox))
+        else:
+            op.streamed.append((msg_id, m.sender, m.user, m.size, now, m.size, m.sandbox))
+            op.tails.append((msg_id, m.body, m.tail))
         for i, rcpt in enumerate(m.recipients):
             capture = m.sandbox is not None and rcpt not in m.allowed
             op.recipients.append((msg_id, i, rcpt, grammar.domain_part(rcpt), now, int(capture)))
@@ -339,6 +311,7 @@ class Spool(SpoolAdmin):
             return [row for op in batch for row in getattr(op, attr)]
 
         messages, recipients = merged("messages"), merged("recipients")
+        streamed, tails = merged("streamed"), merged("tails")
         outcomes, releases = merged("outcomes"), merged("releases")
         events, posted = merged("events"), merged("posted")
         touched = {mid for op in batch for mid in op.touched}
@@ -346,6 +319,11 @@ class Spool(SpoolAdmin):
             async with self.db.transaction() as conn:
                 if messages:
                     await conn.executemany(_INSERT_MESSAGE, messages)
+                if streamed:
+                    await conn.executemany(_INSERT_STREAMED, streamed)
+                    for msg_id, start, tail in tails:
+                        await in_thread(conn, functools.partial(write_body, msg_id, start, tail))
+                if recipients:
                     await conn.executemany(_INSERT_RECIPIENT, recipients)
                 if outcomes:
                     await conn.executemany(_OUTCOME, outcomes)

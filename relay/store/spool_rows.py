@@ -1,0 +1,91 @@
+"""The rows of the spool (relay/store/spool.py): what is queued, claimed and recorded.
+
+A message whose body DATA put on disk (relay/smtp/spill.py) arrives as its header section and a
+:class:`StreamedBody`; :func:`write_body` copies it into the row's room piece by piece."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+def write_body(msg_id: str, start: bytes, tail: StreamedBody, conn: sqlite3.Connection) -> None:
+    """Fill the row's zeroblob: ``start``, then the tail piece by piece (in the writer's thread,
+    inside its transaction: a piece at a time in memory, whatever the message's size)."""
+    row = conn.execute("SELECT rowid FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    with conn.blobopen("messages", "body", row[0]) as blob:
+        blob.write(start)
+        for piece in tail.chunks():
+            blob.write(piece)
+        if blob.tell() != len(blob):
+            raise sqlite3.DataError(f"message {msg_id}: its body was cut short on disk")
+
+
+def new_id(now: float) -> str:
+    """16 characters, sortable by time (ms) then random: short to quote, unique across workers."""
+    raw = int(now * 1000).to_bytes(6, "big") + secrets.token_bytes(4)
+    return base64.b32hexencode(raw).decode("ascii").lower()  # base32hex keeps sort order
+
+
+@dataclass(frozen=True)
+class DueRecipient:
+    message_id: str
+    idx: int
+    address: str
+    domain: str
+    attempts: int
+    capture: bool = False  # a sandbox message's: into the inbox, never out (relay/store/sandbox.py)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sender: str
+    user: str | None
+    size: int
+    created_at: float
+    body: bytes | None  # None once the message is done
+    sandbox: str | None = None  # the sandbox domain it was sent from
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one delivery attempt for one recipient."""
+
+    message_id: str
+    idx: int
+    state: str  # "delivered" | "deferred" | "bounced"
+    code: int | None
+    reply: str
+    relay: str
+    next_attempt_at: float | None = None  # for "deferred"
+
+
+class StreamedBody(Protocol):
+    """The rest of a message's body, on disk (relay/smtp/spill.py)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]:
+        """Its octets from the start, a piece at a time; blocking (read in the writer's thread)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    sender: str
+    recipients: tuple[str, ...]
+    body: bytes  # the message; with a tail, only its start (the header section)
+    user: str | None = None
+    sandbox: str | None = None  # from a sandbox domain: every recipient captured, except...
+    allowed: frozenset[str] = frozenset()  # ...these (as in recipients), delivered as usual
+    tail: StreamedBody | None = None  # the rest, copied into the row by the writer
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + (self.tail.size if self.tail is not None else 0)
