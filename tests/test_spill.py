@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 
 import dkim
+import pytest
 
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.smtp.data import MEMORY_FACTOR
-from relay.smtp.spill import CHUNK, SPILL_AT
+from relay.smtp.spill import CHUNK, SPILL_AT, Spill
+from relay.store.spool import Spool
 from relay.units import Size
 from tests.dnsserver import TestDNSServer
 from tests.hostile.kit import LOGIN, authed, eventually, queued, started, stopped, with_limits
@@ -185,3 +187,38 @@ async def test_a_streamed_message_refused_or_cut_off_leaves_nothing(
         assert await queued(relay) == []
     finally:
         await stopped(relay)
+
+
+async def test_the_spools_handle_outlives_a_session_cut_off_before_the_copy(
+    cfg: Config, clock: ManualClock
+) -> None:
+    """The client goes away while its message waits for the spool's writer: the session closes
+    its spill (end of DATA) before the copy runs. The spool reads through a handle of its own, so
+    the message is stored whole (nobody got a 250 for it, but nothing of it is lost or mixed up),
+    and the handle is closed once copied. Other messages in the same batch are not failed."""
+    spool = await Spool.open(cfg, clock=clock)
+    try:
+        body = big_message("a@dest.test", MIB)
+        head, rest = body[: body.index(b"\r\n\r\n") + 4], body[body.index(b"\r\n\r\n") + 4 :]
+        spill = Spill(cfg.state_dir)
+        for i in range(0, len(rest), CHUNK):
+            await spill.write(rest[i : i + CHUNK])
+        handle = spill.handoff()
+        queued_big = asyncio.ensure_future(
+            spool.enqueue(
+                sender=LOGIN, recipients=["a@dest.test"], body=head, user=LOGIN, tail=handle
+            )
+        )
+        small = asyncio.ensure_future(
+            spool.enqueue(sender=LOGIN, recipients=["b@dest.test"], body=b"x\r\n", user=LOGIN)
+        )
+        await spill.close()  # before the writer ran: the loop has not turned since
+        big_id, small_id = await asyncio.gather(queued_big, small)
+        stored = await spool.load(big_id)
+        assert stored is not None and stored.body == body and stored.size == len(body)
+        assert (await spool.load(small_id)) is not None
+        assert open_data_files(cfg.state_dir) == []
+        with pytest.raises(RuntimeError):
+            spill.handoff()
+    finally:
+        await spool.close()

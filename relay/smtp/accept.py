@@ -128,7 +128,7 @@ class Acceptor:
             sandbox=d.name if d.sandbox else None,
             allowed=allowed,
             events=events,
-            tail=tail,
+            tail=tail.handoff() if tail is not None else None,
         )
         self.metrics.accepted(len(recipients), len(message) + (tail.size if tail else 0))
         if d.sandbox:

@@ -199,12 +199,18 @@ class Spool(SpoolAdmin):
         """Queue a message; returns its id once the COMMIT holding it returned. A ``sandbox``
         domain's recipients are captured, except those in ``allowed`` (see NewMessage).
         ``events(id)``: its webhook events, written in the same transaction. ``tail``: the
-        rest of the message after ``body``, on disk; copied into the row in that transaction."""
+        rest of the message after ``body``, on disk; copied into the row in that transaction, and
+        closed by the spool (from this call on it is the spool's, whatever happens)."""
         op = _Op()
         new = NewMessage(sender, tuple(recipients), body, user, sandbox, allowed, tail)
-        msg_id = self._add_message(op, new)
-        if events is not None:
-            op.events.extend(events(msg_id))
+        try:
+            msg_id = self._add_message(op, new)
+            if events is not None:
+                op.events.extend(events(msg_id))
+        except BaseException:
+            if tail is not None:
+                tail.close()
+            raise
         await self._submit(op)
         return msg_id
 
@@ -271,6 +277,8 @@ class Spool(SpoolAdmin):
 
     async def _submit(self, op: _Op) -> Any:
         if self._closed or self._writer is None or self._writer.done():
+            for _, _, tail in op.tails:  # never reaches the writer, which would close them
+                tail.close()
             raise StoreError("spool is closed")
         op.future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(op)
@@ -346,6 +354,9 @@ class Spool(SpoolAdmin):
                         )
         except sqlite3.Error as exc:
             raise StoreError(f"spool write: {exc}") from exc
+        finally:  # the tails are the spool's from enqueue on: written or failed, closed here
+            for _, _, tail in tails:
+                tail.close()
 
     async def _recover(self) -> int:
         async with self.db.transaction() as conn:

@@ -75,6 +75,10 @@ class StreamedBody(Protocol):
         """Its octets from the start, a piece at a time; blocking (read in the writer's thread)."""
         ...
 
+    def close(self) -> None:
+        """The spool is done with it (copied, or its write failed)."""
+        ...
+
 
 @dataclass(frozen=True)
 class NewMessage:
