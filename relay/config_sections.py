@@ -144,6 +144,8 @@ class LimitsConfig:
     data_memory_budget: Size = Size(1024 * 1024 * 1024)  # messages in DATA at once, ~6x size each
     data_memory_share_per_user: Fraction = Fraction(0.25)  # of the budget, per user and address
     data_memory_share_per_ip: Fraction = Fraction(0.25)
+    # large bodies on disk while DATA reads them (relay/smtp/spill.py); the same shares apply
+    data_disk_budget: Size = Size(4 * 1024 * 1024 * 1024)
     drain_timeout: Duration = Duration(30)
     bare_newline: str = "normalize"  # a bare LF in DATA: a line end (Postfix 3.9), or "reject"
     user: UserLimitsConfig = field(default_factory=UserLimitsConfig)  # [limits.user]

@@ -222,3 +222,30 @@ async def test_the_spools_handle_outlives_a_session_cut_off_before_the_copy(
             spill.handoff()
     finally:
         await spool.close()
+
+
+async def test_bodies_on_disk_are_held_to_the_disk_budget_and_its_shares(
+    relay_cfg: Config, tls_files: tuple[Path, Path, Path], clock: ManualClock
+) -> None:
+    """limits.data_disk_budget bounds what DATA in progress may put on disk (with the same
+    per-user and per-address shares as memory): a user past its share gets 452 4.3.1 and
+    nothing is queued; a message within it passes, and the budget is empty afterwards."""
+    cfg = with_limits(relay_cfg, data_disk_budget=Size(8 * MIB))  # a quarter each: 2 MiB
+    relay = await started(cfg, tls_files, clock)
+    disk = relay.server.gate.disk
+    try:
+        password = await relay.add_user(LOGIN)
+        d = await authed(relay, password)
+        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
+        await d.expect_after("RCPT TO:<a@dest.test>", "250")
+        await d.expect_after("DATA", "354")
+        refused = await d.expect_after(stuffed(big_message("a@dest.test", 3 * MIB)), "452 4.3.1")
+        assert "storage" in refused.lower()
+        assert await queued(relay) == []
+        assert 0 < disk.peak <= 2 * MIB and disk.used == 0
+        await d.close()
+        queue_id = await send_big(relay, password, big_message("b@dest.test", MIB), "b@dest.test")
+        assert [m.id for m in await queued(relay)] == [queue_id]
+        assert disk.used == 0
+    finally:
+        await stopped(relay)

@@ -67,9 +67,7 @@ class Server:
         self.clock = clock
         self.worker = worker
         self.metrics = Metrics()
-        # The memory budget is the service's: with workers, each process gets its share.
-        budget = cfg.limits.data_memory_budget // cfg.workers
-        self.gate = Gate(cfg.limits, budget, self.metrics, spill_dir=cfg.state_dir)
+        self.gate = Gate(cfg.limits, self.metrics, workers=cfg.workers, spill_dir=cfg.state_dir)
         self._shutting_down = False
         self.bound: list[Bound] = []
         self._listening: list[listen.Listening] = []
@@ -280,7 +278,7 @@ class Server:
             if self.handler is not None:
                 self.handler.configure(new)
                 self.handler.quota.configure(new)
-            self.gate.configure(new.limits, new.limits.data_memory_budget // new.workers)
+            self.gate.configure(new.limits, new.workers)
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)

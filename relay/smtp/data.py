@@ -78,10 +78,13 @@ class DataReader:
         *,
         normalize: bool,
         spill_dir: Path | None = None,
+        disk: MemoryHold | None = None,
     ) -> None:
-        """``spill_dir``: where a body past SPILL_AT goes (relay/smtp/spill.py); None: held."""
+        """``spill_dir``: where a body past SPILL_AT goes (relay/smtp/spill.py), within the
+        ``disk`` hold (released by the caller once the file is closed); None: held."""
         self.limit = limit
-        self.spill_dir = spill_dir
+        self.spill_dir = spill_dir if disk is not None else None
+        self.disk = disk
         self.spill: Spill | None = None  # the body, once on disk (then ``head`` is the rest)
         self.head = b""
         self.stored = 0  # message octets so far, held or on disk
@@ -161,6 +164,10 @@ class DataReader:
             self.spill = Spill(self.spill_dir)
         if len(self.kept) >= CHUNK or (self.done and self.kept):
             data, self.kept = self.kept, bytearray()
+            assert self.disk is not None
+            if not self.disk.grow_to(self.spill.size + len(data)):  # over the disk budget
+                self._refuse(replies.INSUFFICIENT_STORAGE)
+                return
             try:
                 await self.spill.write(bytes(data))
             except OSError as exc:  # a full disk, a file too large: as when the spool cannot grow

@@ -34,8 +34,9 @@ class Connection(Protocol):
 
 
 class MemoryBudget:
-    """Bytes of message data that may be held in memory at once, across all sessions, and the
-    share of it one user and one client address may hold (fractions of the total).
+    """Bytes of message data that may be held in memory (or, for the disk budget, on disk) at
+    once, across all sessions, and the share of it one user and one client address may hold
+    (fractions of the total).
 
     A reservation names its user and address ("" for none: only the total counts); it must be
     released with the same names. Keys holding nothing are forgotten, so a spray of addresses
@@ -112,19 +113,16 @@ TLS_FAILURE_INTERVAL = 60.0
 
 class Gate:
     def __init__(
-        self,
-        limits: LimitsConfig,
-        memory_total: int,
-        metrics: Metrics,
-        spill_dir: Path | None = None,
+        self, limits: LimitsConfig, metrics: Metrics, *, workers: int = 1, spill_dir: Path | None
     ) -> None:
-        """``spill_dir``: where the body of a large message goes while DATA reads it
-        (relay/smtp/spill.py; the state directory); None: every message is held in memory."""
-        self.limits = limits
+        """The DATA budgets are the service's: with ``workers``, each process gets its share.
+        ``spill_dir``: where the body of a large message goes while DATA reads it
+        (relay/smtp/spill.py; the state directory), within ``limits.data_disk_budget`` at once
+        (the same shares as memory); None: every message is held in memory."""
         self.spill_dir = spill_dir
-        self.memory = MemoryBudget(
-            memory_total, limits.data_memory_share_per_user, limits.data_memory_share_per_ip
-        )
+        self.memory = MemoryBudget(0)
+        self.disk = MemoryBudget(0)
+        self.configure(limits, workers)
         self.metrics = metrics
         self.draining = False
         self.sessions: set[Connection] = set()
@@ -133,12 +131,14 @@ class Gate:
         self._no_sessions.set()
         self.tls_failures = LogLimit(TLS_FAILURE_BURST, TLS_FAILURE_INTERVAL)
 
-    def configure(self, limits: LimitsConfig, memory_total: int) -> None:
+    def configure(self, limits: LimitsConfig, workers: int = 1) -> None:
         """Reload: new limits apply to new sessions (and to DATA started from now on)."""
         self.limits = limits
-        self.memory.total = memory_total
-        self.memory.user_share = limits.data_memory_share_per_user
-        self.memory.ip_share = limits.data_memory_share_per_ip
+        totals = (limits.data_memory_budget, limits.data_disk_budget)
+        for budget, total in zip((self.memory, self.disk), totals, strict=True):
+            budget.total = int(total) // workers
+            budget.user_share = limits.data_memory_share_per_user
+            budget.ip_share = limits.data_memory_share_per_ip
 
     def opened(self, conn: Connection, ip: str) -> None:
         self.sessions.add(conn)

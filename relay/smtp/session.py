@@ -302,12 +302,14 @@ class RelaySMTP(TLSSMTP):
         # released below even when reading fails (a client that disconnects or times out
         # mid-DATA must not keep its share).
         hold = self.gate.memory.hold(identity.login, self.state.ip)
+        disk = self.gate.disk.hold(identity.login, self.state.ip)  # a large body's, on disk
         data = DataReader(
             int(limits.max_message_size),
             hold,
             declared_size(self.envelope.mail_options),
             normalize=limits.bare_newline == "normalize",
             spill_dir=self.gate.spill_dir,
+            disk=disk,
         )
         if not data.begin():
             await self.push(str(replies.MEMORY_BUSY))
@@ -329,6 +331,7 @@ class RelaySMTP(TLSSMTP):
             await self.push(status)
         finally:
             hold.release()
+            disk.release()  # its file is closed just below (a cancellation cannot skip this)
             self.state.in_data = False
             self.state.spill = None
             if data.spill is not None:  # queued by now (copied into the spool), or refused
