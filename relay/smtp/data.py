@@ -93,7 +93,7 @@ class DataReader:
         self._eol = b"\n" if normalize else b"\r\n"  # what ends a line
         self.hold = hold
         self.first = min(STEP if declared is None else declared, limit)
-        if spill_dir is not None:  # what is held at most, once the body goes to disk
+        if self.spill_dir is not None:  # what is held at most, once the body goes to disk
             self.first = min(self.first, SPILL_AT + CHUNK)
         self.covered = 0  # message octets the hold has room for
         self.kept = bytearray()
