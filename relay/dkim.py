@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from relay import grammar
-from relay.dkimbody import BodyHash
+from relay.dkimbody import BodyHash, compress_whitespace, strip_trailing_whitespace
 
 DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were written against
 INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a thread so the loop keeps serving
@@ -149,22 +149,11 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": h
 # about 0.1 ms of a 2 KiB message's ~0.27 ms outside RSA. These are the same substitutions, with
 # compiled patterns and a fast path where the pattern cannot match (then re.sub would return its
 # input unchanged). The tests compare them with dkimpy's own on every short mix of the characters
-# that matter, and whole signatures with dkimpy's helpers put back.
-_TRAILING_WSP = re.compile(b"[\t ]+\r\n")
-_WSP_RUN = re.compile(b"[\t ]+")
+# that matter, and whole signatures with dkimpy's helpers put back. The two body ones are
+# relay.dkimbody's, which hashes a body read in pieces with them.
 _LINE_BREAK = re.compile(b"\r?\n")
-
-
-def _strip_trailing_whitespace(content: bytes) -> bytes:
-    if b" \r\n" not in content and b"\t\r\n" not in content:
-        return content
-    return _TRAILING_WSP.sub(b"\r\n", content)
-
-
-def _compress_whitespace(content: bytes) -> bytes:
-    if b"\t" not in content and b"  " not in content:
-        return content
-    return _WSP_RUN.sub(b" ", content)
+_strip_trailing_whitespace = strip_trailing_whitespace
+_compress_whitespace = compress_whitespace
 
 
 def _unfold_header_value(content: bytes) -> bytes:

@@ -49,13 +49,13 @@ async def queue(spool: Spool, *recipients: str, sender: str = SENDER) -> str:
 
 
 def smarthost_cfg(cfg: Config, sink: Sink, **delivery: object) -> Config:
+    """Delivery to ``sink`` as a plain smarthost, short timeouts unless ``delivery`` sets them."""
+    timeouts: dict[str, object] = {"connect_timeout": Duration(2), "command_timeout": Duration(5)}
     d = dataclasses.replace(
         cfg.delivery,
         mode="smarthost",
         smarthost=SmarthostConfig(host="127.0.0.1", port=sink.port, security="none"),
-        connect_timeout=Duration(2),
-        command_timeout=Duration(5),
-        **delivery,  # type: ignore[arg-type]
+        **(timeouts | delivery),  # type: ignore[arg-type]
     )
     return dataclasses.replace(cfg, delivery=d)
 

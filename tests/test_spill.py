@@ -26,11 +26,13 @@ from relay.config import Config
 from relay.smtp.data import MEMORY_FACTOR
 from relay.smtp.spill import CHUNK, SPILL_AT, Spill
 from relay.store.spool import Spool
-from relay.units import Size
+from relay.units import Duration, Size
+from tests.dialogue import Dialogue
 from tests.dnsserver import TestDNSServer
 from tests.hostile.kit import LOGIN, authed, eventually, queued, started, stopped, with_limits
 from tests.relayserver import RelayHandle
 from tests.sink import Sink
+from tests.test_delivery import smarthost_cfg
 from tests.test_e2e import dnsfunc_for, verified_relay
 
 MIB = 1024 * 1024
@@ -64,11 +66,15 @@ def open_data_files(state_dir: Path) -> list[str]:
     return found
 
 
-async def send_big(relay: RelayHandle, password: str, message: bytes, to: str) -> str:
-    d = await authed(relay, password)
+async def start_data(d: Dialogue, to: str) -> None:
     await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
     await d.expect_after(f"RCPT TO:<{to}>", "250")
     await d.expect_after("DATA", "354")
+
+
+async def send_big(relay: RelayHandle, password: str, message: bytes, to: str) -> str:
+    d = await authed(relay, password)
+    await start_data(d, to)
     reply = await d.expect_after(stuffed(message), "250 2.0.0 queued as ", within=60)
     await d.close()
     return reply.split()[-1]
@@ -86,17 +92,11 @@ async def test_a_message_larger_than_its_memory_room_is_delivered_signed(
     budget = 16 * MIB  # held in memory, this message would need MEMORY_FACTOR x 4 MiB
     assert MEMORY_FACTOR * size > budget
     cfg = with_limits(
-        dataclasses.replace(
-            relay_cfg,
-            dns=dns_cfg.dns,
-            delivery=dataclasses.replace(
-                relay_cfg.delivery,
-                paused=False,
-                mode="smarthost",
-                smarthost=dataclasses.replace(
-                    relay_cfg.delivery.smarthost, host="127.0.0.1", port=sink.port, security="none"
-                ),
-            ),
+        smarthost_cfg(
+            dataclasses.replace(relay_cfg, dns=dns_cfg.dns),
+            sink,
+            paused=False,
+            command_timeout=Duration(60),  # the sink's reply to 4 MiB, beside dkim.verify
         ),
         data_memory_budget=Size(budget),
         data_memory_share_per_user=1.0,
@@ -169,15 +169,11 @@ async def test_a_streamed_message_refused_or_cut_off_leaves_nothing(
     try:
         password = await relay.add_user(LOGIN)
         d = await authed(relay, password)
-        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
-        await d.expect_after("RCPT TO:<a@dest.test>", "250")
-        await d.expect_after("DATA", "354")
+        await start_data(d, "a@dest.test")
         await d.expect_after(stuffed(big_message("a@dest.test", 3 * MIB)), "552 5.3.4", within=60)
         await eventually(lambda: open_data_files(cfg.state_dir) == [], what="files closed")
 
-        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
-        await d.expect_after("RCPT TO:<b@dest.test>", "250")
-        await d.expect_after("DATA", "354")
+        await start_data(d, "b@dest.test")
         d.send_raw(big_message("b@dest.test", MIB))  # well past SPILL_AT, and no end
         await d.writer.drain()
         await eventually(lambda: open_data_files(cfg.state_dir) != [], what="the body on disk")
@@ -236,9 +232,7 @@ async def test_bodies_on_disk_are_held_to_the_disk_budget_and_its_shares(
     try:
         password = await relay.add_user(LOGIN)
         d = await authed(relay, password)
-        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
-        await d.expect_after("RCPT TO:<a@dest.test>", "250")
-        await d.expect_after("DATA", "354")
+        await start_data(d, "a@dest.test")
         refused = await d.expect_after(stuffed(big_message("a@dest.test", 3 * MIB)), "452 4.3.1")
         assert "storage" in refused.lower()
         assert await queued(relay) == []
