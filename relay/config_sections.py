@@ -190,6 +190,7 @@ class DeliveryConfig:
     connect_timeout: Duration = Duration(30)
     command_timeout: Duration = Duration(300)
     paused: bool = False  # accept and queue, but do not deliver (maintenance, benchmarks)
+    memory_budget: Size = Size(512 * 1024 * 1024)  # large bodies in flight (~3x each), all workers
     smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
 
     def __post_init__(self) -> None:

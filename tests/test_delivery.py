@@ -21,13 +21,14 @@ import trustme
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.config_sections import SmarthostConfig, SpoolConfig
+from relay.delivery.budget import FACTOR
 from relay.delivery.outbound import classify
 from relay.delivery.scheduler import BACKOFF, DEPTH_INTERVAL, Deliverer, retry_at
 from relay.errors import NotFound
 from relay.metrics import Metrics
 from relay.store import db as db_mod
 from relay.store.spool import Spool
-from relay.units import Duration
+from relay.units import Duration, Size
 from tests import leaks
 from tests.dnsserver import TestDNSServer
 from tests.faults.upstream import Upstream
@@ -197,6 +198,27 @@ async def test_connections_per_destination(
     await settle(deliverer)
     assert len(sink.received) == messages
     assert connections_ok(sink)
+
+
+async def test_large_bodies_in_flight_are_held_to_the_delivery_memory_budget(
+    cfg: Config, sink: Sink, run: Runner
+) -> None:
+    """delivery.memory_budget: six 2 MiB messages (charged 3x each, 6 MiB) with room for two at
+    a time, and small ones beside them that never wait. Every message arrives whole; what was
+    held never passed the budget, at least one large body was held, none is held at the end."""
+    big = 2 * 1024 * 1024
+    budget = 2 * FACTOR * big + big // 2
+    spool, deliverer = await run(smarthost_cfg(cfg, sink, memory_budget=Size(budget)))
+    bodies = [body(f"big {i}") + (b"x" * 998 + b"\r\n") * (big // 1000) for i in range(6)]
+    bodies += [body(f"small {i}") for i in range(5)]
+    for b in bodies:
+        await spool.enqueue(sender=SENDER, recipients=["bob@example.net"], body=b, user=None)
+    await settle(deliverer)
+    assert sorted(got.data for got in sink.received) == sorted(bodies)
+    assert FACTOR * big <= deliverer.bodies.peak <= budget
+    assert deliverer.bodies.used == 0
+    assert deliverer.bodies.charge(len(bodies[-1])) == 0  # small: never waits
+    assert deliverer.bodies.charge(100 * big) == budget  # larger than it all: goes alone
 
 
 async def test_deferral_then_success(

@@ -30,6 +30,7 @@ from relay import grammar, maillog, replies, webhook
 from relay.clock import Clock
 from relay.config import Config
 from relay.delivery import bounce
+from relay.delivery.budget import BodyBudget
 from relay.delivery.outbound import Outbound, Result
 from relay.metrics import Metrics
 from relay.store import suppressions
@@ -107,6 +108,7 @@ class Deliverer:
         self._subs = subscriptions
         d = cfg.delivery
         self._total = asyncio.Semaphore(d.concurrency)
+        self.bodies = BodyBudget(int(d.memory_budget) // cfg.workers)  # large ones in flight
         self._limits: dict[str, _Limit] = {}
         self._max_pending = 2 * d.concurrency  # claimed jobs (running + waiting for a slot)
         self._jobs: dict[asyncio.Task[None], _Job] = {}
@@ -237,7 +239,7 @@ class Deliverer:
         )
         limit.users += 1
         try:
-            async with self._total, limit.sem:
+            async with self.bodies.held(job.recipients[0].size), self._total, limit.sem:
                 job.started = True
                 msg = await self.spool.load(job.message_id)
                 if msg is None or msg.body is None:  # deleted by `queue delete` meanwhile

@@ -44,11 +44,13 @@ from relay.store.spool_admin import (
     Stats,
 )
 from relay.store.spool_rows import (
+    CLAIM,
     DueRecipient,
     Message,
     NewMessage,
     Outcome,
     StreamedBody,
+    claim,
     new_id,
     write_body,
 )
@@ -101,21 +103,8 @@ _DONE = (
     "UPDATE messages SET done_at = ?, body = NULL WHERE id = ? AND NOT EXISTS "
     "(SELECT 1 FROM recipients WHERE message_id = ? AND state IN ('queued', 'deferred'))"
 )
-# The inner SELECT walks the partial due index in time order; the outer one then takes every due
-# recipient of those messages through the primary key ("+" keeps the planner off the due index
-# there, which at a large backlog would mean scanning every due row).
-_CLAIM = """
-    UPDATE recipients SET next_attempt_at = NULL, claimed_at = :now
-    WHERE message_id IN (
-        SELECT message_id FROM recipients WHERE next_attempt_at <= :now
-        ORDER BY next_attempt_at LIMIT :limit)
-      AND +next_attempt_at <= :now
-    RETURNING message_id, idx, address, domain, attempts, capture
-"""
-
-
 # The queries that run per delivery batch at any queue size; query_plans() shows they use indexes.
-HOT_QUERIES = {"claim": _CLAIM, "next_due": NEXT_DUE}
+HOT_QUERIES = {"claim": CLAIM, "next_due": NEXT_DUE}
 
 
 @dataclass
@@ -347,11 +336,7 @@ class Spool(SpoolAdmin):
                 for op in batch:
                     if op.claim is not None:
                         now, limit = op.claim
-                        rows = await conn.execute_fetchall(_CLAIM, {"now": now, "limit": limit})
-                        op.result = sorted(
-                            (DueRecipient(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows),
-                            key=lambda d: (d.message_id, d.idx),
-                        )
+                        op.result = await claim(conn, now, limit)
         except sqlite3.Error as exc:
             raise StoreError(f"spool write: {exc}") from exc
         finally:  # the tails are the spool's from enqueue on: written or failed, closed here

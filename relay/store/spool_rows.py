@@ -1,6 +1,7 @@
 """The rows of the spool (relay/store/spool.py): what is queued, claimed and recorded.
 
-A message whose body DATA put on disk (relay/smtp/spill.py) arrives as its header section and a
+The claim of due recipients (with their messages' sizes) is here too. A message whose body DATA
+put on disk (relay/smtp/spill.py) arrives as its header section and a
 :class:`StreamedBody`; :func:`write_body` copies it into the row's room piece by piece."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+import aiosqlite
 
 
 def write_body(msg_id: str, start: bytes, tail: StreamedBody, conn: sqlite3.Connection) -> None:
@@ -39,6 +42,7 @@ class DueRecipient:
     domain: str
     attempts: int
     capture: bool = False  # a sandbox message's: into the inbox, never out (relay/store/sandbox.py)
+    size: int = 0  # its message's, in octets (what delivering it will hold in memory)
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,30 @@ class NewMessage:
     @property
     def size(self) -> int:
         return len(self.body) + (self.tail.size if self.tail is not None else 0)
+
+
+# The inner SELECT walks the partial due index in time order; the outer one then takes every due
+# recipient of those messages through the primary key ("+" keeps the planner off the due index
+# there, which at a large backlog would mean scanning every due row).
+CLAIM = """
+    UPDATE recipients SET next_attempt_at = NULL, claimed_at = :now
+    WHERE message_id IN (
+        SELECT message_id FROM recipients WHERE next_attempt_at <= :now
+        ORDER BY next_attempt_at LIMIT :limit)
+      AND +next_attempt_at <= :now
+    RETURNING message_id, idx, address, domain, attempts, capture
+"""
+
+
+async def claim(conn: aiosqlite.Connection, now: float, limit: int) -> list[DueRecipient]:
+    """The due recipients claimed, in (message, index) order, with their messages' sizes (one
+    query for the batch: delivery holds a large body to a budget before it reads it)."""
+    rows = await conn.execute_fetchall(CLAIM, {"now": now, "limit": limit})
+    ids = sorted({r[0] for r in rows})
+    sizes: dict[str, int] = {}
+    if ids:
+        marks = ",".join("?" * len(ids))
+        query = f"SELECT id, size FROM messages WHERE id IN ({marks})"  # noqa: S608 (marks only)
+        sizes = {r[0]: r[1] for r in await conn.execute_fetchall(query, ids)}
+    due = (DueRecipient(r[0], r[1], r[2], r[3], r[4], bool(r[5]), sizes[r[0]]) for r in rows)
+    return sorted(due, key=lambda d: (d.message_id, d.idx))
