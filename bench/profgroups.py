@@ -5,7 +5,9 @@ message's time goes").
     python -m bench.profgroups prof.txt
 
 Stacks idle in a thread's queue (aiosqlite's worker, the thread pool's) are left out; every other
-stack goes to the first group, in the order below, that one of its frames matches.
+stack goes to the first group, in the order below, that one of its frames matches (the mail log
+and metrics come early so that a log call is counted as logging wherever it is made). IDLE names
+lines of aiosqlite 0.22 and Python 3.11, the lock's versions.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ GROUPS: list[tuple[str, tuple[str, ...], bool]] = [
     ("other threads (argon2 pool, to_thread)", ("threading.py",), True),
     ("the RSA-2048 private-key step", ("rsassa_pkcs1_v1_5_sign",), False),
     ("the rest of Signer.sign (dkimpy)", ("sign (relay/dkim.py", "dkim/__init__.py"), False),
+    ("mail log, metrics", ("maillog", "metrics", "logging/", "prometheus"), False),
     ("TLS records", ("ssl.py", "sslproto.py"), False),
     (
         "aiosqlite wake-ups",
@@ -42,7 +45,6 @@ GROUPS: list[tuple[str, tuple[str, ...], bool]] = [
     ),
     ("DATA reading", ("relay/smtp/data.py", "relay/smtp/reader.py", "relay/smtp/spill.py"), False),
     ("aiosmtpd parsing and replies", ("aiosmtpd/",), False),
-    ("mail log, metrics", ("maillog", "metrics", "logging/", "prometheus"), False),
     ("relaybox's other code", ("relay/",), False),
     ("asyncio's loop and streams", ("asyncio/",), False),
 ]
