@@ -41,7 +41,10 @@ def children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux: /proc/PID/task/*/children)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text()
+        try:
+            text = (task / "children").read_text()
+        except FileNotFoundError:  # a thread that ended after the listing (a pool's worker)
+            continue
         found += [int(c) for c in text.split()]
     return found
 
