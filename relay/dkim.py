@@ -1,26 +1,22 @@
-"""DKIM signing at acceptance (RFC 6376), with the sender domain's key, through dkimpy.
+"""DKIM signing at acceptance (RFC 6376), with the sender domain's key; verification through dkimpy.
 
-dkimpy computes RSA in pure Python (~7-9 ms per 2048-bit signature, a cap near 110 msgs/s). The RSA
-private-key step is the only slow part and RSASSA-PKCS1-v1_5 is deterministic, so it is handed to
-`cryptography` (OpenSSL, ~0.28 ms here: bench/signrate.py) with byte-identical output. dkimpy
-1.1.8 has no signer hook: we wrap its two module-level functions ``parse_pem_private_key`` and
-``RSASSA_PKCS1_v1_5_sign``; the wrappers act only on a :class:`_PreloadedKey` (a key parsed once,
-by us) and pass anything else to dkimpy's own code, so plain dkimpy calls elsewhere behave exactly
-as before. dkimpy is pinned; the tests compare our output with dkimpy's own, byte for byte, and
-verify it with ``dkim.verify``. Its three relaxed-canonicalisation helpers are replaced by the
-same substitutions, compiled once and skipped where they cannot match (:data:`CANON_ORIGINALS`
-keeps dkimpy's for the tests).
+The signature field is written by relay.dkimsign, byte for byte what dkimpy 1.1.8 writes for the
+same message (issue 17: dkimpy's parsing and folding cost ~0.2 ms a message, as much as two thirds
+of the RSA step). Keys are parsed once by `cryptography` (OpenSSL: an RSA-2048 signature in
+~0.3 ms here, bench/signrate.py; dkimpy's own RSA is pure Python, ~7 ms). dkimpy is pinned and
+stays the reference: the tests compare our signatures with dkimpy's own, byte for byte, and verify
+them with ``dkim.verify``. Its three relaxed-canonicalisation helpers are replaced by the same
+substitutions, compiled once and skipped where they cannot match (:data:`CANON_ORIGINALS` keeps
+dkimpy's for the tests); the verifier runs them.
 
-Ed25519 (RFC 8463, ``dns.dkim_key_type = "ed25519"``): dkimpy signs it through PyNaCl, which is not
-a dependency. Without PyNaCl, dkimpy has no ``nacl`` name at all; we give it a stand-in whose
-``SigningKey`` accepts only a :class:`_PreloadedKey` (signing with `cryptography`; Ed25519 is
-deterministic, so the result is what PyNaCl would give) and raises the same NameError as before for
-anything else, so dkimpy still reports "pynacl required" where it did. With PyNaCl installed, the
-raw seed is passed to dkimpy unchanged.
+Ed25519 (RFC 8463, ``dns.dkim_key_type = "ed25519"``) is signed with `cryptography` too. dkimpy
+verifies it through PyNaCl, which is not a dependency: without it, dkimpy has no ``nacl`` name at
+all; we give it a stand-in whose ``VerifyKey`` verifies with `cryptography` only while
+:func:`verify` runs, and raises the NameError dkimpy expects without PyNaCl anywhere else (its
+``SigningKey`` always does), so plain dkimpy still reports "pynacl required" where it did.
 
 :func:`verify` checks a signature against keys the caller hands it (the sandbox inbox: the domain's
-key from the store, no DNS). The stand-in's ``VerifyKey`` verifies Ed25519 with `cryptography`
-only while :func:`verify` runs; anywhere else it raises the NameError dkimpy expects without PyNaCl.
+key from the store, no DNS).
 """
 
 from __future__ import annotations
@@ -40,11 +36,10 @@ from typing import Any, Protocol
 import dkim
 import dkim.canonicalization
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay import grammar
+from relay import dkimsign, grammar
 from relay.dkimbody import BodyHash, compress_whitespace, strip_trailing_whitespace
 
 DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were written against
@@ -68,7 +63,6 @@ SIGNED_HEADERS = (
     "content-type",
     "content-transfer-encoding",
 )
-_CANON = (b"relaxed", b"relaxed")
 _ALGORITHMS = {
     "rsa": b"rsa-sha256",
     "rsa-sha256": b"rsa-sha256",
@@ -101,24 +95,8 @@ class HeaderError(SigningError):
     signed as written (answer 554 5.6.0; relay.grammar.modern_field_names fixes the second)."""
 
 
-class _PreloadedKey:
-    """A key already parsed by `cryptography`; the only thing the wrappers act on."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> None:
-        self.key = key
-
-
 def _no_nacl(*_args: Any, **_kwargs: Any) -> Any:
     raise NameError("name 'nacl' is not defined")  # what dkimpy sees without PyNaCl
-
-
-def _nacl_signing_key(seed: Any, encoder: Any = None) -> Any:
-    if isinstance(seed, _PreloadedKey) and isinstance(seed.key, ed25519.Ed25519PrivateKey):
-        key = seed.key
-        return SimpleNamespace(sign=lambda digest: SimpleNamespace(signature=key.sign(digest)))
-    return _no_nacl()
 
 
 _VERIFYING = threading.local()  # .on: inside verify(), in this thread
@@ -135,18 +113,15 @@ def _nacl_verify_key(key: Any, encoder: Any = None) -> Any:
 
 
 _NACL_STANDIN = SimpleNamespace(
-    signing=SimpleNamespace(SigningKey=_nacl_signing_key, VerifyKey=_nacl_verify_key),
+    signing=SimpleNamespace(SigningKey=_no_nacl, VerifyKey=_nacl_verify_key),
     encoding=SimpleNamespace(Base64Encoder=None),
     exceptions=SimpleNamespace(ValueError=ValueError, BadSignatureError=InvalidSignature),
 )
 
 
-_HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}  # noqa: S303 (rsa-sha1 verify compat only)
-
-
 # dkimpy's relaxed canonicalisation runs three module-level helpers, each one re.sub with its
-# pattern looked up again, on every header field (all of them, twice per signature) and the body:
-# about 0.1 ms of a 2 KiB message's ~0.27 ms outside RSA. These are the same substitutions, with
+# pattern looked up again, on every header field and the body of a message it verifies (the
+# sandbox inbox; and the tests' reference signatures). These are the same substitutions, with
 # compiled patterns and a fast path where the pattern cannot match (then re.sub would return its
 # input unchanged). The tests compare them with dkimpy's own on every short mix of the characters
 # that matter, and whole signatures with dkimpy's helpers put back. The two body ones are
@@ -177,24 +152,6 @@ def _wrap_dkimpy() -> None:
     version = importlib.metadata.version("dkimpy")
     if version != DKIMPY_VERSION:
         raise RuntimeError(f"relay.dkim was written for dkimpy {DKIMPY_VERSION}, found {version}")
-    orig_parse = dkim.parse_pem_private_key
-    orig_sign = dkim.RSASSA_PKCS1_v1_5_sign
-
-    def parse_pem_private_key(data: Any) -> Any:
-        if isinstance(data, _PreloadedKey):
-            return data
-        return orig_parse(data)
-
-    def rsassa_pkcs1_v1_5_sign(hash: Any, private_key: Any) -> Any:
-        if isinstance(private_key, _PreloadedKey) and isinstance(
-            private_key.key, rsa.RSAPrivateKey
-        ):
-            algorithm = _HASHES[hash.name.lower()]
-            return private_key.key.sign(hash.digest(), padding.PKCS1v15(), Prehashed(algorithm))
-        return orig_sign(hash, private_key)
-
-    dkim.parse_pem_private_key = parse_pem_private_key
-    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
     for name, fast in _FAST_CANON.items():
         CANON_ORIGINALS[name] = getattr(dkim.canonicalization, name)
         setattr(dkim.canonicalization, name, fast)
@@ -206,37 +163,33 @@ def _wrap_dkimpy() -> None:
 _wrap_dkimpy()
 
 
+def _signed_fields(message: bytes) -> list[grammar.HeaderField]:
+    fields = grammar.header_fields(message, SIGNED_HEADERS)
+    if fields is None:
+        raise HeaderError("a line of the header section is not part of a header field")
+    return fields
+
+
+def _names(fields: list[grammar.HeaderField]) -> list[bytes]:
+    return [f.key.encode("ascii") for f in fields] + [b"from"]
+
+
 def headers_to_sign(message: bytes) -> list[bytes]:
     """The SIGNED_HEADERS present in the header block, once per occurrence, plus From once more.
     A field written with white space before its colon counts as that field (relay.grammar).
     Raises HeaderError when a line of the header section is not part of a field."""
-    fields = grammar.header_fields(message, SIGNED_HEADERS)
-    if fields is None:
-        raise HeaderError("a line of the header section is not part of a header field")
-    return [f.key.encode("ascii") for f in fields] + [b"from"]
-
-
-class _HashedBody(dkim.DKIM):  # type: ignore[misc]
-    """dkimpy's signer for a header section whose body was hashed apart: the one change is the
-    ``bh=`` tag, put in before the header hash that covers it is computed (gen_header is where
-    dkimpy 1.1.8 turns the tags into the header; every byte else is dkimpy's)."""
-
-    body_hash = b""
-
-    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
-        fields = [(k, self.body_hash if k == b"bh" else v) for k, v in fields]
-        return super().gen_header(fields, *args, **kwargs)
+    return _names(_signed_fields(message))
 
 
 class Signer:
     """Signs messages with a domain's key; parsed keys are cached (keyed by a digest of the PEM)."""
 
     def __init__(self, cache_size: int = 1024) -> None:
-        self._keys: dict[tuple[str, str, bytes], _PreloadedKey] = {}
+        self._keys: dict[tuple[str, str, bytes], dkimsign.PrivateKey] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()  # sign_async may run in threads
 
-    def _key(self, key: SigningKey) -> _PreloadedKey:
+    def _key(self, key: SigningKey) -> dkimsign.PrivateKey:
         pem = (
             key.private_pem.encode("ascii") if isinstance(key.private_pem, str) else key.private_pem
         )
@@ -251,50 +204,39 @@ class Signer:
             raise SigningError(f"DKIM key of {key.domain} is not a usable private key") from exc
         if not isinstance(loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             raise SigningError(f"DKIM key of {key.domain} is neither RSA nor Ed25519")
-        pre = _PreloadedKey(loaded)
         with self._lock:
             if len(self._keys) >= self._cache_size:
                 self._keys.clear()
-            self._keys[ident] = pre
-        return pre
+            self._keys[ident] = loaded
+        return loaded
 
     def sign(self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None) -> bytes:
-        """The message with a DKIM-Signature (rsa-sha256, relaxed/relaxed) prepended.
+        """The message with a DKIM-Signature (relaxed/relaxed) prepended.
 
         With ``body_hash`` (a body too large to hold, hashed as it arrived: relay.dkimbody),
         ``message`` is the header section with its blank line, and the body's hash is signed
-        for the body dkimpy is given none of."""
+        for the body that is not here."""
         algorithm = _ALGORITHMS.get(key.algorithm.lower())
         if algorithm is None:
             raise SigningError(f"DKIM algorithm {key.algorithm!r} is not supported for signing")
-        pre = self._key(key)
-        privkey: Any = pre
-        if isinstance(pre.key, ed25519.Ed25519PrivateKey):
-            if algorithm != b"ed25519-sha256":
-                raise SigningError(f"DKIM key of {key.domain} does not match {key.algorithm}")
-            if dkim.nacl is not _NACL_STANDIN:  # real PyNaCl: it takes the base64 seed
-                privkey = base64.b64encode(pre.key.private_bytes_raw())
-        elif algorithm != b"rsa-sha256":
+        private = self._key(key)
+        wanted = ed25519.Ed25519PrivateKey if algorithm == b"ed25519-sha256" else rsa.RSAPrivateKey
+        if not isinstance(private, wanted):
             raise SigningError(f"DKIM key of {key.domain} does not match {key.algorithm}")
-        include = headers_to_sign(message)
+        fields = dkimsign.fields_of(_signed_fields(message))
         if grammar.modern_field_names(message) != message:
             raise HeaderError("a header field has white space before its colon")
+        include = [name for name, _ in fields] + [b"from"]
+        bh = body_hash.b64() if body_hash is not None else dkimsign.body_hash_of(message)
         try:
-            signer = (dkim.DKIM if body_hash is None else _HashedBody)(
-                message, signature_algorithm=algorithm
-            )
-            if body_hash is not None:
-                signer.body_hash = body_hash.b64()
-            sig = signer.sign(
-                key.selector.encode("ascii"),
-                key.domain.encode("ascii"),
-                privkey,
-                canonicalize=_CANON,
-                include_headers=include,
-            )
-        except (dkim.DKIMException, ValueError, UnicodeError) as exc:
+            field = dkimsign.signature_field(
+                fields, include, bh, private,
+                domain=key.domain.encode("ascii"), selector=key.selector.encode("ascii"),
+                algorithm=algorithm,
+            )  # fmt: skip
+        except (ValueError, UnicodeError) as exc:
             raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
-        return bytes(sig) + message
+        return field + message
 
     async def sign_async(
         self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None
