@@ -27,7 +27,7 @@ import aiosqlite
 
 from relay import clock
 from relay.maillog import printable
-from relay.store.db import Database, StoreError
+from relay.store.db import Database, Statement, StoreError
 from relay.store.spool_schema import SPOOL_MIGRATIONS
 
 __all__ = [
@@ -121,14 +121,18 @@ class Delivery:
         }
 
 
+def insert_statement(rows: Sequence[EventRow]) -> Statement:
+    """The statement that writes ``rows``, due at once (for Database.write_statements)."""
+    return _INSERT, [
+        (r.event_id, r.endpoint_id, r.type, r.body, r.created_at, r.created_at, r.created_at)
+        for r in rows
+    ]
+
+
 async def insert(conn: aiosqlite.Connection, rows: Sequence[EventRow]) -> None:
     """Write ``rows`` inside the caller's write transaction (so they commit with its change),
     due at once."""
-    await conn.executemany(
-        _INSERT,
-        [(r.event_id, r.endpoint_id, r.type, r.body, r.created_at, r.created_at, r.created_at)
-         for r in rows],
-    )  # fmt: skip
+    await conn.executemany(*insert_statement(rows))
 
 
 async def due(db: Database, now: float, limit: int) -> list[Pending]:
@@ -146,15 +150,19 @@ async def next_due(db: Database) -> float | None:
     return None if row is None or row[0] is None else float(row[0])
 
 
-async def record_in(conn: aiosqlite.Connection, attempts: Sequence[Attempt]) -> None:
-    """The outcomes of posts, inside the caller's transaction (the spool writer's: group
-    commit with the hot path's writes, no transaction of their own)."""
-    params = [
+def record_statement(attempts: Sequence[Attempt]) -> Statement:
+    """The statement that records the outcomes of posts (for Database.write_statements)."""
+    return _RECORD, [
         (a.state, a.at, a.status, printable(a.error, ERROR_LIMIT) or None,
          a.next_attempt_at if a.state == "pending" else None, a.event_id, a.endpoint_id)
         for a in attempts
     ]  # fmt: skip
-    await conn.executemany(_RECORD, params)
+
+
+async def record_in(conn: aiosqlite.Connection, attempts: Sequence[Attempt]) -> None:
+    """The outcomes of posts, inside the caller's transaction (the spool writer's: group
+    commit with the hot path's writes, no transaction of their own)."""
+    await conn.executemany(*record_statement(attempts))
 
 
 def _delivery(r: Any) -> Delivery:

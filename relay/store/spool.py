@@ -31,7 +31,7 @@ from relay.clock import Clock
 from relay.config import Config
 from relay.errors import Invalid
 from relay.store import outbox
-from relay.store.db import Database, StoreError, in_thread
+from relay.store.db import Database, Statement, StoreError, in_thread
 from relay.store.outbox import Attempt, EventRow
 from relay.store.spool_admin import (
     FINAL,
@@ -312,6 +312,24 @@ class Spool(SpoolAdmin):
         outcomes, releases = merged("outcomes"), merged("releases")
         events, posted = merged("events"), merged("posted")
         touched = {mid for op in batch for mid in op.touched}
+        if not streamed and not tails and all(op.claim is None for op in batch):  # one trip
+            statements: list[Statement] = [
+                (sql, rows)
+                for sql, rows in (
+                    (_INSERT_MESSAGE, messages), (_INSERT_RECIPIENT, recipients),
+                    (_OUTCOME, outcomes), (_RELEASE, releases),
+                )
+                if rows
+            ]  # fmt: skip
+            if events:
+                statements.append(outbox.insert_statement(events))
+            if posted:
+                statements.append(outbox.record_statement(posted))
+            if touched:
+                now = self._clock()
+                statements.append((_DONE, [(now, mid, mid) for mid in touched]))
+            await self.db.write_statements(statements)
+            return
         try:
             async with self.db.transaction() as conn:
                 if messages:
