@@ -170,15 +170,15 @@ def _signed_fields(message: bytes) -> list[grammar.HeaderField]:
     return fields
 
 
-def _names(fields: list[grammar.HeaderField]) -> list[bytes]:
-    return [f.key.encode("ascii") for f in fields] + [b"from"]
+def _include(fields: list[dkimsign.Field]) -> list[bytes]:
+    return [name for name, _ in fields] + [b"from"]
 
 
 def headers_to_sign(message: bytes) -> list[bytes]:
     """The SIGNED_HEADERS present in the header block, once per occurrence, plus From once more.
     A field written with white space before its colon counts as that field (relay.grammar).
     Raises HeaderError when a line of the header section is not part of a field."""
-    return _names(_signed_fields(message))
+    return _include(dkimsign.fields_of(_signed_fields(message)))
 
 
 class Signer:
@@ -226,7 +226,7 @@ class Signer:
         fields = dkimsign.fields_of(_signed_fields(message))
         if grammar.modern_field_names(message) != message:
             raise HeaderError("a header field has white space before its colon")
-        include = [name for name, _ in fields] + [b"from"]
+        include = _include(fields)
         bh = body_hash.b64() if body_hash is not None else dkimsign.body_hash_of(message)
         try:
             field = dkimsign.signature_field(

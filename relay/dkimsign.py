@@ -27,10 +27,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from relay.dkimbody import BodyHash, compress_whitespace
+from relay.dkimbody import CRLF, BodyHash, compress_whitespace
 from relay.grammar import HeaderField
 
-CRLF = b"\r\n"
 FIELD_NAME = b"DKIM-Signature"
 _FIRST_LINE = 72 - len(
     FIELD_NAME
