@@ -161,9 +161,11 @@ class CpuMeter:
 
 def loop_ticks(pid: int) -> int:
     """CPU ticks of ``pid``'s main thread (for an asyncio server: its event loop, which holds the
-    GIL and bounds the rate), 0 for relaybox's webhook poster process, whose loop serves no SMTP."""
+    GIL and bounds the rate), 0 for relaybox's webhook poster and DKIM key processes, which serve
+    no SMTP (their CPU is in the target's total)."""
     try:
-        if b"webhook-poster" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"webhook-poster" in cmdline or b"relay.signproc" in cmdline:
             return 0
         raw = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
     except OSError:

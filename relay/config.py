@@ -108,12 +108,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     workers: int = 1
+    dkim_signing: str = "auto"  # where RSA private-key steps run: "auto", "process", "inline"
     source: str = field(default="(built-in defaults)", compare=False)
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", self.public_hostname):
             raise ValueError("public_hostname: not a valid host name")
         check_range("workers", self.workers, 1, 64)
+        check_choice("dkim_signing", self.dkim_signing, ("auto", "process", "inline"))
         if self.workers > 1 and any(li.port == 0 for li in self.listen):
             raise ValueError("workers: listeners must name their port to be shared (not port 0)")
 

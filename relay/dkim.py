@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay import dkimsign, grammar
 from relay.dkimbody import BodyHash, compress_whitespace, strip_trailing_whitespace
+from relay.signproc import KeyProcess
 
 DKIMPY_VERSION = "1.1.8"  # the version whose internals the wrappers below were written against
 INLINE_LIMIT = 256 * 1024  # larger messages are hashed in a thread so the loop keeps serving
@@ -184,20 +185,24 @@ def headers_to_sign(message: bytes) -> list[bytes]:
 class Signer:
     """Signs messages with a domain's key; parsed keys are cached (keyed by a digest of the PEM)."""
 
-    def __init__(self, cache_size: int = 1024) -> None:
+    def __init__(self, cache_size: int = 1024, key_process: KeyProcess | None = None) -> None:
+        """``key_process``: where :meth:`sign_async` makes the private-key steps it takes."""
         self._keys: dict[tuple[str, str, bytes], dkimsign.PrivateKey] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()  # sign_async may run in threads
+        self.key_process = key_process
 
-    def _key(self, key: SigningKey) -> dkimsign.PrivateKey:
+    def _key(self, key: SigningKey) -> tuple[bytes, bytes, dkimsign.PrivateKey]:
+        """The PEM, its SHA-256 and the parsed key."""
         pem = (
             key.private_pem.encode("ascii") if isinstance(key.private_pem, str) else key.private_pem
         )
-        ident = (key.domain, key.selector, hashlib.sha256(pem).digest())
+        digest = hashlib.sha256(pem).digest()
+        ident = (key.domain, key.selector, digest)
         with self._lock:
             cached = self._keys.get(ident)
         if cached is not None:
-            return cached
+            return pem, digest, cached
         try:
             loaded = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as exc:
@@ -208,7 +213,7 @@ class Signer:
             if len(self._keys) >= self._cache_size:
                 self._keys.clear()
             self._keys[ident] = loaded
-        return loaded
+        return pem, digest, loaded
 
     def sign(self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None) -> bytes:
         """The message with a DKIM-Signature (relaxed/relaxed) prepended.
@@ -216,10 +221,16 @@ class Signer:
         With ``body_hash`` (a body too large to hold, hashed as it arrived: relay.dkimbody),
         ``message`` is the header section with its blank line, and the body's hash is signed
         for the body that is not here."""
+        _pem, _ident, private, tags, digest = self._unsigned(message, key, body_hash)
+        return self._signed(key, tags, self._step(key, private, digest)) + message
+
+    def _unsigned(
+        self, message: bytes, key: SigningKey, body_hash: BodyHash | None
+    ) -> tuple[bytes, bytes, dkimsign.PrivateKey, list[bytes], bytes]:
         algorithm = _ALGORITHMS.get(key.algorithm.lower())
         if algorithm is None:
             raise SigningError(f"DKIM algorithm {key.algorithm!r} is not supported for signing")
-        private = self._key(key)
+        pem, ident, private = self._key(key)
         wanted = ed25519.Ed25519PrivateKey if algorithm == b"ed25519-sha256" else rsa.RSAPrivateKey
         if not isinstance(private, wanted):
             raise SigningError(f"DKIM key of {key.domain} does not match {key.algorithm}")
@@ -229,22 +240,45 @@ class Signer:
         include = _include(fields)
         bh = body_hash.b64() if body_hash is not None else dkimsign.body_hash_of(message)
         try:
-            field = dkimsign.signature_field(
-                fields, include, bh, private,
+            tags, digest = dkimsign.unsigned_field(
+                fields, include, bh,
                 domain=key.domain.encode("ascii"), selector=key.selector.encode("ascii"),
                 algorithm=algorithm,
             )  # fmt: skip
+        except UnicodeError as exc:
+            raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
+        return pem, ident, private, tags, digest
+
+    @staticmethod
+    def _step(key: SigningKey, private: dkimsign.PrivateKey, digest: bytes) -> bytes:
+        try:
+            return dkimsign.private_key_step(private, digest)
+        except ValueError as exc:  # an RSA modulus too short for the SHA-256's DigestInfo
+            raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
+
+    @staticmethod
+    def _signed(key: SigningKey, tags: list[bytes], signature: bytes) -> bytes:
+        try:
+            return dkimsign.signed_field(tags, signature)
         except (ValueError, UnicodeError) as exc:
             raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
-        return field + message
 
     async def sign_async(
         self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None
     ) -> bytes:
-        """Inline for small messages (a thread costs more than it saves); a thread for large."""
-        if len(message) <= INLINE_LIMIT:
+        """Small messages are read inline (a thread costs more than it saves), large ones in a
+        thread. With a key process running (relay.signproc), its private-key step is made
+        there, off the loop's GIL; without one, or when it gives no answer, here."""
+        if len(message) > INLINE_LIMIT:
+            return await asyncio.to_thread(self.sign, message, key, body_hash)
+        keys = self.key_process
+        if keys is None or not keys.running:
             return self.sign(message, key, body_hash)
-        return await asyncio.to_thread(self.sign, message, key, body_hash)
+        pem, ident, private, tags, digest = self._unsigned(message, key, body_hash)
+        signature = await keys.sign(ident, pem, digest) if keys.takes(private) else None
+        if signature is None:
+            signature = self._step(key, private, digest)
+        return self._signed(key, tags, signature) + message
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,23 @@ def signature_field(
     """The DKIM-Signature field, CRLF-terminated, relaxed/relaxed, for the header ``fields`` (a
     message's, in order), signing those ``include`` names (lowercase), with ``body_hash`` as bh=.
     Raises ValueError when the key cannot make the signature (an RSA modulus too short)."""
+    tags, digest = unsigned_field(
+        fields, include, body_hash, domain=domain, selector=selector, algorithm=algorithm, now=now
+    )
+    return signed_field(tags, private_key_step(key, digest))
+
+
+def unsigned_field(
+    fields: Sequence[Field],
+    include: Sequence[bytes],
+    body_hash: bytes,
+    *,
+    domain: bytes,
+    selector: bytes,
+    algorithm: bytes,
+    now: float | None = None,
+) -> tuple[list[bytes], bytes]:
+    """The field's tags but b=, and the SHA-256 the private-key step signs for b=."""
     tags = [
         b"v=1",
         b"a=" + algorithm,
@@ -152,9 +169,13 @@ def signature_field(
         name + b":" + canonical_value(value) + CRLF for name, value in selected(fields, include)
     ]
     data.append(b"dkim-signature:" + canonical_value(b" " + unsigned))
-    digest = hashlib.sha256(b"".join(data)).digest()
-    tags.append(b"b=" + base64.b64encode(private_key_step(key, digest)))
-    return FIELD_NAME + b": " + fold(b"; ".join(tags) + CRLF)
+    return tags, hashlib.sha256(b"".join(data)).digest()
+
+
+def signed_field(tags: list[bytes], signature: bytes) -> bytes:
+    """The whole field, from :func:`unsigned_field`'s tags and the private-key step's result."""
+    value = b"; ".join([*tags, b"b=" + base64.b64encode(signature)])
+    return FIELD_NAME + b": " + fold(value + CRLF)
 
 
 def private_key_step(key: PrivateKey, digest: bytes) -> bytes:

@@ -35,6 +35,7 @@ from relay.loglimit import LogLimit
 from relay.metrics import Metrics
 from relay.service import listen, sdnotify, tlsutil
 from relay.service.webhooks import Webhooks
+from relay.signproc import KeyProcess
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator
 from relay.smtp.controls import Quota
@@ -87,6 +88,7 @@ class Server:
         self.deliverer: Deliverer | None = None
         self._orphans: list[tuple[Spool, Deliverer]] = []
         self.webhooks = Webhooks(cfg, clock=clock, metrics=self.metrics)
+        self.keys = KeyProcess()
         self.acceptor: Acceptor | None = None
         self.handler: Handler | None = None
 
@@ -137,8 +139,9 @@ class Server:
         self.deliverer = self._deliverer(self.spool)
         self.acceptor = Acceptor(
             self.db, self.spool, self.metrics, wake=self.deliverer.wake,
-            subscriptions=self.webhooks.subscriptions,
+            subscriptions=self.webhooks.subscriptions, key_process=self.keys,
         )  # fmt: skip
+        self.keys.configure(cfg.dkim_signing)
         self.quota = Quota(self.usage_db, cfg, self.metrics, self.clock)
         self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics, self.quota)
         if self.worker == 0:
@@ -250,9 +253,9 @@ class Server:
         Live: TLS files (checked first: a certificate or key that is missing, does not parse or
         does not match fails the whole reload, and nothing changes; a generated certificate is
         generated again first if public_hostname changed), auth limits and cache TTL,
-        limits (new sessions), delivery pause, webhook endpoints (read again) and ``[webhooks]``.
-        Delivery settings other than the pause are read when the deliverer is (re)started.
-        Listeners, state_dir and databases need a restart (logged if they changed).
+        limits (new sessions), delivery pause, webhook endpoints (read again), ``[webhooks]``,
+        ``dkim_signing``. Delivery settings other than the pause are read when the deliverer is
+        (re)started. Listeners, state_dir and databases need a restart (logged if they changed).
         """
         if notify:
             sdnotify.reloading()
@@ -279,6 +282,7 @@ class Server:
                 self.handler.configure(new)
                 self.handler.quota.configure(new)
             self.gate.configure(new.limits, new.workers)
+            self.keys.configure(new.dkim_signing)
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
@@ -301,7 +305,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.webhooks.stop()
+        await asyncio.gather(self.webhooks.stop(), self.keys.stop())
         if self.deliverer is not None:
             await self.deliverer.stop()
         for spool, deliverer in self._orphans:
@@ -337,11 +341,8 @@ class Server:
         return own + [d for _s, d in self._orphans]
 
     async def _adopt_orphan_spools(self, resolver: dns.asyncresolver.Resolver) -> None:
-        """Deliver what spool files of workers that no longer exist still hold.
-
-        After ``workers`` is lowered, spool-I.db for I >= workers has no process of its own:
-        worker 0 delivers from it (it never queues new mail there).
-        """
+        """Deliver what spool files of workers that no longer exist still hold: after ``workers``
+        is lowered, spool-I.db for I >= workers is worker 0's to deliver (never to queue into)."""
         for path in sorted(self.cfg.state_dir.glob("spool-*.db")):
             index = path.stem.removeprefix("spool-")
             if not index.isdigit() or int(index) < self.cfg.workers:

@@ -16,6 +16,7 @@ from relay import maillog, replies, webhook
 from relay.dkim import Signer
 from relay.errors import Invalid
 from relay.metrics import Metrics
+from relay.signproc import KeyProcess
 from relay.smtp.spill import Spill
 from relay.store import domains, sandbox
 from relay.store.db import StoreError
@@ -64,14 +65,16 @@ class Acceptor:
         wake: Callable[[], None],
         signer: Signer | None = None,
         subscriptions: Subscriptions | None = None,
+        key_process: KeyProcess | None = None,
     ) -> None:
-        """``subscriptions``: the webhook endpoints (message.accepted and .suppressed)."""
+        """``subscriptions``: the webhook endpoints (message.accepted and .suppressed);
+        ``key_process``: where the signer makes private-key steps (relay.signproc)."""
         self.db = db
         self.subscriptions = subscriptions or Subscriptions()
         self.spool = spool
         self.metrics = metrics
         self.wake = wake
-        self.signer = signer or Signer()
+        self.signer = signer or Signer(key_process=key_process)
         self._cache: dict[str, _Cached] = {}
 
     async def _domain(self, name: str) -> _Cached:
