@@ -55,8 +55,10 @@ def write_config(
     extra: str = "",
     user_limit: int = 0,
     store: str = "",
+    dkim_signing: str = "auto",
 ) -> None:
-    """``store``: a ``[store]`` table (the -pg targets), written last."""
+    """``store``: a ``[store]`` table (the -pg targets), written last; ``dkim_signing``: "inline"
+    for the -inline targets (no key process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Top-level keys must precede every [table]; a snippet that opens a table goes last.
     top, tail = ("", extra) if extra.lstrip().startswith("[") else (extra, "")
@@ -65,6 +67,7 @@ def write_config(
 {top}
 state_dir = "{state_dir}"
 public_hostname = "relay.bench.test"
+dkim_signing = "{dkim_signing}"
 
 [[listen]]
 address = "{LOOPBACK}"
@@ -175,6 +178,7 @@ class Relaybox:
         user_limit: int = 0,
         webhook_url: str = "",
         store: str = "",
+        dkim_signing: str = "auto",
     ) -> Relaybox:
         config = workdir / "relaybox.toml"
         port = free_port()
@@ -192,6 +196,7 @@ class Relaybox:
             extra=extra,
             user_limit=user_limit,
             store=store,
+            dkim_signing=dkim_signing,
         )
         password_file = workdir / "password"
         creds = setup_store(config, zone, password_file, users)

@@ -4,12 +4,13 @@ batch decides when a session goes away before its turn, and when the store fails
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from relay.store import usage
 from relay.store.admissions import Admissions
-from relay.store.db import StoreError
+from relay.store.db import Statement, StoreError
 from relay.store.engine import Store
 from relay.userrules import Limits
 
@@ -69,3 +70,43 @@ async def test_a_store_failure_answers_the_whole_batch_and_the_writer_goes_on(
     finally:
         await admissions.close()
     assert (await usage.snapshot(db, LOGIN, NOW)).messages_today == 1
+
+
+_INSERT = (
+    "INSERT INTO usage_days (login, day, accepted, recipients, hour, hour_accepted)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_READ = "SELECT accepted FROM usage_days WHERE login = ?"
+
+
+async def test_read_then_write_is_one_transaction_on_each_engine(counts: Store) -> None:
+    """What the admission is written with (on SQLite one trip to the writer's thread, the
+    decision made there): the rows read, the statements made of them applied, their result
+    returned; a decision that raises, or a statement that fails, leaves nothing written."""
+    db = counts
+    seen: list[list[tuple[object, ...]]] = []
+
+    def first(rows: list[Any]) -> tuple[str, list[Statement]]:
+        seen.append([tuple(r) for r in rows])
+        return "made", [(_INSERT, [(LOGIN, "2027-01-15", 1, 2, 0.0, 1)])]
+
+    assert await db.read_then_write(_READ, (LOGIN,), first) == "made"
+    assert seen == [[]]
+
+    def raises(rows: list[Any]) -> tuple[None, list[Statement]]:
+        seen.append([tuple(r) for r in rows])
+        raise ValueError("a decision that fails")
+
+    with pytest.raises(ValueError, match="a decision that fails"):
+        await db.read_then_write(_READ, (LOGIN,), raises)
+    assert seen[-1] == [(1,)]
+
+    def half(rows: list[Any]) -> tuple[None, list[Statement]]:
+        bump = ("UPDATE usage_days SET accepted = 99 WHERE login = ?", [(LOGIN,)])
+        again = (_INSERT, [(LOGIN, "2027-01-15", 5, 5, 0.0, 5)])  # the key exists: refused
+        return None, [bump, again]
+
+    with pytest.raises(StoreError):
+        await db.read_then_write(_READ, (LOGIN,), half)
+    row = await db.fetchone(_READ, (LOGIN,))
+    assert row is not None and row[0] == 1  # the UPDATE went with the failed INSERT

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from relay import userrules
-from relay.store.db import StoreError
-from relay.store.engine import Store
+from relay.store.db import Statement, StoreError
+from relay.store.engine import Row, Store
 from relay.store.usage import Counts, Hit, first_hit
 from relay.userrules import Limits
 
@@ -37,11 +38,12 @@ MAX_RECENT = 10000  # logins remembered so; past it the memory starts again
 
 class Admissions:
     """Group admission: the messages that end their DATA while a batch is being written go into
-    the next one, and a batch is one write transaction with four round trips to the database's
-    thread (BEGIN IMMEDIATE, one read of the rows it touches, one ``executemany``, COMMIT),
-    never one per message (DESIGN.md's group commit, as the spool's writer does). Inside the
-    transaction every other writer of usage.db waits, so each message is decided on the exact
-    counts, in the order the messages arrived: no limit is passed, whatever the concurrency.
+    the next one, and a batch is one write transaction (BEGIN IMMEDIATE, one read of the rows it
+    touches, one ``executemany``, COMMIT: one trip to the database's thread on SQLite, where the
+    decision runs; four round trips on PostgreSQL), never one per message (DESIGN.md's group
+    commit, as the spool's writer does). Inside the transaction every other writer of usage.db
+    waits, so each message is decided on the exact counts, in the order the messages arrived:
+    no limit is passed, whatever the concurrency.
     """
 
     def __init__(self, db: Store) -> None:
@@ -122,29 +124,36 @@ class Admissions:
         keys = sorted({(r.login, userrules.day_key(r.now)) for r in batch})
         where = " OR ".join(["(login = ? AND day = ?)"] * len(keys))
         flat = [v for key in keys for v in key]
-        results: list[Hit | None] = []
-        async with self.db.transaction() as conn:
-            rows = await conn.fetchall(_READ_DAYS + where, flat)
-            # (login, day) -> [accepted, recipients, hour, hour_accepted]
-            state = {(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows}
-            for req in batch:
-                if req.future.done():  # its session went away before its turn: not counted
+        # Read here, on the loop: the decision may run in the database's thread (SQLite).
+        wanted = [
+            None if r.future.done() else (r.login, r.recipients, r.limits, r.now) for r in batch
+        ]
+        # (login, day) -> [accepted, recipients, hour, hour_accepted], as the batch leaves them
+        state: dict[tuple[str, str], list[Any]] = {}
+
+        def decide(rows: list[Row]) -> tuple[list[Hit | None], list[Statement]]:
+            state.clear()  # a retried transaction starts again from what it read
+            state.update({(r[0], r[1]): [r[2], r[3], r[4], r[5]] for r in rows})
+            results: list[Hit | None] = []
+            for want in wanted:
+                if want is None:  # its session went away before its turn: not counted
                     results.append(None)
                     continue
-                day, hour = userrules.day_key(req.now), userrules.hour_start(req.now)
-                row = state.setdefault((req.login, day), [0, 0, hour, 0])
+                login, recipients, limits, now = want
+                day, hour = userrules.day_key(now), userrules.hour_start(now)
+                row = state.setdefault((login, day), [0, 0, hour, 0])
                 in_hour = row[3] if row[2] == hour else 0
-                hit = first_hit(
-                    req.limits, Counts(in_hour, row[0], row[1]), req.now, req.recipients
-                )
+                hit = first_hit(limits, Counts(in_hour, row[0], row[1]), now, recipients)
                 results.append(hit)
                 if hit is None:
                     row[0] += 1
-                    row[1] += req.recipients
+                    row[1] += recipients
                     row[2], row[3] = hour, in_hour + 1
-                    self.admitted += 1
             touched = [(login, day, *v) for (login, day), v in state.items()]
-            await conn.executemany(_WRITE_DAY, touched)
+            return results, [(_WRITE_DAY, touched)]
+
+        results = await self.db.read_then_write(_READ_DAYS + where, flat, decide)
+        self.admitted += sum(1 for w, hit in zip(wanted, results, strict=True) if w and hit is None)
         if len(self._latest) > MAX_RECENT:
             self._latest.clear()
         at = batch[-1].now

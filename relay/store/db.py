@@ -170,27 +170,35 @@ class Database:
                     pass
                 raise StoreError(f"commit failed: {exc}") from exc
 
-    async def write_statements(self, statements: Sequence[Statement]) -> None:
-        """``BEGIN IMMEDIATE``, each statement's ``executemany``, ``COMMIT``: one transaction in
-        one trip to the writer's thread (with :meth:`transaction`, each is a trip of its own:
-        some 50 us of CPU apiece, bench/README.md). Rolled back if one fails."""
+    async def in_write_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in ``BEGIN IMMEDIATE`` ... ``COMMIT``, one trip to the writer's thread (not one a
+        statement: ~50 us of CPU each, bench/README.md), rolled back if it raises; run there."""
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, rows in statements:
-                    conn.executemany(sql, rows)
+                result = fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            return result
 
         async with self._write_lock:
             try:
-                await in_thread(self._writer, run)
+                return await in_thread(self._writer, run)
             except sqlite3.Error as exc:
                 raise StoreError(f"write failed: {exc}") from exc
+
+    async def write_statements(self, statements: Sequence[Statement]) -> None:
+        """Each statement's ``executemany``, one transaction, one trip (:meth:`in_write_thread`)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            for sql, rows in statements:
+                conn.executemany(sql, rows)
+
+        await self.in_write_thread(run)
 
     async def fetchall(
         self, sql: str, params: Sequence[object] | dict[str, object] = ()

@@ -21,15 +21,18 @@ node (relay/store/spool.py, relay/store/inbox.py), which use :class:`Database` d
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
-from relay.store.db import Database, StoreError
+from relay.store.db import Database, Statement, StoreError
 
 Params = Sequence[object]
+T = TypeVar("T")
+# Rows read in a write transaction -> (a result, the statements to execute for it)
+Compute = Callable[[list["Row"]], tuple[T, Sequence[Statement]]]
 
 
 class IntegrityError(StoreError):
@@ -86,6 +89,12 @@ class Store(Protocol):
 
     async def write_fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         """One writing statement in its own transaction, and its ``RETURNING`` rows."""
+        ...
+
+    async def read_then_write(self, sql: str, params: Params, compute: Compute[T]) -> T:
+        """One write transaction: the rows of ``sql``, then the statements ``compute`` makes of
+        them (``executemany`` each); ``compute``'s result. On SQLite one trip to the writer's
+        thread, ``compute`` run there: it must be plain code on plain data."""
         ...
 
     async def close(self) -> None: ...
@@ -152,6 +161,15 @@ class SqliteStore:
 
     async def write_fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return list(await self.db.write_fetchall(sql, params))
+
+    async def read_then_write(self, sql: str, params: Params, compute: Compute[T]) -> T:
+        def run(conn: sqlite3.Connection) -> T:
+            result, statements = compute(conn.execute(sql, params).fetchall())
+            for statement, rows in statements:
+                conn.executemany(statement, rows)
+            return result
+
+        return await self.db.in_write_thread(run)
 
     async def close(self) -> None:
         await self.db.close()

@@ -33,7 +33,7 @@ from psycopg.rows import RowMaker
 
 from relay.config_sections import StoreConfig
 from relay.store.db import Migration, StoreError
-from relay.store.engine import IntegrityError, Params, Row, Tx
+from relay.store.engine import Compute, IntegrityError, Params, Row, T, Tx
 
 
 def lock_key(name: str) -> int:
@@ -216,6 +216,13 @@ class PgStore:
     async def write_fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         async with self.transaction() as tx:
             return await tx.fetchall(sql, params)
+
+    async def read_then_write(self, sql: str, params: Params, compute: Compute[T]) -> T:
+        async with self.transaction() as tx:
+            result, statements = compute(await tx.fetchall(sql, params))
+            for statement, rows in statements:
+                await tx.executemany(statement, rows)
+        return result
 
     async def _begin(self) -> psycopg.AsyncConnection[PgRow]:
         for attempt in (1, 2):
