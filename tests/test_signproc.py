@@ -174,6 +174,25 @@ async def test_a_wedged_child_is_killed_and_its_work_done_inline(
     await until(lambda: keys.started == 2 and keys.running)
 
 
+async def test_stopped_and_started_at_once_leaves_one_child(
+    keys: KeyProcess, pairs: dict[str, dkimkeys.KeyPair]
+) -> None:
+    """A reload to "inline" and straight back (two SIGHUPs): the first child ends at end of file,
+    one other starts, and the first one's task starts no third."""
+    first = keys.proc
+    assert first is not None
+    keys.configure("inline")
+    assert not keys.running
+    keys.configure("process")
+    await until(lambda: keys.started == 2 and keys.running)
+    assert await asyncio.wait_for(first.wait(), WITHIN) == 0
+    await asyncio.sleep(signproc.RESTART_DELAY + 0.5)  # sleep-ok: what the old task would take
+    assert keys.started == 2 and keys.running
+    key = signing_key(pairs)
+    assert verifies(await Signer(key_process=keys).sign_async(MESSAGE, key), key, pairs["rsa"])
+    assert keys.answered == 1
+
+
 async def test_a_key_the_child_cannot_use_is_answered_empty(
     keys: KeyProcess, pairs: dict[str, dkimkeys.KeyPair]
 ) -> None:
@@ -324,6 +343,23 @@ async def test_inline_runs_no_key_process(
         assert await server.wait() == 0
     finally:
         await server.ensure_stopped()
+
+
+async def test_auto_runs_no_child_without_a_cpu_to_spare() -> None:
+    cpus = signproc.usable_cpus()
+    keys = KeyProcess()
+    try:
+        keys.configure("auto", workers=cpus)  # a worker per core: no room for it
+        assert keys._task is None and not keys.running
+        keys.configure("inline")
+        assert keys._task is None
+        if cpus > 1:
+            keys.configure("auto", workers=cpus - 1)
+            await until(lambda: keys.running)
+            keys.configure("auto", workers=cpus)  # a reload that raised workers: it stops
+            assert not keys.running and keys._task is None
+    finally:
+        await keys.stop()
 
 
 def test_dkim_signing_takes_three_values(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ class Server:
             self.db, self.spool, self.metrics, wake=self.deliverer.wake,
             subscriptions=self.webhooks.subscriptions, key_process=self.keys,
         )  # fmt: skip
-        self.keys.configure(cfg.dkim_signing)
+        self.keys.configure(cfg.dkim_signing, cfg.workers)
         self.quota = Quota(self.usage_db, cfg, self.metrics, self.clock)
         self.handler = Handler(cfg, self._auth, self.acceptor, self.metrics, self.quota)
         if self.worker == 0:
@@ -282,7 +282,7 @@ class Server:
                 self.handler.configure(new)
                 self.handler.quota.configure(new)
             self.gate.configure(new.limits, new.workers)
-            self.keys.configure(new.dkim_signing)
+            self.keys.configure(new.dkim_signing, new.workers)
             log.info("reloaded config from %s and TLS certificate", new.source)
         except (config_mod.ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
