@@ -222,7 +222,7 @@ class Signer:
         ``message`` is the header section with its blank line, and the body's hash is signed
         for the body that is not here."""
         _pem, _ident, private, tags, digest = self._unsigned(message, key, body_hash)
-        return self._signed(key, tags, self._step(key, private, digest)) + message
+        return dkimsign.signed_field(tags, self._step(key, private, digest)) + message
 
     def _unsigned(
         self, message: bytes, key: SigningKey, body_hash: BodyHash | None
@@ -256,13 +256,6 @@ class Signer:
         except ValueError as exc:  # an RSA modulus too short for the SHA-256's DigestInfo
             raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
 
-    @staticmethod
-    def _signed(key: SigningKey, tags: list[bytes], signature: bytes) -> bytes:
-        try:
-            return dkimsign.signed_field(tags, signature)
-        except (ValueError, UnicodeError) as exc:
-            raise SigningError(f"cannot DKIM-sign for {key.domain}: {exc}") from exc
-
     async def sign_async(
         self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None
     ) -> bytes:
@@ -278,7 +271,7 @@ class Signer:
         signature = await keys.sign(ident, pem, digest) if keys.takes(private) else None
         if signature is None:
             signature = self._step(key, private, digest)
-        return self._signed(key, tags, signature) + message
+        return dkimsign.signed_field(tags, signature) + message
 
 
 @dataclass(frozen=True)

@@ -120,26 +120,6 @@ def selected(fields: Sequence[Field], include: Sequence[bytes]) -> list[Field]:
     return out
 
 
-def signature_field(
-    fields: Sequence[Field],
-    include: Sequence[bytes],
-    body_hash: bytes,
-    key: PrivateKey,
-    *,
-    domain: bytes,
-    selector: bytes,
-    algorithm: bytes,
-    now: float | None = None,
-) -> bytes:
-    """The DKIM-Signature field, CRLF-terminated, relaxed/relaxed, for the header ``fields`` (a
-    message's, in order), signing those ``include`` names (lowercase), with ``body_hash`` as bh=.
-    Raises ValueError when the key cannot make the signature (an RSA modulus too short)."""
-    tags, digest = unsigned_field(
-        fields, include, body_hash, domain=domain, selector=selector, algorithm=algorithm, now=now
-    )
-    return signed_field(tags, private_key_step(key, digest))
-
-
 def unsigned_field(
     fields: Sequence[Field],
     include: Sequence[bytes],
@@ -150,7 +130,10 @@ def unsigned_field(
     algorithm: bytes,
     now: float | None = None,
 ) -> tuple[list[bytes], bytes]:
-    """The field's tags but b=, and the SHA-256 the private-key step signs for b=."""
+    """The DKIM-Signature field's tags, relaxed/relaxed, for the header ``fields`` (a message's,
+    in order), signing those ``include`` names (lowercase), with ``body_hash`` as bh=, all but
+    b=; and the SHA-256 the private-key step signs for b= (:func:`private_key_step`, then
+    :func:`signed_field`)."""
     tags = [
         b"v=1",
         b"a=" + algorithm,

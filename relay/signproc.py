@@ -32,12 +32,12 @@ import signal
 import socket
 import struct
 import sys
-import time
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay import restart
 from relay.dkimsign import PrivateKey, private_key_step
 
 log = logging.getLogger("relaybox.dkim")
@@ -46,8 +46,6 @@ KEY = struct.Struct(">cII")
 SIGN = struct.Struct(">cII32s")
 ANSWER = struct.Struct(">IH")
 ANSWER_TIMEOUT = 2.0  # seconds; past this the worker signs inline (a wedged or starved child)
-RESTART_DELAY = 1.0
-MAX_RESTART = 30.0
 MAX_PEM = 64 * 1024
 MAX_KEYS = 1024
 
@@ -192,24 +190,11 @@ class KeyProcess:
     async def _run(self, generation: int) -> None:
         """Keep a child running until :meth:`stop` or a ``configure`` that wants none (each
         moves the generation on: a task of an older one ends with its child)."""
-        delay = RESTART_DELAY
-        while True:
-            began = time.monotonic()
-            try:
-                code: int | None = await self._once(generation)
-            except OSError as exc:
-                code = None
-                log.error("DKIM key process: cannot start it: %s", exc)
-            if generation != self._generation:
-                return
-            if time.monotonic() - began > 2 * MAX_RESTART:  # it ran a while: not a crash loop
-                delay = RESTART_DELAY
-            log.error(
-                "DKIM key process exited (%s); signing inline, starting it again in %.0f s",
-                code, delay,
-            )  # fmt: skip
-            await asyncio.sleep(delay)  # sleep-ok: a restart delay, not a poll
-            delay = min(MAX_RESTART, delay * 2)
+        await restart.keep_running(
+            lambda: self._once(generation),
+            lambda: generation != self._generation,
+            log, "DKIM key process", "signing inline",
+        )  # fmt: skip
 
     async def _once(self, generation: int) -> int:
         ours, theirs = socket.socketpair()

@@ -27,7 +27,7 @@ import pytest
 
 from relay import config as config_mod
 from relay import dkim as relay_dkim
-from relay import dkimkeys, dkimsign, signproc
+from relay import dkimkeys, dkimsign, restart, signproc
 from relay.dkim import Signer
 from relay.signproc import KeyProcess
 from relay.store import domains, shared
@@ -186,7 +186,7 @@ async def test_stopped_and_started_at_once_leaves_one_child(
     keys.configure("process")
     await until(lambda: keys.started == 2 and keys.running)
     assert await asyncio.wait_for(first.wait(), WITHIN) == 0
-    await asyncio.sleep(signproc.RESTART_DELAY + 0.5)  # sleep-ok: what the old task would take
+    await asyncio.sleep(restart.RESTART_DELAY + 0.5)  # sleep-ok: what the old task would take
     assert keys.started == 2 and keys.running
     key = signing_key(pairs)
     assert verifies(await Signer(key_process=keys).sign_async(MESSAGE, key), key, pairs["rsa"])

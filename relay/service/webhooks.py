@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from relay import clock as clock_mod
+from relay import restart
 from relay.clock import Clock
 from relay.config import Config
 from relay.delivery.poster import Poster
@@ -139,8 +139,6 @@ class Webhooks:
 
 
 OUTCOMES = ("delivered", "retried", "failed")
-RESTART_DELAY = 1.0  # after the poster process ended on its own; doubling, at most MAX_RESTART
-MAX_RESTART = 30.0
 STOP_GRACE = 5.0  # seconds past its own drain a stopping poster process is given, then killed
 
 
@@ -213,24 +211,9 @@ class PosterProcess:
             self._task = None
 
     async def _run(self) -> None:
-        delay = RESTART_DELAY
-        while True:
-            began = time.monotonic()
-            try:
-                code = await self._once()
-            except OSError as exc:
-                code = None
-                log.error("webhook poster: cannot start it: %s", exc)
-            if self._stopping:
-                return
-            if time.monotonic() - began > 2 * MAX_RESTART:  # it ran a while: not a crash loop
-                delay = RESTART_DELAY
-            log.error(
-                "webhook poster exited (%s); starting it again in %.0f s (pending events wait)",
-                code, delay,
-            )  # fmt: skip
-            await asyncio.sleep(delay)  # sleep-ok: a restart delay, not a poll
-            delay = min(MAX_RESTART, delay * 2)
+        await restart.keep_running(
+            self._once, lambda: self._stopping, log, "webhook poster", "pending events wait"
+        )
 
     async def _once(self) -> int:
         proc = await asyncio.create_subprocess_exec(
