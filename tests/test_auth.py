@@ -427,7 +427,7 @@ async def test_an_audit_row_the_store_cannot_write_does_not_fail_the_auth(
 ) -> None:
     """The lockout and login-failures audit rows cannot be written (the database is write-locked):
     the AUTH is still answered, the lockout still holds, and the mail log has both events."""
-    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    db = SqliteStore(await Database.open(cfg.db_path, MAIN_MIGRATIONS))
     try:
         locking = Authenticator(db, hasher, cfg, clock=clock)
         ip = "192.0.2.5"

@@ -16,8 +16,11 @@ The SMTP session talks to :class:`Authenticator` only, never to the user store (
   :func:`address_key`: an IPv4 address as it is, an IPv6 address by its ``auth.ipv6_prefix``
   network (a /64 by default: one subnet, which a client that has one rotates through at will).
 - Cache: a successful verify is remembered for ``auth.cache_ttl`` under a keyed digest of the
-  password (HMAC with a per-process random key; never the password). A hit still reads the stored
-  credentials (one cheap SQL read) so a reset, disable or delete takes effect on the next AUTH.
+  password (HMAC with a per-process random key; never the password). A hit still looks at the
+  stored credentials so a reset, disable or delete takes effect on the next AUTH.
+- Stored credentials (AUTH's cache hits, the recheck at MAIL FROM): kept by a
+  relay/store/readcache.py cache, read again after any write to the main store (so as soon as a
+  CLI command that changed them has returned), at once on PostgreSQL.
 - Single flight: simultaneous logins with the same credentials share one argon2 verify.
 - Every failure takes at least ``auth.failure_delay``, so timing says nothing about why.
 """
@@ -42,6 +45,7 @@ from relay.store import authfail, events, logins
 from relay.store.db import StoreError
 from relay.store.engine import Store
 from relay.store.passwords import Hasher
+from relay.store.readcache import ReadCache
 
 
 class Outcome(Enum):
@@ -105,6 +109,7 @@ class Authenticator:
         self._inflight: dict[tuple[str, bytes], asyncio.Future[logins.VerifyResult]] = {}
         self._key = secrets.token_bytes(32)
         self.logins: dict[str, float] = {}  # last successful login per user, flushed in batches
+        self.credentials: ReadCache[str, logins.Credentials | None] = ReadCache(db.generation)
 
     def configure(self, cfg: Config) -> None:
         """Apply a reloaded config (limits and TTLs; counts are kept)."""
@@ -310,7 +315,7 @@ class Authenticator:
     ) -> tuple[str, logins.Credentials] | None:
         """Which stored password ``password_hash`` still is ("current"/"previous") and the
         stored row, or None."""
-        creds = await logins.credentials(self.db, login)
+        creds = await self.credentials.get(login, lambda: logins.credentials(self.db, login))
         if creds is None or creds.disabled:
             return None
         if hmac.compare_digest(creds.current_hash, password_hash):
@@ -325,9 +330,10 @@ class Authenticator:
         return None
 
     async def recheck(self, identity: Identity, ip: str) -> tuple[Controls | None, str]:
-        """Re-check an authenticated session (at MAIL FROM), one read: the user's controls as
-        stored now, or None and why not (``credentials_revoked``: deleted, disabled or its
-        password reset since AUTH; ``expired``; ``ip_not_allowed``). Revocation is immediate."""
+        """Re-check an authenticated session (at MAIL FROM): the user's controls as stored now
+        (read, or kept from a read since which nothing was written), or None and why not
+        (``credentials_revoked``: deleted, disabled or its password reset since AUTH;
+        ``expired``; ``ip_not_allowed``). Revocation is immediate."""
         now = self.clock()
         found = await self._still_matches(identity.login, identity.password_hash, now)
         if found is None:

@@ -51,6 +51,7 @@ class Handler:
         self.acceptor = acceptor
         self.metrics = metrics
         self.quota = quota
+        self.suppressions = suppressions.Lookup(acceptor.db)
 
     def configure(self, cfg: Config) -> None:
         """Reload: limits and the hostname apply from the next command on."""
@@ -211,10 +212,8 @@ class Handler:
             hit = self.quota.rcpt_hit(grant.limits, grant.counts, len(envelope.rcpt_tos))
             if hit is not None:
                 return str(await self.quota.refused(st.identity.login, hit))
-        try:  # one primary-key read (relay/store/suppressions.py)
-            entry = await suppressions.is_suppressed(
-                self.acceptor.db, st.identity.domain, address, self.quota.clock()
-            )
+        try:  # a primary-key read, or its answer kept (relay/store/suppressions.py, Lookup)
+            entry = await self.suppressions.check(st.identity.domain, address, self.quota.clock())
         except StoreError:
             return str(replies.TEMP_FAILURE)
         if entry is not None:

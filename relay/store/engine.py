@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 
 from relay.store.db import Database, Statement, StoreError
+from relay.store.readcache import Generation
 
 Params = Sequence[object]
 T = TypeVar("T")
@@ -79,6 +80,12 @@ class Store(Protocol):
     @property
     def where(self) -> str:
         """Where it is, for messages: a path, or a URL without its password."""
+        ...
+
+    @property
+    def generation(self) -> Generation | None:
+        """What moves after each write, for the answers kept by relay/store/readcache.py (None:
+        nothing is kept, every lookup reads)."""
         ...
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
@@ -137,21 +144,34 @@ class SqliteTx:
 
 
 class SqliteStore:
-    """:class:`Store` on one SQLite file of the state dir."""
+    """:class:`Store` on one SQLite file of the state dir. With a ``generation``, each write
+    moves it once over (committed or not: a failed one costs the caches a read)."""
 
     engine = "sqlite"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, generation: Generation | None = None) -> None:
         self.db = db
+        self._generation = generation
 
     @property
     def where(self) -> str:
         return str(self.db.path)
 
+    @property
+    def generation(self) -> Generation | None:
+        return self._generation
+
+    def _written(self) -> None:
+        if self._generation is not None:
+            self._generation.advance()
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        async with self.db.transaction() as conn:
-            yield SqliteTx(conn)
+        try:
+            async with self.db.transaction() as conn:
+                yield SqliteTx(conn)
+        finally:
+            self._written()
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return list(await self.db.fetchall(sql, params))
@@ -160,7 +180,10 @@ class SqliteStore:
         return await self.db.fetchone(sql, params)
 
     async def write_fetchall(self, sql: str, params: Params = ()) -> list[Row]:
-        return list(await self.db.write_fetchall(sql, params))
+        try:
+            return list(await self.db.write_fetchall(sql, params))
+        finally:
+            self._written()
 
     async def read_then_write(self, sql: str, params: Params, compute: Compute[T]) -> T:
         def run(conn: sqlite3.Connection) -> T:
@@ -169,7 +192,12 @@ class SqliteStore:
                 conn.executemany(statement, rows)
             return result
 
-        return await self.db.in_write_thread(run)
+        try:
+            return await self.db.in_write_thread(run)
+        finally:
+            self._written()
 
     async def close(self) -> None:
         await self.db.close()
+        if self._generation is not None:
+            self._generation.close()

@@ -180,6 +180,12 @@ class PgStore:
     def where(self) -> str:
         return redact_url(self.url)
 
+    @property
+    def generation(self) -> None:
+        """None: nodes share this store, a file of one cannot tell the others (every lookup
+        reads; relay/store/readcache.py)."""
+        return None
+
     async def _getconn(self) -> psycopg.AsyncConnection[PgRow]:
         try:
             return await self._pool.getconn(timeout=self._timeout)

@@ -10,6 +10,7 @@ from relay.config import Config
 from relay.store import pg, pg_schema, usage
 from relay.store.db import MAIN_MIGRATIONS, Database, Migration
 from relay.store.engine import SqliteStore, Store
+from relay.store.readcache import Generation, generation_path
 
 COMPONENTS: dict[str, tuple[Sequence[Migration], Sequence[Migration]]] = {
     # component: (its SQLite migrations, its PostgreSQL migrations), versioned together
@@ -34,7 +35,13 @@ async def open_main(cfg: Config) -> Store:
     """The main tables (created and migrated if need be)."""
     if cfg.store.url:
         return await open_pg(cfg, "main")
-    return SqliteStore(await Database.open(cfg.db_path, MAIN_MIGRATIONS))
+    db = await Database.open(cfg.db_path, MAIN_MIGRATIONS)
+    try:  # after the database: it made the state dir, and a file there is as private
+        generation = Generation(generation_path(cfg.db_path))
+    except BaseException:
+        await db.close()
+        raise
+    return SqliteStore(db, generation)
 
 
 def counts_exist(cfg: Config) -> bool:

@@ -5,7 +5,8 @@ A permanent failure that says the address is bad (:func:`suppresses`: by its enh
 (:func:`record_bounce`, called by delivery once the outcome itself is recorded); an operator adds
 and removes entries (:func:`add`, :func:`remove`: audited in the same transaction). A later RCPT
 TO a listed address from a user of that domain is refused (:func:`is_suppressed`: one
-primary-key read).
+primary-key read; the server asks through :class:`Lookup`, which keeps answers until the next
+write to the store, relay/store/readcache.py).
 
 The ``suppressions`` table (relay/store/db.py, migration 4), which only this module writes, is
 keyed (domain, address): the sender domain as stored (lowercase A-label), the recipient with its
@@ -29,8 +30,10 @@ from relay.metrics import Metrics
 from relay.replies import Reply
 from relay.store import domains, events
 from relay.store.engine import Store, Tx
+from relay.store.readcache import ReadCache
 
 __all__ = [
+    "Lookup",
     "Suppress",
     "Suppression",
     "add",
@@ -157,6 +160,37 @@ async def is_suppressed(db: Store, domain: str, address: str, now: float) -> Sup
         (domain, key, now),
     )
     return None if row is None else _row(row)
+
+
+async def any_live(db: Store, domain: str, now: float) -> bool:
+    """Whether ``domain``'s list has a live entry. Live entries only ever lapse with time: a
+    False stays true until something is written."""
+    row = await db.fetchone(
+        f"SELECT 1 FROM suppressions WHERE domain = ? AND {_LIVE} LIMIT 1", (domain, now)
+    )
+    return row is not None
+
+
+class Lookup:
+    """:func:`is_suppressed` for RCPT TO, with answers kept while nothing is written to the store
+    (relay/store/readcache.py): first whether the domain has any live entry (most have none, and
+    then no address needs a read), then the address. A kept entry still lapses at its
+    ``expires_at``."""
+
+    def __init__(self, db: Store) -> None:
+        self.db = db
+        self.domains: ReadCache[str, bool] = ReadCache(db.generation)
+        self.entries: ReadCache[tuple[str, str], Suppression | None] = ReadCache(db.generation)
+
+    async def check(self, domain: str, address: str, now: float) -> Suppression | None:
+        if not await self.domains.get(domain, lambda: any_live(self.db, domain, now)):
+            return None
+        entry = await self.entries.get(
+            (domain, address), lambda: is_suppressed(self.db, domain, address, now)
+        )
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
+            return None
+        return entry
 
 
 async def list_for(db: Store, now: float, domain: str | None = None) -> list[Suppression]:
