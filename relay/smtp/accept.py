@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relay import maillog, replies, webhook
@@ -107,9 +107,12 @@ class Acceptor:
         message: bytes,
         user: str,
         tail: Spill | None = None,
+        before_queue: Callable[[], Awaitable[None]] | None = None,
     ) -> str:
         """Sign and queue; returns the queue id once the message is committed to disk.
         ``tail``: a large message's body, on disk (then ``message`` is its header section).
+        ``before_queue``: awaited once signed, before anything is queued (the DATA handler's
+        admission, made while the message was being signed); what it raises queues nothing.
 
         ``message`` has passed the DATA checks (relay.smtp.policy.check_header), its field names
         written the modern way (relay.grammar.modern_field_names), so the signer reads the fields
@@ -119,6 +122,8 @@ class Acceptor:
         if d.key is not None:
             body_hash = tail.body_hash if tail is not None else None
             message = await self.signer.sign_async(message, d.key, body_hash)
+        if before_queue is not None:
+            await before_queue()
         allowed = allowed_of(recipients, d.allowed) if d.sandbox else frozenset()
         events = None
         if self.subscriptions.wanted("message.accepted", d.name):

@@ -37,6 +37,14 @@ _HANDLED = AuthResult(success=False, handled=True)
 MAX_AUTH_FAILURES_PER_SESSION = 3
 
 
+class _NotAdmitted(Exception):
+    """The admission refused the message (a limit): its 451, nothing queued."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.code)
+        self.reply = reply
+
+
 class Handler:
     def __init__(
         self,
@@ -244,20 +252,30 @@ class Handler:
             return self._refuse(refusal, st.ip, identity.login)
         message = self._complete(checked, smtp, identity.login)
         rcpts = list(envelope.rcpt_tos)
-        try:  # counted now, exactly (relay/store/usage.py); taken back below if not queued
-            over, admitted_at = await self.quota.admit(identity.login, len(rcpts), grant.limits)
-        except StoreError:
-            self.metrics.rejected("store_error")
-            return str(replies.TEMP_FAILURE)
-        if over is not None:
-            return str(over)
+        # Counted now, exactly (relay/store/usage.py), while the message is signed: the two waits
+        # overlap. Queued only once counted; taken back below if it was counted and not queued.
+        admission = asyncio.ensure_future(
+            self.quota.admit(identity.login, len(rcpts), grant.limits)
+        )
+
+        async def admitted() -> None:
+            over, _at = await admission
+            if over is not None:
+                raise _NotAdmitted(over)
+
         queued = False
         try:
             msg_id = await self.acceptor.accept(
-                identity.domain, envelope.mail_from, rcpts, message, identity.login, st.spill
-            )
+                identity.domain, envelope.mail_from, rcpts, message, identity.login, st.spill,
+                before_queue=admitted,
+            )  # fmt: skip
             queued = True
+        except _NotAdmitted as refused:
+            return str(refused.reply)  # counted and logged (once per window) by the quota
         except StoreError:
+            if admission.done() and admission.exception() is not None:  # the count's store
+                self.metrics.rejected("store_error")
+                return str(replies.TEMP_FAILURE)
             log.exception("could not queue a message from %s", maillog.safe(identity.login))
             self.metrics.rejected("store_error")
             return str(replies.TEMP_FAILURE)
@@ -269,13 +287,24 @@ class Handler:
             return str(replies.TEMP_FAILURE)
         finally:
             if not queued:
-                await self.quota.release(identity.login, len(rcpts), admitted_at)
+                await self._take_back(admission, identity.login, len(rcpts))
         st.messages += 1
         size = len(message) + (st.spill.size if st.spill is not None else 0)
         maillog.queued(
             msg_id, envelope.mail_from, len(envelope.rcpt_tos), size, identity.login, st.ip
         )
         return str(replies.QUEUED.fill(id=msg_id))
+
+    async def _take_back(
+        self, admission: asyncio.Future[tuple[Reply | None, float]], login: str, rcpts: int
+    ) -> None:
+        """The message was not queued: if its admission counted it, uncount it."""
+        try:
+            over, admitted_at = await asyncio.shield(admission)
+        except StoreError:
+            return  # nothing was counted
+        if over is None:
+            await self.quota.release(login, rcpts, admitted_at)
 
     def _refuse(self, refusal: Reply, ip: str, login: str) -> str:
         maillog.rejected("data", replies.token(refusal), ip, login)

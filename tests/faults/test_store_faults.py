@@ -23,6 +23,7 @@ from relay import replies
 from relay.clock import ManualClock
 from relay.config import Config
 from relay.store import db as db_mod
+from relay.store import usage
 from tests.dialogue import Dialogue
 from tests.hostile.kit import LOGIN, authed, message, queued, started, stopped
 from tests.relayserver import RelayHandle
@@ -86,6 +87,32 @@ async def test_spool_locked_by_a_cli_transaction(quick_busy: RelayHandle) -> Non
         assert await spool_ids(relay) == [first]  # reads go on under WAL
     second = queue_id(await send(d, "after"))
     assert await spool_ids(relay) == sorted([first, second])
+    await d.close()
+    # Each refused message was admitted (counted) while it was signed, and taken back when its
+    # enqueue failed: the user's counts hold the two queued ones only.
+    assert await counts(relay) == usage.Counts(2, 2, 2)
+
+
+async def counts(relay: RelayHandle) -> usage.Counts:
+    assert relay.server.usage_db is not None
+    return await usage.snapshot(relay.server.usage_db, LOGIN, relay.server.clock())
+
+
+async def test_counts_locked_is_a_temporary_failure_and_nothing_is_queued(
+    quick_busy: RelayHandle,
+) -> None:
+    """The admission (usage.db) runs while the message is signed: when it cannot be written,
+    the signed message is not queued, and the reply is the same 451 4.3.0."""
+    relay = quick_busy
+    password = await relay.add_user(LOGIN)
+    d = await authed(relay, password)
+    first = queue_id(await send(d, "before"))
+    with cli_write_lock(relay.server.cfg.usage_path):
+        assert await send(d, "while locked") == TEMP_FAILURE
+    assert await spool_ids(relay) == [first]
+    second = queue_id(await send(d, "after"))
+    assert await spool_ids(relay) == sorted([first, second])
+    assert await counts(relay) == usage.Counts(2, 2, 2)
     await d.close()
 
 
