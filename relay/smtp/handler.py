@@ -273,10 +273,11 @@ class Handler:
         except _NotAdmitted as refused:
             return str(refused.reply)  # counted and logged (once per window) by the quota
         except StoreError:
-            if admission.done() and admission.exception() is not None:  # the count's store
-                self.metrics.rejected("store_error")
-                return str(replies.TEMP_FAILURE)
-            log.exception("could not queue a message from %s", maillog.safe(identity.login))
+            counting_failed = (
+                admission.done() and not admission.cancelled() and admission.exception() is not None
+            )
+            if not counting_failed:  # the spool failed (a failed count: 451 alone, as before)
+                log.exception("could not queue a message from %s", maillog.safe(identity.login))
             self.metrics.rejected("store_error")
             return str(replies.TEMP_FAILURE)
         except HeaderError:  # the checks above let nothing through that the signer refuses
