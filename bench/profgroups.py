@@ -44,6 +44,7 @@ GROUPS: list[tuple[str, tuple[str, ...], bool]] = [
         False,
     ),
     ("DATA reading", ("relay/smtp/data.py", "relay/smtp/reader.py", "relay/smtp/spill.py"), False),
+    ("delivery: scheduler, outbound sessions", ("relay/delivery/", "aiosmtplib/"), False),
     ("aiosmtpd parsing and replies", ("aiosmtpd/",), False),
     ("relaybox's other code", ("relay/",), False),
     ("asyncio's loop and streams", ("asyncio/",), False),
@@ -79,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("profile", help="py-spy --format raw output")
     args = p.parse_args()
-    with open(args.profile, encoding="utf-8") as f:
+    with open(args.profile, encoding="utf-8", errors="replace") as f:
         total, counts = shares(f.readlines())
     print(f"{total} samples")
     for name in [g[0] for g in GROUPS] + ["other"]:

@@ -371,3 +371,32 @@ async def test_drain_lets_a_command_in_progress_finish(relay: RelayHandle) -> No
         await busy.close()
         await idle.close()
         await asyncio.wait_for(stopping, 40)  # the fixture's shutdown would not wait for it
+
+
+# --- aiosmtpd's hook tables, built from the short listing -----------------------------------------
+
+
+async def test_session_hook_tables_match_the_full_listing(relay: RelayHandle) -> None:
+    """RelaySMTP and Handler list only the names aiosmtpd's constructor looks for (``__dir__``,
+    relay/smtp/session.py). The tables of a live session must be exactly those aiosmtpd builds
+    from every attribute: the handler's AUTH mechanisms (never aiosmtpd's built-in ones, which
+    fail every login here), its hooks, and every command of the session class."""
+    d = await Dialogue.open(relay.tls_port, tls=relay.client_context())
+    try:
+        await d.expect_after("EHLO hooks", "250")
+        smtp = server_session(relay, d)
+        handler = smtp.event_handler
+        full_self, full_handler = object.__dir__(smtp), object.__dir__(handler)
+        smtp_names = {n.removeprefix("smtp_") for n in full_self if n.startswith("smtp_")}
+        hook_names = {n.removeprefix("handle_") for n in full_handler if n.startswith("handle_")}
+        assert set(smtp._smtp_methods) == smtp_names
+        assert set(smtp._handle_hooks) == hook_names
+        assert {"MAIL", "RCPT", "DATA", "exception"} <= hook_names
+        auth = smtp._auth_methods
+        assert set(auth) == {"PLAIN", "LOGIN"}  # CRAM-MD5 excluded
+        for name, impl in auth.items():
+            assert not impl.is_builtin
+            assert impl.method == getattr(handler, f"auth_{name}")
+        assert set(dir(smtp)) <= set(full_self) and set(dir(handler)) <= set(full_handler)
+    finally:
+        await d.close()

@@ -24,7 +24,7 @@ from relay.smtp import policy
 from relay.smtp.accept import Acceptor
 from relay.smtp.auth import Authenticator, Outcome
 from relay.smtp.controls import Grant, Quota
-from relay.smtp.session import RelaySMTP
+from relay.smtp.session import RelaySMTP, hook_names
 from relay.store import suppressions
 from relay.store.db import StoreError
 
@@ -64,6 +64,9 @@ class Handler:
     def configure(self, cfg: Config) -> None:
         """Reload: limits and the hostname apply from the next command on."""
         self.cfg = cfg
+
+    def __dir__(self) -> list[str]:
+        return hook_names(self, ("handle_", "auth_"))  # what aiosmtpd reads for every session
 
     # --- AUTH (RFC 4954; PLAIN is RFC 4616) ------------------------------------------------------
 
