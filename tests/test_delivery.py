@@ -755,6 +755,29 @@ async def test_stop_lets_the_started_transaction_finish_and_hands_back_the_waiti
     assert held.senders == [running] and len(held.messages) == 1
 
 
+async def test_a_message_deleted_while_its_job_waits_for_a_slot_is_not_delivered(
+    cfg: Config, held: Upstream, run: Runner
+) -> None:
+    """A job reads its message once it has a slot, so a `queue delete` made while it waited
+    holds (the operator's way to stop a message: it must not go out)."""
+    spool, deliverer = await run(held_cfg(cfg, held, per_destination=1), start=False)
+    senders = ["first@example.com", "second@example.com"]
+    ids = {s: await queue(spool, "r@example.net", sender=s) for s in senders}
+    deliverer.start()
+    deliverer.wake()
+    await held.wait_for(lambda h: h.held == 1)
+    [running] = held.senders  # its MAIL waits upstream; the other job, claimed with it, waits
+    [waiting] = [s for s in senders if s != running]
+    await spool.delete(ids[waiting])
+    held.release_all()
+    await settle(deliverer)
+    [r] = (await spool.show(ids[running])).recipients
+    assert r.state == "delivered"
+    assert held.senders == [running] and len(held.messages) == 1
+    with pytest.raises(NotFound):
+        await spool.show(ids[waiting])
+
+
 async def test_a_job_claimed_later_waits_for_the_destination_slot(
     dns_cfg: Config,
     dns_server: TestDNSServer,

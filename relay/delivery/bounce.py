@@ -7,6 +7,7 @@ notification: it never gets a DSN (RFC 5321 6.1, RFC 3464 2.1), so a bounce cann
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import Sequence
@@ -16,7 +17,12 @@ from email.utils import format_datetime, formatdate
 
 from relay import grammar
 from relay.config import Config
-from relay.store.spool import Message, NewMessage
+from relay.store import suppressions
+from relay.store.db import StoreError
+from relay.store.spool import DueRecipient, Message, NewMessage, Outcome
+from relay.store.suppressions import Suppress
+
+log = logging.getLogger("relaybox.delivery")
 
 _ENHANCED = re.compile(r"^\s*\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 MAX_DIAGNOSTIC = 400  # keeps every DSN line far below RFC 5322's 998 octets
@@ -142,3 +148,29 @@ def for_failures(
         return None
     body = build(cfg, message, failures, now=now)
     return NewMessage(sender="", recipients=(message.sender,), body=body, user=None)
+
+
+async def suppress(
+    into: Suppress,
+    codes: Sequence[str],
+    msg: Message,
+    rcpts: Sequence[DueRecipient],
+    outcomes: Sequence[Outcome],
+    now: float,
+) -> None:
+    """Suppress the bounced recipients whose reply says the address is bad (``codes``), for the
+    sending user's domain, the one its RCPT TO is checked against (a sender of a subdomain,
+    allowed by --allow-from, is its user's domain's; a DSN, sender "", never gets here).
+    The outcomes are recorded already: a failure here is logged and changes nothing else.
+    One write per such bounce; none for delivered or deferred mail."""
+    domain = grammar.domain_part(msg.user or msg.sender)
+    for r, o in zip(rcpts, outcomes, strict=True):
+        code = suppressions.suppresses(o.reply, codes)
+        if o.state != "bounced" or code is None:
+            continue
+        try:
+            await into(domain, r.address, code, o.reply, now)
+        except StoreError as exc:
+            log.error("could not suppress %s for %s: %s", r.address, domain, exc)
+        except Exception:
+            log.exception("could not suppress %s for %s", r.address, domain)

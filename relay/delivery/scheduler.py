@@ -33,7 +33,6 @@ from relay.delivery import bounce
 from relay.delivery.budget import BodyBudget
 from relay.delivery.outbound import Outbound, Result
 from relay.metrics import Metrics
-from relay.store import suppressions
 from relay.store.db import StoreError
 from relay.store.inbox import Inbox
 from relay.store.outbox import EventRow
@@ -113,6 +112,7 @@ class Deliverer:
         self._max_pending = 2 * d.concurrency  # claimed jobs (running + waiting for a slot)
         self._jobs: dict[asyncio.Task[None], _Job] = {}
         self._inflight: set[tuple[str, int]] = set()  # claimed, outcome not yet recorded
+        self._orphans = False  # a job ended with some of its recipients still in flight
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -199,11 +199,13 @@ class Deliverer:
     async def _maintain(self) -> None:
         await self._out.close_idle()
         # Claimed recipients whose outcome could not be written (store fault): hand them back.
-        active = {(r.message_id, r.idx) for job in self._jobs.values() for r in job.recipients}
-        orphans = self._inflight - active
-        if orphans:
-            await self.spool.release(sorted(orphans))
-            self._inflight -= orphans
+        if self._orphans:
+            active = {(r.message_id, r.idx) for job in self._jobs.values() for r in job.recipients}
+            orphans = self._inflight - active
+            if orphans:
+                await self.spool.release(sorted(orphans))
+                self._inflight -= orphans
+            self._orphans = False
         if self._metrics is not None and time.monotonic() >= self._next_depth:
             self._next_depth = time.monotonic() + DEPTH_INTERVAL
             self._metrics.set_queue_depth(await self.spool.depth())
@@ -228,7 +230,9 @@ class Deliverer:
             task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._jobs.pop(task, None)
+        job = self._jobs.pop(task, None)
+        if job is not None and any((r.message_id, r.idx) in self._inflight for r in job.recipients):
+            self._orphans = True  # ended with recipients unrecorded: _maintain hands them back
         self._wake.set()  # room for more
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery job failed", exc_info=task.exception())
@@ -332,7 +336,8 @@ class Deliverer:
         elif failures:
             maillog.bounce_dropped(msg.id, len(failures))
         if failures and msg.sender and self._suppress is not None:
-            await self._suppressions(msg, job.recipients, outcomes, now)
+            codes = self.cfg.suppression.codes
+            await bounce.suppress(self._suppress, codes, msg, job.recipients, outcomes, now)
 
     def _events(
         self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
@@ -351,27 +356,6 @@ class Deliverer:
             )  # fmt: skip
             rows += self._subs.rows(f"message.{o.state}", domain, data, now)
         return rows
-
-    async def _suppressions(
-        self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
-    ) -> None:
-        """Suppress the bounced recipients whose reply says the address is bad, for the
-        sending user's domain, the one its RCPT TO is checked against (a sender of a subdomain,
-        allowed by --allow-from, is its user's domain's; a DSN, sender "", never gets here).
-        The outcomes are recorded already: a failure here is logged and changes nothing else.
-        One write per such bounce; none for delivered or deferred mail."""
-        assert self._suppress is not None
-        domain = grammar.domain_part(msg.user or msg.sender)
-        for r, o in zip(rcpts, outcomes, strict=True):
-            code = suppressions.suppresses(o.reply, self.cfg.suppression.codes)
-            if o.state != "bounced" or code is None:
-                continue
-            try:
-                await self._suppress(domain, r.address, code, o.reply, now)
-            except StoreError as exc:
-                log.error("could not suppress %s for %s: %s", r.address, domain, exc)
-            except Exception:
-                log.exception("could not suppress %s for %s", r.address, domain)
 
     def _log(
         self, msg: Message, rcpts: list[DueRecipient], outcomes: list[Outcome], now: float
