@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated relaybox targets to run (the ceiling always runs), e.g. "
         "relaybox-e2e,relaybox-e2e-webhook: fewer targets, more rounds in the same time",
     )
+    p.add_argument(
+        "--base",
+        default="",
+        help="another checkout (e.g. `git worktree add /tmp/base HEAD~1`): every relaybox target "
+        "also runs from it as TARGET@base, in the same rounds; the ratios TARGET / TARGET@base "
+        "are an A/B of the two",
+    )
     p.add_argument("--no-scale", action="store_true", help="skip the 1M-recipient spool run")
     p.add_argument("--scale-recipients", type=int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="1 round of 2 s, no big/scale runs")
@@ -176,22 +183,25 @@ async def _run(
                 continue
             if args.targets and name not in args.targets:
                 continue
-            rb = await rb_mod.Relaybox.start(
-                name,
-                work / name,
-                paused=paused,
-                cache_ttl=ttl,
-                users=users,
-                dkim_key_type=dkim,
-                user_limit=limit,
-                webhook_url=hook_url if name.endswith("-webhook") else "",
-                store=pg.store_table(pg.new_database()) if pg and name.endswith("-pg") else "",
-                dkim_signing="inline" if name.endswith("-inline") else "auto",
-                extra=args.relaybox_toml.replace("\\n", "\n"),
-                **common,
-            )
-            stops.append(rb.stop)
-            targets[name] = rb.target
+            for code in (None, Path(args.base)) if args.base else (None,):
+                full = name if code is None else f"{name}@base"
+                rb = await rb_mod.Relaybox.start(
+                    full,
+                    work / full,
+                    paused=paused,
+                    cache_ttl=ttl,
+                    users=users,
+                    dkim_key_type=dkim,
+                    user_limit=limit,
+                    webhook_url=hook_url if name.endswith("-webhook") else "",
+                    store=pg.store_table(pg.new_database()) if pg and name.endswith("-pg") else "",
+                    dkim_signing="inline" if name.endswith("-inline") else "auto",
+                    extra=args.relaybox_toml.replace("\\n", "\n"),
+                    code=code,
+                    **common,
+                )
+                stops.append(rb.stop)
+                targets[full] = rb.target
     else:
         info["skipped"]["relaybox"] = why
         log(f"relaybox targets skipped: {why}")
@@ -223,10 +233,11 @@ async def _run(
         "postfix-e2e",
         "postfix-dkim-e2e",
     ]
+    order = [m for n in order for m in (n, f"{n}@base")]  # each next to its base (--base)
     for c in args.connections:
         scenarios += [Scenario(targets[n], c, size=args.size) for n in order if n in targets]
-    for n in (CEILING, "relaybox-accept", "relaybox-nocache"):
-        if n in targets:
+    for n in (CEILING, "relaybox-accept", "relaybox-accept@base", "relaybox-nocache"):
+        if n in targets and args.reconnect_connections:
             scenarios.append(Scenario(targets[n], args.reconnect_connections, reconnect=True))
 
     sink_target = Target("sink", sink.port, "", pw, lambda procs: {sink.proc.pid})
@@ -289,6 +300,19 @@ async def _run(
         ):
             if num in targets and den in targets:
                 ratios[f"{num} / {den} c={c}"] = harness.paired_ratio(results, num, den, c)
+    for base in sorted(n for n in targets if n.endswith("@base")):  # --base: the A/B
+        new = base.removesuffix("@base")
+        modes = [(c, False) for c in args.connections]
+        if new == "relaybox-accept" and args.reconnect_connections:
+            modes.append((args.reconnect_connections, True))
+        for c, rc in modes:
+            what = f"c={c}" + (" reconnect" if rc else "")
+            ratios[f"{new} / {base} {what}"] = harness.paired_ratio(
+                results, new, base, c, reconnect=rc
+            )
+            ratios[f"{new} / {base} {what} server CPU per message"] = harness.paired_ratio(
+                results, new, base, c, reconnect=rc, measure=lambda r: r.ms_per_msg
+            )
     for key in sorted(signs[0]) if signs else ():  # measured alone, between the rounds
         ratios[f"DKIM {key} (alone, one core)"] = harness.median([s[key] for s in signs])
     if argon2:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,18 +289,27 @@ def summarise(results: list[Result], ceiling_name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_ratio(results: list[Result], num: str, den: str, connections: int) -> float | None:
-    """Median over rounds of num/den, each round's pair measured minutes apart at most."""
-    rate: dict[tuple[str, int], float] = {}
+def paired_ratio(
+    results: list[Result],
+    num: str,
+    den: str,
+    connections: int,
+    *,
+    reconnect: bool = False,
+    measure: Callable[[Result], float | None] = lambda r: r.rate,
+) -> float | None:
+    """Median over rounds of num/den (the rate, or ``measure``), each round's pair measured
+    minutes apart at most."""
+    value: dict[tuple[str, int], float | None] = {}
     for r in results:
         sc = r.scenario
-        if sc.connections == connections and not sc.reconnect:
-            rate[(sc.target.name, r.round)] = r.rate
-    ratios = [
-        rate[(num, rnd)] / rate[(den, rnd)]
-        for (name, rnd) in rate
-        if name == num and rate.get((den, rnd))
-    ]
+        if sc.connections == connections and sc.reconnect == reconnect:
+            value[(sc.target.name, r.round)] = measure(r)
+    ratios = []
+    for (name, rnd), v in value.items():
+        d = value.get((den, rnd))
+        if name == num and v is not None and d:
+            ratios.append(v / d)
     return round(median(ratios), 3) if ratios else None
 
 

@@ -12,15 +12,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import LOOPBACK, free_port, log
 from bench.dnszone import Zone
-from bench.targets import Proc, Target, tree_selector
+from bench.targets import REPO, Proc, Target, tree_selector
 
 DOMAIN = "bench.test"
 USER = f"app@{DOMAIN}"
+
+
+BASE_SERVE = "import sys; sys.argv[0] = 'relaybox'; from admin.cli import main; main()"
 
 
 def relaybox_cmd() -> list[str]:
@@ -179,7 +183,11 @@ class Relaybox:
         webhook_url: str = "",
         store: str = "",
         dkim_signing: str = "auto",
+        code: Path | None = None,
     ) -> Relaybox:
+        """``code``: another checkout whose `relaybox serve` runs instead of this one's (``--base``;
+        the setup through the CLI, and the key and poster processes, which start with ``python
+        -I``, are the installed code's)."""
         config = workdir / "relaybox.toml"
         port = free_port()
         write_config(  # small local writes, before the server exists: nothing else waits
@@ -202,11 +210,11 @@ class Relaybox:
         creds = setup_store(config, zone, password_file, users)
         if webhook_url:  # one endpoint, every event type (the -webhook targets, issue 16)
             _cli(config, "webhook", "add", webhook_url, "--json")
+        serve = [*relaybox_cmd(), "--config", str(config), "serve"]
+        if code is not None:  # its own `relay` and `admin` first on sys.path (the cwd)
+            serve = [sys.executable, "-c", BASE_SERVE, "--config", str(config), "serve"]
         proc, line = await Proc.start(
-            name,
-            [*relaybox_cmd(), "--config", str(config), "serve"],
-            ready="listening",
-            log_path=workdir / "relaybox.log",
+            name, serve, ready="listening", log_path=workdir / "relaybox.log", cwd=code or REPO
         )
         log(f"{name}: {line.split(': ', 1)[-1]}")
 

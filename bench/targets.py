@@ -51,6 +51,7 @@ class Proc:
         ready: str | None = "listening",
         wait_s: float = 60.0,
         log_path: Path | None = None,
+        cwd: Path = REPO,
         **kw: Any,
     ) -> tuple[Proc, str]:
         """Start cmd; wait for a stderr line containing `ready` (None: do not wait).
@@ -63,7 +64,7 @@ class Proc:
             *cmd,
             stderr=log_file if log_file else asyncio.subprocess.PIPE,
             start_new_session=True,
-            cwd=REPO,
+            cwd=cwd,
             **kw,
         )
         self = cls(name, proc)
