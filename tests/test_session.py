@@ -400,3 +400,28 @@ async def test_session_hook_tables_match_the_full_listing(relay: RelayHandle) ->
         assert set(dir(smtp)) <= set(full_self) and set(dir(handler)) <= set(full_handler)
     finally:
         await d.close()
+
+
+async def test_a_multi_line_reply_is_one_write(relay: RelayHandle) -> None:
+    """aiosmtpd pushes an EHLO reply a line at a time; the session holds the continuation lines
+    and writes the whole reply at once (one TLS record, one send), lines and order unchanged."""
+    d = await Dialogue.open(relay.tls_port, tls=relay.client_context())
+    try:
+        smtp = server_session(relay, d)
+        transport = smtp._writer.transport
+        writes: list[bytes] = []
+        real_write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        reply = await d.expect_after("EHLO one-write", "250 HELP")
+        assert len(writes) == 1, writes
+        lines = reply.split("\n")
+        assert lines[0].startswith("250-") and len(lines) >= 4
+        assert writes[0] == ("\r\n".join(lines) + "\r\n").encode()
+        assert await d.reply_after("NOOP") == "250 OK" and len(writes) == 2
+    finally:
+        await d.close()

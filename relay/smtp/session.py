@@ -105,6 +105,7 @@ class RelaySMTP(TLSSMTP):
         self.state: SessionState | None = None
         self._counted_ip: str | None = None
         self._refusal: Reply | None = None  # decided at accept
+        self._continued: list[bytes] = []  # lines of a multi-line reply not yet written (push)
         # aiosmtpd's command size limits are one dict shared by every session (each new session
         # clears it); ours is per session, with AUTH's allowance (relay/smtp/reader.py).
         self.command_size_limits = collections.defaultdict(
@@ -124,6 +125,20 @@ class RelaySMTP(TLSSMTP):
 
     def __dir__(self) -> list[str]:
         return hook_names(self, ("smtp_", "auth_"))  # what aiosmtpd's constructor reads
+
+    async def push(self, status: str | bytes) -> None:
+        """aiosmtpd writes a reply a line at a time, each its own TLS record and send (EHLO:
+        seven). A continuation line (``250-``) is held and goes out with the reply's last line,
+        in one write."""
+        charset = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+        line = status if isinstance(status, bytes) else status.encode(charset)
+        if line[3:4] == b"-" and b"\n" not in line:
+            self._continued.append(line)
+            return
+        if self._continued:
+            line = b"\r\n".join([*self._continued, line])
+            self._continued.clear()
+        await super().push(line)
 
     def _between_commands(self) -> bool:
         return self.state is None or not self.state.busy
