@@ -20,6 +20,7 @@ from relay.config import Config, ConfigError, Listener
 from relay.smtp.auth import Authenticator, Outcome, Throttle, address_key, address_limit
 from relay.store import db as db_mod
 from relay.store import events, users
+from relay.store import shared as shared_mod
 from relay.store.db import MAIN_MIGRATIONS, Database
 from relay.store.engine import SqliteStore, Store
 from relay.store.passwords import Hasher
@@ -854,3 +855,26 @@ async def test_an_alias_with_the_right_password_logs_in_as_the_user(authn: Authe
         answer = await authn.authenticate(alias, PASSWORD, "192.0.2.95")
         assert answer.outcome is Outcome.OK and answer.identity is not None
         assert answer.identity.login == LOGIN
+
+
+async def test_lockouts_read_are_kept_until_a_worker_writes_one(
+    db: Store, cfg: Config, hasher: Hasher, clock: ManualClock, authn: Authenticator
+) -> None:
+    """Two workers (two Authenticators on one usage.db): each keeps what it read of the shared
+    lockouts (one read, then none while nothing is locked out), and a lockout one of them writes
+    moves the 8 bytes beside usage.db, so the other's next AUTH reads it and is refused."""
+    usage = await shared_mod.open_counts(cfg)
+    try:
+        a = Authenticator(db, hasher, cfg, clock=clock, shared=usage)
+        b = Authenticator(db, hasher, cfg, clock=clock, shared=usage)
+        ip = "192.0.2.44"
+        for _ in range(3):
+            assert (await b.authenticate(LOGIN, PASSWORD, ip)).outcome is Outcome.OK
+        assert (b.lockouts.lookups, b.lockouts.reads) == (3, 1)
+        for _ in range(cfg.auth.max_failures):
+            assert (await a.authenticate(LOGIN, BAD, ip)).outcome is Outcome.FAILED
+        answer = await b.authenticate(LOGIN, PASSWORD, ip)
+        assert (answer.outcome, answer.reason) == (Outcome.THROTTLED, "ip_login_locked_out")
+        assert b.lockouts.reads == 2
+    finally:
+        await usage.close()

@@ -110,6 +110,10 @@ class Authenticator:
         self._key = secrets.token_bytes(32)
         self.logins: dict[str, float] = {}  # last successful login per user, flushed in batches
         self.credentials: ReadCache[str, logins.Credentials | None] = ReadCache(db.generation)
+        self._lockout_gen = authfail.generation(cfg) if shared is not None else None
+        self.lockouts: ReadCache[tuple[str, ...], tuple[tuple[str, float], ...]] = ReadCache(
+            self._lockout_gen
+        )
 
     def configure(self, cfg: Config) -> None:
         """Apply a reloaded config (limits and TTLs; counts are kept)."""
@@ -130,12 +134,16 @@ class Authenticator:
 
     async def _pull(self, keys: list[tuple[Throttle, str]], now: float) -> None:
         """Lockouts another worker decided for these keys, into this process's throttles."""
-        if self.shared is None:
+        shared = self.shared
+        if shared is None:
             return
-        try:
-            found = await authfail.lockouts(
-                self.shared, [self._shared_key(t, k) for t, k in keys], now
-            )
+        names = tuple(self._shared_key(t, k) for t, k in keys)
+
+        async def read() -> tuple[tuple[str, float], ...]:
+            return tuple((await authfail.lockouts(shared, names, now)).items())
+
+        try:  # kept until a worker writes a lockout: a lockout that ended just stops holding
+            found = dict(await self.lockouts.get(names, read))
         except StoreError:
             return  # this process's own lockouts still hold
         for t, k in keys:
@@ -156,13 +164,23 @@ class Authenticator:
                 limit=t.max_failures,
                 lockout=t.lockout,
             )
-        except StoreError:
-            return t.fail(key, now)  # the shared store failed: this process counts alone
+        except BaseException as exc:
+            self._lockout_written()  # maybe it was (a failed COMMIT, a cancellation)
+            if isinstance(exc, StoreError):
+                return t.fail(key, now)  # the shared store failed: this process counts alone
+            raise
+        if until is not None:
+            self._lockout_written()
         t.record(key, now)
         if until is None:
             return False
         t.lock_until(key, until)
         return True
+
+    def _lockout_written(self) -> None:
+        """Every worker's kept lockouts (:meth:`_pull`) are read again at its next AUTH."""
+        if self._lockout_gen is not None:
+            self._lockout_gen.advance()
 
     async def prune_shared(self) -> None:
         """Forget the shared failures and lockouts that ended (the server's periodic task)."""

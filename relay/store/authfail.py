@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from relay.config import Config
 from relay.store.engine import Store
+from relay.store.readcache import Generation
 
 MIGRATION_SQL = """
 CREATE TABLE auth_failures (
@@ -27,6 +29,16 @@ CREATE TABLE auth_lockouts (
     until REAL NOT NULL
 ) WITHOUT ROWID
 """
+
+
+def generation(cfg: Config) -> Generation | None:
+    """The 8 bytes beside usage.db that every new lockout moves once committed (readcache.py):
+    a worker keeps what it read of the lockouts until another worker writes one (or 5 s pass).
+    Not moved by the counts of messages, which write usage.db all the time. None on PostgreSQL
+    (nodes a file cannot reach): every AUTH reads the lockouts."""
+    if cfg.store.url:
+        return None
+    return Generation(cfg.usage_path.with_name(cfg.usage_path.name + "-lockouts"))
 
 
 async def lockouts(db: Store, keys: Sequence[str], now: float) -> dict[str, float]:
