@@ -732,17 +732,27 @@ async def test_stop_without_a_drain_window_hands_back_running_and_waiting_jobs(
     assert errors == []
 
 
-async def test_stop_lets_the_started_transaction_finish_and_hands_back_the_waiting_job(
+async def one_running_one_waiting(
     cfg: Config, held: Upstream, run: Runner
-) -> None:
+) -> tuple[Spool, Deliverer, dict[str, str], str, str]:
+    """Two messages to one destination with one slot: the running one's MAIL waits upstream,
+    the other job, claimed with it, waits for the slot. (spool, deliverer, message ids by
+    sender, the running sender, the waiting sender.)"""
     spool, deliverer = await run(held_cfg(cfg, held, per_destination=1), start=False)
     senders = ["first@example.com", "second@example.com"]
     ids = {s: await queue(spool, "r@example.net", sender=s) for s in senders}
     deliverer.start()
     deliverer.wake()
     await held.wait_for(lambda h: h.held == 1)
-    [running] = held.senders  # its MAIL waits upstream; the other job waits for the slot
+    [running] = held.senders
     [waiting] = [s for s in senders if s != running]
+    return spool, deliverer, ids, running, waiting
+
+
+async def test_stop_lets_the_started_transaction_finish_and_hands_back_the_waiting_job(
+    cfg: Config, held: Upstream, run: Runner
+) -> None:
+    spool, deliverer, ids, running, waiting = await one_running_one_waiting(cfg, held, run)
     # Let the started transaction go on only once stop() has ended the waiting job (the
     # deliverer names each job's task after its message).
     [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"deliver-{ids[waiting]}"]
@@ -760,14 +770,7 @@ async def test_a_message_deleted_while_its_job_waits_for_a_slot_is_not_delivered
 ) -> None:
     """A job reads its message once it has a slot, so a `queue delete` made while it waited
     holds (the operator's way to stop a message: it must not go out)."""
-    spool, deliverer = await run(held_cfg(cfg, held, per_destination=1), start=False)
-    senders = ["first@example.com", "second@example.com"]
-    ids = {s: await queue(spool, "r@example.net", sender=s) for s in senders}
-    deliverer.start()
-    deliverer.wake()
-    await held.wait_for(lambda h: h.held == 1)
-    [running] = held.senders  # its MAIL waits upstream; the other job, claimed with it, waits
-    [waiting] = [s for s in senders if s != running]
+    spool, deliverer, ids, running, waiting = await one_running_one_waiting(cfg, held, run)
     await spool.delete(ids[waiting])
     held.release_all()
     await settle(deliverer)
