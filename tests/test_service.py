@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,3 +318,17 @@ async def test_serves_under_the_units_sandbox(
         svc.proc.send_signal(signal.SIGTERM)
         assert await svc.wait() == 0, "\n".join(svc.lines)
         assert not [line for line in svc.lines if "Traceback" in line or "ERROR" in line]
+
+
+def test_gc_settle_freezes_startup_and_collects_the_young_less_often() -> None:
+    """relay/service/gctune.py, in a process of its own (it changes the collector for good):
+    startup's objects frozen, the youngest generation's threshold raised, the others kept."""
+    code = (
+        "import gc; from relay.service import gctune; before = gc.get_threshold(); "
+        "gctune.settle(); after = gc.get_threshold(); "
+        "print(gc.get_freeze_count() > 1000, after[0] == gctune.YOUNG, after[1:] == before[1:])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["True", "True", "True"], out

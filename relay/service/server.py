@@ -33,7 +33,7 @@ from relay.config import Config, Listener
 from relay.delivery.scheduler import Deliverer
 from relay.loglimit import LogLimit
 from relay.metrics import Metrics
-from relay.service import listen, sdnotify, tlsutil
+from relay.service import gctune, listen, sdnotify, tlsutil
 from relay.service.webhooks import Webhooks
 from relay.signproc import KeyProcess
 from relay.smtp.accept import Acceptor
@@ -223,7 +223,8 @@ class Server:
         if self._reload_pending or (hangup_seen is not None and hangup_seen()):
             self._reload_pending = False
             await self.reload(notify=False)  # before READY: systemd sees one start
-        if notify:
+        if notify:  # a service (`relaybox serve`), not a test's server in its own process
+            gctune.settle()
             sdnotify.ready(f"listening on {len(self.bound)} sockets")
         try:
             await self._stop.wait()
