@@ -235,7 +235,7 @@ class Signer:
         if not isinstance(private, wanted):
             raise SigningError(f"DKIM key of {key.domain} does not match {key.algorithm}")
         fields = dkimsign.fields_of(_signed_fields(message))
-        if grammar.modern_field_names(message) != message:
+        if grammar.has_obsolete_field_names(message):
             raise HeaderError("a header field has white space before its colon")
         include = _include(fields)
         bh = body_hash.b64() if body_hash is not None else dkimsign.body_hash_of(message)

@@ -159,6 +159,14 @@ def _modern(m: re.Match[bytes]) -> bytes:
     return m[1] + b":"
 
 
+def has_obsolete_field_names(message: bytes) -> bool:
+    """Whether a field is written "Name WSP :" (what :func:`modern_field_names` rewrites), found
+    without building the rewritten message."""
+    if message.startswith(b"\r\n"):
+        return False
+    return _OBSOLETE_NAME.search(header_block(message)) is not None
+
+
 def modern_field_names(message: bytes) -> bytes:
     """The message with every field written "Name WSP :" written "Name:" (same field, same
     meaning: RFC 5322 4.5; what DKIM's relaxed canonicalisation does too, RFC 6376 3.4.2), so

@@ -111,6 +111,23 @@ def test_modern_field_names_rewrite_only_names(message: bytes, expected: bytes) 
     assert grammar.modern_field_names(message) == expected
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From : a\r\nTo: b\r\n\r\nbody\r\n",
+        b"From: a\r\nX-Note\t: hi\r\n\r\nbody\r\n",
+        b"From: a\r\nX: b\r\n there : x\r\n\r\nY : body\r\n",  # a fold, then the body
+        b"A: b : c\r\n\r\n",
+        b"\r\nX : body\r\n",
+        b"From: a\r\nTo: b",  # no blank line: all of it is the header section
+        b"From: a\r\nSubject \t:\r\n",
+    ],
+)
+def test_obsolete_names_are_found_where_modern_field_names_would_rewrite(message: bytes) -> None:
+    rewrites = grammar.modern_field_names(message) != message
+    assert grammar.has_obsolete_field_names(message) is rewrites
+
+
 def test_modern_field_names_returns_the_message_itself_when_nothing_changes() -> None:
     message = b"From: a\r\nTo: b\r\n\r\nX : body\r\n"
     assert grammar.modern_field_names(message) is message
