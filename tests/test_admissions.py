@@ -4,10 +4,12 @@ batch decides when a session goes away before its turn, and when the store fails
 from __future__ import annotations
 
 import asyncio
+import datetime
 from typing import Any
 
 import pytest
 
+from relay import userrules
 from relay.store import usage
 from relay.store.admissions import Admissions
 from relay.store.db import Statement, StoreError
@@ -110,3 +112,15 @@ async def test_read_then_write_is_one_transaction_on_each_engine(counts: Store) 
         await db.read_then_write(_READ, (LOGIN,), half)
     row = await db.fetchone(_READ, (LOGIN,))
     assert row is not None and row[0] == 1  # the UPDATE went with the failed INSERT
+
+
+@pytest.mark.parametrize(
+    "now",
+    [0.0, 86_399.999, 86_400.0, NOW, 1_796_083_199.75, 1_796_083_200.0, 4_102_444_800.5],
+)
+def test_the_day_key_is_the_utc_date_on_each_side_of_midnight(now: float) -> None:
+    # userrules keeps the names of the days it made: a kept one must never be another day's
+    expected = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
+    assert userrules.day_key(now) == expected
+    assert userrules.day_key(now + userrules.DAY) != expected
+    assert userrules.day_key(userrules.day_start(now)) == expected
