@@ -182,38 +182,44 @@ def headers_to_sign(message: bytes) -> list[bytes]:
     return _include(dkimsign.fields_of(_signed_fields(message)))
 
 
+_WholeKey = tuple[str, str, str, str | bytes]  # domain, selector, algorithm, PEM
+_KnownKey = tuple[bytes, bytes, dkimsign.PrivateKey]  # the PEM, its SHA-256, the parsed key
+
+
 class Signer:
-    """Signs messages with a domain's key; parsed keys are cached (keyed by a digest of the PEM)."""
+    """Signs messages with a domain's key; parsed keys are cached (keyed by all a key is)."""
 
     def __init__(self, cache_size: int = 1024, key_process: KeyProcess | None = None) -> None:
         """``key_process``: where :meth:`sign_async` makes the private-key steps it takes."""
-        self._keys: dict[tuple[str, str, bytes], dkimsign.PrivateKey] = {}
+        self._keys: dict[_WholeKey, _KnownKey] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()  # sign_async may run in threads
         self.key_process = key_process
 
-    def _key(self, key: SigningKey) -> tuple[bytes, bytes, dkimsign.PrivateKey]:
+    def _key(self, key: SigningKey) -> _KnownKey:
         """The PEM, its SHA-256 and the parsed key."""
+        # The domain cache hands every message the same key, its PEM the same string, whose
+        # hash the string keeps: finding it here costs no pass over the PEM (nor its SHA-256).
+        whole = (key.domain, key.selector, key.algorithm, key.private_pem)
+        with self._lock:
+            known = self._keys.get(whole)
+        if known is not None:
+            return known
         pem = (
             key.private_pem.encode("ascii") if isinstance(key.private_pem, str) else key.private_pem
         )
-        digest = hashlib.sha256(pem).digest()
-        ident = (key.domain, key.selector, digest)
-        with self._lock:
-            cached = self._keys.get(ident)
-        if cached is not None:
-            return pem, digest, cached
         try:
             loaded = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as exc:
             raise SigningError(f"DKIM key of {key.domain} is not a usable private key") from exc
         if not isinstance(loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             raise SigningError(f"DKIM key of {key.domain} is neither RSA nor Ed25519")
+        known = (pem, hashlib.sha256(pem).digest(), loaded)
         with self._lock:
             if len(self._keys) >= self._cache_size:
                 self._keys.clear()
-            self._keys[ident] = loaded
-        return pem, digest, loaded
+            self._keys[whole] = known
+        return known
 
     def sign(self, message: bytes, key: SigningKey, body_hash: BodyHash | None = None) -> bytes:
         """The message with a DKIM-Signature (relaxed/relaxed) prepended.
