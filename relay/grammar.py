@@ -129,10 +129,12 @@ class HeaderField:
 
 
 @functools.lru_cache(maxsize=32)
-def _named_fields(names: frozenset[str]) -> re.Pattern[bytes]:
-    """The fields of these names, in a header section :data:`_FIELDS` matched whole: there,
-    every line start is a field's or a continuation's (which starts with WSP, never a name)."""
-    alternatives = b"|".join(re.escape(n.encode("ascii")) for n in sorted(names))
+def _named_fields(names: tuple[str, ...]) -> re.Pattern[bytes]:
+    """The fields of these names (any case), in a header section :data:`_FIELDS` matched whole:
+    there, every line start is a field's or a continuation's (which starts with WSP, never a
+    name). Kept by the names as given: a caller's constant costs one lookup, not a new set."""
+    lowered = sorted({n.lower() for n in names})
+    alternatives = b"|".join(re.escape(n.encode("ascii")) for n in lowered)
     return re.compile(rb"^(" + alternatives + rb")" + _FIELD_REST, re.MULTILINE | re.IGNORECASE)
 
 
@@ -150,7 +152,7 @@ def header_fields(message: bytes, names: Iterable[str] = ()) -> list[HeaderField
     block = header_block(message)
     if _FIELDS.fullmatch(block) is None:
         return None
-    wanted = frozenset(n.lower() for n in names)
+    wanted = tuple(names)
     found = _named_fields(wanted).finditer(block) if wanted else _FIELD.finditer(block)
     return [HeaderField(m[1].decode("ascii"), m[3], bool(m[2])) for m in found]
 
