@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email
+import email.policy
+import email.utils
 import smtplib
 import ssl
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -306,6 +310,53 @@ async def test_limits_size_recipients_bare_lf(relay: RelayHandle) -> None:
     await d.expect_after(smuggle + b".\r\n", "554 5.6.0")
     await d.expect_after("NOOP", "250")
     await d.close()
+
+
+async def test_received_is_added_and_date_and_message_id_only_when_missing(
+    relay: RelayHandle,
+) -> None:
+    """RFC 5321 4.4: a Received field on top, naming the client's EHLO and address, this host,
+    ESMTPSA (authenticated, over TLS) and the time. RFC 6409 8.2, 8.3: a Date and a Message-ID
+    for a message that has none; one that has them keeps its own, and gets no second."""
+    password = await relay.add_user(LOGIN)
+    head = f"From: <{LOGIN}>\r\nTo: <someone@dest.test>\r\nSubject: fields\r\n"
+    bare = (head + "\r\nhi\r\n").encode()
+    own = "Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <own-1@example.com>\r\n"
+    dressed = (head + own + "\r\nhi\r\n").encode()
+    spool = relay.server.spool
+    assert spool is not None
+    stored: list[bytes] = []
+    for content in (bare, dressed):
+        d = await Dialogue.open(relay.tls_port, tls=relay.client_context())
+        await d.login(LOGIN, password, ehlo="client.test")
+        await d.expect_after(f"MAIL FROM:<{LOGIN}>", "250")
+        await d.expect_after("RCPT TO:<someone@dest.test>", "250")
+        await d.expect_after("DATA", "354")
+        before = time.time()
+        reply = await d.expect_after(content + b".\r\n", "250 2.0.0 queued as")
+        after = time.time()
+        await d.close()
+        msg = await spool.load(reply.split()[-1])
+        assert msg is not None and msg.body is not None
+        stored.append(msg.body)
+        parsed = email.message_from_bytes(msg.body, policy=email.policy.default)
+        received = parsed.get_all("Received")
+        assert received is not None and len(received) == 1
+        # Above the client's fields (a DKIM-Signature, when the domain signs, comes first).
+        assert msg.body.index(b"Received: ") < msg.body.index(b"From: ")
+        trace = " ".join(str(received[0]).split())
+        assert trace.startswith("from client.test ([127.0.0.1]) by relay.test (relaybox) with ")
+        assert " with ESMTPSA; " in trace, trace
+        stamp = email.utils.parsedate_to_datetime(trace.rsplit("; ", 1)[1]).timestamp()
+        assert int(before) <= stamp <= after, (before, trace, after)
+        assert len(parsed.get_all("Date") or []) == 1
+        assert len(parsed.get_all("Message-ID") or []) == 1
+    added = email.message_from_bytes(stored[0], policy=email.policy.default)
+    assert str(added["Date"]) == " ".join(str(added["Received"]).split()).rsplit("; ", 1)[1]
+    assert str(added["Message-ID"]).endswith("@relay.test>")
+    kept = email.message_from_bytes(stored[1], policy=email.policy.default)
+    assert str(kept["Date"]) == "Thu, 26 Nov 2026 10:00:00 +0000"
+    assert str(kept["Message-ID"]) == "<own-1@example.com>"
 
 
 async def test_sigterm_drain_lets_a_session_finish(relay: RelayHandle) -> None:
