@@ -16,6 +16,7 @@ Only these two modules write the ``users`` table (a domain removed with its user
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class User:
         return self.old_password_valid_until if self.old_password_works(now) else None
 
 
+@functools.lru_cache(maxsize=1024)  # pure; ~30 us (IDNA's UTS 46 in Python), at every AUTH
 def normalize_login(login: str) -> str:
     """``local@domain`` with the domain IDNA-normalized and the local part checked.
 
