@@ -8,6 +8,7 @@ verification (``verified``, or ``failing`` within its grace period).
 from __future__ import annotations
 
 import email.utils
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -92,7 +93,21 @@ def header_from_addresses(message: bytes) -> list[str] | None:
 
 
 def _addresses(field: HeaderField) -> list[str]:
-    return [addr for _name, addr in email.utils.getaddresses([field.text()]) if addr]
+    text = field.text()
+    if len(text) > _KEPT_TEXT:
+        return list(_parsed(text))
+    return list(_kept(text))
+
+
+_KEPT_TEXT = 1000  # characters: a From or Sender value longer than this is parsed each time
+
+
+def _parsed(text: str) -> tuple[str, ...]:
+    return tuple(addr for _name, addr in email.utils.getaddresses([text]) if addr)
+
+
+# An app sends from the same From for every message: its parse (15 us) is kept.
+_kept = functools.lru_cache(maxsize=256)(_parsed)
 
 
 def from_addresses(fields: Sequence[HeaderField] | None) -> list[str] | None:
