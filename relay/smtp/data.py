@@ -263,6 +263,11 @@ def _unstuffed(region: bytes) -> bytes | None:
     crlf = region.count(b"\r\n")
     if region.count(b"\r") != crlf or region.count(b"\n") != crlf or b"\0" in region:
         return None
+    return _crlf_unstuffed(region, crlf)
+
+
+def _crlf_unstuffed(region: bytes, crlf: int) -> bytes | None:
+    """_unstuffed's work past its checks, for a region whose ``crlf`` line ends are all."""
     body = region[1:] if region.startswith(b".") else region
     body = body.replace(b"\r\n.", b"\r\n")  # each CRLF ends a line: a dot after it starts one
     if len(body) - 2 * crlf > _MAX_TEXT and max(map(len, body.split(b"\r\n"))) > _MAX_TEXT:
@@ -272,8 +277,11 @@ def _unstuffed(region: bytes) -> bytes | None:
 
 def _normalized(region: bytes) -> bytes | None:
     """As _unstuffed, with a bare LF as a line end too: the lines with CRLF line ends."""
-    if region.count(b"\r") != region.count(b"\r\n") or b"\0" in region:
+    crlf = region.count(b"\r\n")
+    if region.count(b"\r") != crlf or b"\0" in region:
         return None
+    if region.count(b"\n") == crlf:  # no bare LF (every client but a broken one): three passes
+        return _crlf_unstuffed(region, crlf)
     body = region.replace(b"\r\n", b"\n")
     lines = body.count(b"\n")
     body = body[1:] if body.startswith(b".") else body
