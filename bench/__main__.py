@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import harness
+from bench import harness, report
 from bench import postfix as postfix_mod
 from bench import relaybox_target as rb_mod
 from bench.common import all_procs, log, make_cert, memory, python_cmd, write_file
@@ -341,6 +341,9 @@ async def _run(
     harness.print_table(rows, {k: v["mib"] for k, v in mem.items()})
     print()
     for k, v in ratios.items():
+        print(f"  {k:<48} {v}")
+    derived = {"machine": info["machine"], "rows": rows, "ratios": ratios}
+    for k, v in report.goal_arithmetic(derived).items():
         print(f"  {k:<48} {v}")
     for b in big:
         print(

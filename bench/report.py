@@ -15,6 +15,45 @@ def _num(v: Any, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+CEILING = "aiosmtpd-ceiling"
+GOAL = 0.6  # issue 17: relaybox-accept >= 0.6 x the ceiling's rate
+RSA = "DKIM sign_rsa_ms (alone, one core)"
+
+
+def goal_arithmetic(s: dict[str, Any]) -> dict[str, float]:
+    """What this run's cores allow, from its own medians (no new measurement): a target's CPU
+    per message (server + load generator) bounds its rate at ``cpus x 1000 / that`` with every
+    core busy, which no target here reaches (the sink, the bench and the box's other work share
+    them); and the server CPU per message that ``GOAL`` x the ceiling's rate leaves, before and
+    after the RSA signature this run measured alone."""
+    cpus = int(s["machine"]["cpus"])
+    rows = {(r["target"], r["connections"]): r for r in s["rows"] if not r["reconnect"]}
+    sign = s["ratios"].get(RSA)
+    out: dict[str, float] = {}
+    for (name, c), ceiling in sorted(rows.items(), key=lambda kv: kv[0][1]):
+        if name != CEILING or not ceiling["rate"]:
+            continue
+        for target in (CEILING, "relaybox-accept", "relaybox-accept-ed25519"):
+            r = rows.get((target, c))
+            if r is None or not r["server_cpu_ms_per_msg"] or not r["client_cpu_ms_per_msg"]:
+                continue
+            per_msg = r["server_cpu_ms_per_msg"] + r["client_cpu_ms_per_msg"]
+            out[f"{target} cores busy c={c}"] = round(r["rate"] * per_msg / 1000, 2)
+            if target != CEILING:
+                bound = cpus * 1000 / per_msg
+                out[f"{target} CPU bound / ceiling c={c}"] = round(bound / ceiling["rate"], 3)
+        accept = rows.get(("relaybox-accept", c))
+        if accept is not None and accept["client_cpu_ms_per_msg"]:
+            budget = cpus * 1000 / (GOAL * ceiling["rate"]) - accept["client_cpu_ms_per_msg"]
+            key = f"relaybox-accept server CPU ms/msg that {GOAL}x the ceiling leaves c={c}"
+            out[key] = round(budget, 2)
+            if sign:
+                out[f"the same less the RSA signature and the ceiling's own c={c}"] = round(
+                    budget - sign - ceiling["server_cpu_ms_per_msg"], 2
+                )
+    return out
+
+
 def render(s: dict[str, Any]) -> str:
     m = s["machine"]
     a = s["args"]
@@ -48,6 +87,10 @@ def render(s: dict[str, Any]) -> str:
         )
     out += ["", "| ratio (median of per-round ratios) | value |", "| --- | ---: |"]
     out += [f"| {k} | {v} |" for k, v in s["ratios"].items()]
+    goals = goal_arithmetic(s)
+    if goals:
+        out += ["", f"| what {s['machine']['cpus']} cores allow (from the medians above) | value |"]
+        out += ["| --- | ---: |"] + [f"| {k} | {v} |" for k, v in goals.items()]
     if s.get("big_messages"):
         out.append("")
     for b in s.get("big_messages") or []:
