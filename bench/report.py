@@ -30,8 +30,9 @@ def goal_arithmetic(s: dict[str, Any]) -> dict[str, float]:
     rows = {(r["target"], r["connections"]): r for r in s["rows"] if not r["reconnect"]}
     sign = s["ratios"].get(RSA)
     out: dict[str, float] = {}
-    for (name, c), ceiling in sorted(rows.items(), key=lambda kv: kv[0][1]):
-        if name != CEILING or not ceiling["rate"]:
+    for c in sorted({c for _, c in rows}):
+        ceiling = rows.get((CEILING, c))
+        if ceiling is None or not ceiling["rate"]:
             continue
         for target in (CEILING, "relaybox-accept", "relaybox-accept-ed25519"):
             r = rows.get((target, c))
